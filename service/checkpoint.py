@@ -1,0 +1,126 @@
+"""Read a Qwen2-VL checkpoint selectively: its config, and only the tensors one worker needs.
+
+A worker names the part it wants (``visual`` or ``language``); with a sharded checkpoint the
+index says which shards hold that part, and only those shards are opened, and only those
+tensors read. So the vision worker never touches the language model's bytes, and a deployment
+may delete the shards the worker does not need.
+
+Key names come in two spellings: the hub's (``visual.*``, ``model.*``, ``lm_head.*``) and
+transformers' internal one (``model.visual.*``, ``model.language_model.*``, ``lm_head.*``).
+Both are mapped to the hub's.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class CheckpointError(RuntimeError):
+    """The checkpoint is missing, incomplete or does not fit the model built from its config."""
+
+
+def resolve_model_path(model: str | Path) -> Path:
+    """A local directory, or a hub id found in the local HF cache (never downloaded)."""
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if isinstance(model, str) and model.count("/") == 1 and not path.exists():
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(model, local_files_only=True))
+        except Exception as exc:  # noqa: BLE001 - any hub failure means "not available offline"
+            raise CheckpointError(
+                f"model {model!r} is not a directory and is not in the local Hugging Face cache: {exc}"
+            ) from exc
+    raise CheckpointError(f"model directory {str(path)!r} does not exist")
+
+
+def load_json(path: Path, name: str) -> dict:
+    file = path / name
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing")
+    return json.loads(file.read_text())
+
+
+def canonical_key(key: str) -> str:
+    """Map transformers' internal names onto the hub's."""
+    if key.startswith("model.visual."):
+        return key[len("model.") :]
+    if key.startswith("model.language_model."):
+        return "model." + key[len("model.language_model.") :]
+    return key
+
+
+def is_visual(key: str) -> bool:
+    return key.startswith("visual.")
+
+
+def is_language(key: str) -> bool:
+    return not key.startswith("visual.")
+
+
+def _key_locations(path: Path) -> dict[str, Path]:
+    """Canonical key -> the file that holds it, from the index or the single file's header."""
+    index = path / INDEX_FILE
+    if index.is_file():
+        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        return {canonical_key(k): path / f for k, f in weight_map.items()}
+    single = path / SINGLE_FILE
+    if single.is_file():
+        with safe_open(single, framework="pt") as f:
+            return {canonical_key(k): single for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+    raise CheckpointError(f"{path} holds neither {INDEX_FILE} nor {SINGLE_FILE}")
+
+
+def read_tensors(
+    path: Path, wanted: Callable[[str], bool], *, strip_prefix: str = ""
+) -> dict[str, torch.Tensor]:
+    """Read the tensors whose canonical key passes ``wanted``, opening only the files that hold them.
+
+    Returned keys are canonical with ``strip_prefix`` removed (``"visual."`` gives the keys of a
+    vision tower module's own ``state_dict``).
+    """
+    locations = {k: f for k, f in _key_locations(path).items() if wanted(k)}
+    if not locations:
+        raise CheckpointError(f"{path} holds no tensors for this worker")
+    by_file: dict[Path, list[str]] = {}
+    for key, file in locations.items():
+        by_file.setdefault(file, []).append(key)
+    tensors: dict[str, torch.Tensor] = {}
+    for file, keys in by_file.items():
+        if not file.is_file():
+            raise CheckpointError(f"shard {file.name} is missing but holds {sorted(keys)[0]} (and {len(keys) - 1} more)")
+        with safe_open(file, framework="pt") as f:
+            stored = {canonical_key(k): k for k in f.keys()}  # noqa: SIM118
+            for key in keys:
+                if key not in stored:
+                    raise CheckpointError(f"tensor {key} is listed in the index but absent from {file.name}")
+                out = key[len(strip_prefix) :] if strip_prefix and key.startswith(strip_prefix) else key
+                tensors[out] = f.get_tensor(stored[key])
+    return tensors
+
+
+def check_state_dict(module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str,
+                     optional: Iterable[str] = ()) -> None:
+    """Every parameter and persistent buffer of ``module`` is present with its shape; nothing extra."""
+    expected = dict(module.state_dict(keep_vars=True))
+    optional = set(optional)
+    missing = [k for k in expected if k not in tensors and k not in optional]
+    if missing:
+        raise CheckpointError(f"checkpoint lacks tensor {prefix}{missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    unexpected = [k for k in tensors if k not in expected]
+    if unexpected:
+        raise CheckpointError(f"checkpoint tensor {prefix}{unexpected[0]} does not belong to the model built from config.json")
+    for key, tensor in tensors.items():
+        want = tuple(expected[key].shape)
+        if tuple(tensor.shape) != want:
+            raise CheckpointError(f"tensor {prefix}{key} has shape {tuple(tensor.shape)}, the config implies {want}")
