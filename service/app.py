@@ -1,0 +1,117 @@
+"""The app factory: one FastAPI app serving the vision worker, the LLM worker, or both."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+
+from service.config import Role, Settings
+from service.errors import ApiError, install_error_handlers
+from service.metrics import Metrics, RequestMetricsMiddleware
+from service.store import FeatureStore
+
+log = logging.getLogger(__name__)
+
+
+def require_api_key(request: Request) -> None:
+    """Bearer auth when keys are configured, compared in constant time."""
+    keys: list[str] = request.app.state.settings.api_keys
+    if not keys:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    given = token.strip().encode() if scheme.lower() == "bearer" else b""
+    ok = False
+    for key in keys:  # no early exit: the time taken does not tell which key nearly matched
+        ok |= hmac.compare_digest(given, key.encode())
+    if not ok:
+        raise ApiError(401, "unauthorized", "send a valid API key as 'Authorization: Bearer <key>'")
+
+
+Authorized = Annotated[None, Depends(require_api_key)]
+
+
+def create_app(settings: Settings, role: Role, *, workers: dict | None = None) -> FastAPI:
+    """``workers`` may hand in already built workers (tests, ``serve all``); otherwise they load here."""
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.redis_url is None:
+            raise RuntimeError("no Redis URL: pass --redis-url (or use `splitvl serve all`, which embeds one)")
+        store = FeatureStore(settings.redis_url, ttl_s=settings.feature_ttl_s, timeout_s=settings.redis_timeout_s)
+        app.state.store = store
+        loop = asyncio.get_running_loop()
+        given = workers or {}
+        started = []
+        try:
+            if role in ("vision", "all"):
+                from service.vision.worker import VisionWorker
+
+                encoder = given.get("vision_encoder")
+                vision = await loop.run_in_executor(None, lambda: VisionWorker(settings, store, metrics, encoder))
+                await vision.start()
+                started.append(vision)
+                app.state.vision = vision
+            if role in ("llm", "all"):
+                from service.llm.worker import LLMWorker
+
+                engine = given.get("llm_engine")
+                llm = await loop.run_in_executor(None, lambda: LLMWorker(settings, store, metrics, engine))
+                await llm.start()
+                started.append(llm)
+                app.state.llm = llm
+            app.state.ready = True
+            yield
+        finally:
+            app.state.ready = False
+            for worker in reversed(started):
+                await worker.stop()
+            await store.close()
+
+    app = FastAPI(title="splitvl", version="0.1.0", lifespan=lifespan,
+                  description="Encode an image once, cache its features in Redis, answer many questions.")
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.ready = False
+    install_error_handlers(app)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+
+    @app.get("/healthz", tags=["ops"])
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz", tags=["ops"], dependencies=[Depends(require_api_key)])
+    async def readyz(request: Request) -> JSONResponse:
+        state = request.app.state
+        redis_ok = state.ready and await state.store.ping()
+        body = {"ready": bool(state.ready and redis_ok), "model_loaded": bool(state.ready), "redis": bool(redis_ok),
+                "role": role}
+        if state.ready and hasattr(state, "vision"):
+            body["fingerprint"] = state.vision.fingerprint
+        if not body["ready"]:
+            err = ApiError(503, "not_ready", "model loading or Redis unreachable", retry_after=2)
+            return JSONResponse({**body, "error": {"code": err.code, "message": err.message}}, status_code=503,
+                                headers={"Retry-After": "2"})
+        return JSONResponse(body)
+
+    @app.get("/metrics", tags=["ops"], dependencies=[Depends(require_api_key)])
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    if role in ("vision", "all"):
+        from service.vision.routes import router as vision_router
+
+        app.include_router(vision_router, dependencies=[Depends(require_api_key)])
+    if role in ("llm", "all"):
+        from service.llm.routes import router as llm_router
+
+        app.include_router(llm_router, dependencies=[Depends(require_api_key)])
+    return app

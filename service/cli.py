@@ -1,0 +1,86 @@
+"""The ``splitvl`` command: serve the workers, make a tiny checkpoint, talk to a running service."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from service.config import Settings
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from service.app import create_app
+    from service.embedded_redis import EmbeddedRedis
+
+    overrides = {k: v for k, v in vars(args).items()
+                 if k in Settings.model_fields and v is not None}
+    settings = Settings(**overrides)
+    embedded = None
+    if settings.redis_url is None:
+        if args.role != "all":
+            print("error: --redis-url is required for `serve vision` and `serve llm`", file=sys.stderr)
+            return 2
+        embedded = EmbeddedRedis()
+        settings = settings.model_copy(update={"redis_url": embedded.start()})
+        logging.getLogger("splitvl").info("embedded Redis at %s", settings.redis_url)
+    try:
+        app = create_app(settings, args.role)
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
+                    timeout_graceful_shutdown=10)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+    return 0
+
+
+def _make_tiny(args: argparse.Namespace) -> int:
+    from service.tiny import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(args.dir, seed=args.seed, shard_size=args.shard_size)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="splitvl", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run a worker (vision, llm) or both with an embedded Redis (all)")
+    serve.add_argument("role", choices=["vision", "llm", "all"])
+    serve.add_argument("--model", required=True, help="checkpoint directory or hub id in the local HF cache")
+    serve.add_argument("--redis-url", dest="redis_url")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--device", choices=["cpu", "cuda"])
+    serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
+    serve.add_argument("--feature-ttl-s", dest="feature_ttl_s", type=int)
+    serve.add_argument("--max-batch-patches", dest="max_batch_patches", type=int)
+    serve.add_argument("--max-batch-wait-ms", dest="max_batch_wait_ms", type=float)
+    serve.add_argument("--max-queue", dest="max_queue", type=int)
+    serve.add_argument("--max-upload-bytes", dest="max_upload_bytes", type=int)
+    serve.add_argument("--max-image-pixels", dest="max_image_pixels", type=int)
+    serve.add_argument("--request-timeout-s", dest="request_timeout_s", type=float)
+    serve.add_argument("--api-key", dest="api_keys", action="append", help="require this bearer key (repeatable)")
+    serve.add_argument("--no-kernels", dest="use_kernels", action="store_const", const=False)
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=_serve)
+
+    tiny = sub.add_parser("make-tiny", help="write a small random Qwen2-VL checkpoint to try the pipeline offline")
+    tiny.add_argument("dir")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--shard-size", dest="shard_size", help="e.g. 40KB for a sharded checkpoint")
+    tiny.set_defaults(func=_make_tiny)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

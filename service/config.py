@@ -1,0 +1,64 @@
+"""Settings for both workers: flags of ``splitvl serve`` or ``SPLITVL_*`` environment variables.
+
+Built in the app factory, never at import time, so tests and the CLI can make as many as they like.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Role = Literal["vision", "llm", "all"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SPLITVL_", extra="ignore", protected_namespaces=())
+
+    model: str = Field(description="checkpoint directory or hub id in the local HF cache")
+    redis_url: str | None = Field(None, description="Redis URL; `serve all` starts an embedded Redis without one")
+    host: str = "127.0.0.1"
+    port: int = 8000
+    device: str | None = Field(None, description="cpu or cuda; default cuda when a GPU is present")
+    dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="default bfloat16 on cuda, float32 on cpu"
+    )
+    api_keys: list[str] = Field(default_factory=list, description="bearer keys; empty: no auth")
+
+    # feature store
+    feature_ttl_s: int = Field(0, ge=0, description="expire features after this many seconds; 0: never")
+    redis_timeout_s: float = Field(5.0, gt=0)
+
+    # vision worker
+    use_kernels: bool = Field(True, description="patch the vision tower with splitvl's Triton kernels on cuda")
+    max_upload_bytes: int = Field(20 * 1024 * 1024, gt=0)
+    max_image_pixels: int = Field(50_000_000, gt=0, description="decoded width*height limit (decompression bombs)")
+    max_batch_patches: int = Field(16384, gt=0, description="patches per vision forward")
+    max_batch_wait_ms: float = Field(5.0, ge=0)
+    max_queue: int = Field(256, gt=0, description="jobs waiting per worker before 503")
+    request_timeout_s: float = Field(60.0, gt=0)
+    preprocess_threads: int = Field(4, gt=0)
+
+    # LLM worker
+    max_new_tokens: int = Field(1024, gt=0, description="largest max_tokens a request may ask for")
+    max_question_tokens: int = Field(2048, gt=0)
+    prefix_cache_entries: int = Field(32, ge=0, description="images whose prompt-prefix KV stays on the device")
+    max_batch_size: int = Field(16, gt=0, description="questions decoded together")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str | None) -> str | None:
+        if v is not None and v.split(":")[0] not in ("cpu", "cuda"):
+            raise ValueError("device must be cpu or cuda")
+        return v
+
+    def resolved_device(self) -> str:
+        if self.device:
+            return self.device
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_dtype(self) -> torch.dtype:
+        name = self.dtype or ("bfloat16" if self.resolved_device().startswith("cuda") else "float32")
+        return getattr(torch, name)

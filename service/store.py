@@ -1,0 +1,201 @@
+"""The feature store: image embeddings in Redis, keyed by model fingerprint and image id.
+
+Layout (one Redis hash per image and model):
+
+    splitvl:{fingerprint}:{image_id}   embeds (raw bytes, stored dtype, row-major), dtype, shape,
+                                       grid_thw, checksum, model, created
+    splitvl:id:{image_id}              fingerprint of the latest write (tells 404 from 409)
+    splitvl:lock:{fingerprint}:{id}    short-lived lock: concurrent uploads of one image across
+                                       workers compute it once
+
+Redis' own ``maxmemory`` + LRU eviction bounds memory; an optional TTL applies to every key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import redis.asyncio as aioredis
+import torch
+from redis.exceptions import RedisError
+
+from service.errors import ApiError, unavailable
+
+PREFIX = "splitvl"
+
+_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unsupported dtype {name!r}; use one of {sorted(_DTYPES)}") from None
+
+
+def checksum(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    image_id: str
+    fingerprint: str
+    model: str
+    grid_thw: tuple[int, int, int]
+    embeds: torch.Tensor  # [num_tokens, hidden_size], CPU, stored dtype
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.embeds.shape[0])
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.embeds.shape[1])
+
+    def metadata(self, *, cached: bool | None = None) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "image_id": self.image_id,
+            "model": self.model,
+            "fingerprint": self.fingerprint,
+            "grid_thw": list(self.grid_thw),
+            "num_tokens": self.num_tokens,
+            "hidden_size": self.hidden_size,
+            "dtype": dtype_name(self.embeds.dtype),
+        }
+        if cached is not None:
+            out["cached"] = cached
+        return out
+
+
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    return t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
+
+
+def tensor_from_bytes(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+class FeatureStore:
+    """Async access to the feature store. Every Redis failure becomes a 503 with ``Retry-After``."""
+
+    def __init__(self, url: str, *, ttl_s: int | None = None, timeout_s: float = 5.0) -> None:
+        self.url = url
+        self.ttl_s = ttl_s or None
+        self.redis = aioredis.Redis.from_url(
+            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=10,
+            retry_on_timeout=False,
+        )
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+    def key(self, fingerprint: str, image_id: str) -> str:
+        return f"{PREFIX}:{fingerprint}:{image_id}"
+
+    async def ping(self) -> bool:
+        try:
+            return bool(await self.redis.ping())
+        except (RedisError, OSError):
+            return False
+
+    async def _call(self, coro):  # type: ignore[no-untyped-def]
+        try:
+            return await coro
+        except (RedisError, OSError) as exc:
+            raise unavailable("redis_unavailable", f"the feature store (Redis) is unreachable: {exc}", 2.0) from exc
+
+    async def put(self, record: ImageRecord) -> None:
+        data = tensor_bytes(record.embeds)
+        mapping = {
+            "embeds": data,
+            "dtype": dtype_name(record.embeds.dtype),
+            "shape": json.dumps(list(record.embeds.shape)),
+            "grid_thw": json.dumps(list(record.grid_thw)),
+            "checksum": checksum(data),
+            "model": record.model,
+            "created": str(time.time()),
+        }
+        key = self.key(record.fingerprint, record.image_id)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.hset(key, mapping=mapping)
+        pipe.set(f"{PREFIX}:id:{record.image_id}", record.fingerprint)
+        if self.ttl_s:
+            pipe.expire(key, self.ttl_s)
+            pipe.expire(f"{PREFIX}:id:{record.image_id}", self.ttl_s)
+        await self._call(pipe.execute())
+
+    async def get(self, fingerprint: str, image_id: str, *, with_embeds: bool = True) -> ImageRecord | None:
+        """The record, or None when absent. A record whose bytes fail their checks is refused (and dropped)."""
+        key = self.key(fingerprint, image_id)
+        fields = ["dtype", "shape", "grid_thw", "checksum", "model"] + (["embeds"] if with_embeds else [])
+        values = await self._call(self.redis.hmget(key, fields))
+        got = dict(zip(fields, values, strict=True))
+        if got["dtype"] is None:
+            return None
+        try:
+            dtype = parse_dtype(got["dtype"].decode())
+            shape = tuple(json.loads(got["shape"]))
+            grid = tuple(json.loads(got["grid_thw"]))
+            if with_embeds:
+                data = got["embeds"] or b""
+                if checksum(data) != got["checksum"].decode():
+                    raise ValueError("checksum mismatch")
+                embeds = tensor_from_bytes(data, dtype, shape)
+            else:
+                embeds = torch.empty(shape, dtype=dtype, device="meta")
+        except (ValueError, TypeError, AttributeError, RuntimeError) as exc:
+            await self._call(self.redis.delete(key))
+            raise ApiError(
+                409, "corrupt_features",
+                f"stored features for image {image_id} are corrupt ({exc}); they were dropped: upload the image again",
+            ) from exc
+        return ImageRecord(image_id, fingerprint, got["model"].decode(), grid, embeds)  # type: ignore[arg-type]
+
+    async def exists(self, fingerprint: str, image_id: str) -> bool:
+        return bool(await self._call(self.redis.exists(self.key(fingerprint, image_id))))
+
+    async def delete(self, fingerprint: str, image_id: str) -> bool:
+        removed = await self._call(self.redis.delete(self.key(fingerprint, image_id)))
+        return bool(removed)
+
+    async def other_fingerprint(self, fingerprint: str, image_id: str) -> str | None:
+        """The fingerprint this image was last stored under, when that is not ours and still present."""
+        other = await self._call(self.redis.get(f"{PREFIX}:id:{image_id}"))
+        if other is None:
+            return None
+        other_fp = other.decode()
+        if other_fp == fingerprint or not await self.exists(other_fp, image_id):
+            return None
+        return other_fp
+
+    async def lock(self, fingerprint: str, image_id: str, ttl_s: float) -> bool:
+        key = f"{PREFIX}:lock:{fingerprint}:{image_id}"
+        return bool(await self._call(self.redis.set(key, b"1", nx=True, px=int(ttl_s * 1000))))
+
+    async def unlock(self, fingerprint: str, image_id: str) -> None:
+        await self._call(self.redis.delete(f"{PREFIX}:lock:{fingerprint}:{image_id}"))
+
+    async def wait_for(self, fingerprint: str, image_id: str, timeout_s: float) -> ImageRecord | None:
+        """Wait while another worker holds the lock for this image; None when it gave up or it expired."""
+        deadline = time.monotonic() + timeout_s
+        delay = 0.01
+        lock_key = f"{PREFIX}:lock:{fingerprint}:{image_id}"
+        while time.monotonic() < deadline:
+            record = await self.get(fingerprint, image_id)
+            if record is not None:
+                return record
+            if not await self._call(self.redis.exists(lock_key)):
+                return None
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.2)
+        return None

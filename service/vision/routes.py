@@ -1,0 +1,116 @@
+"""HTTP routes of the vision worker: /v1/images."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+import torch
+from fastapi import APIRouter, Depends, Path, Request, Response
+from fastapi.responses import JSONResponse
+from safetensors.torch import save as save_safetensors
+from starlette.datastructures import UploadFile
+
+from service.errors import ApiError
+from service.store import ImageRecord
+from service.vision.worker import VisionWorker
+
+ImageId = Annotated[str, Path(description="hex sha256 of the uploaded bytes")]
+_IMAGE_ID = re.compile(r"^[0-9a-f]{64}$")
+
+
+def get_vision(request: Request) -> VisionWorker:
+    return request.app.state.vision
+
+
+Vision = Annotated[VisionWorker, Depends(get_vision)]
+
+
+def check_id(image_id: str) -> str:
+    if not _IMAGE_ID.match(image_id):
+        raise ApiError(422, "invalid_image_id", "image_id must be 64 lowercase hex characters (the sha256 of the image bytes)")
+    return image_id
+
+
+def embeddings_file(record: ImageRecord) -> bytes:
+    return save_safetensors(
+        {"image_embeds": record.embeds, "image_grid_thw": torch.tensor([record.grid_thw], dtype=torch.int64)},
+        metadata={"image_id": record.image_id, "fingerprint": record.fingerprint, "model": record.model},
+    )
+
+
+def metadata_headers(meta: dict[str, Any]) -> dict[str, str]:
+    out = {}
+    for key, value in meta.items():
+        name = "X-Splitvl-" + "-".join(p.capitalize() for p in key.split("_"))
+        out[name] = ",".join(str(v) for v in value) if isinstance(value, list) else str(value).lower() if isinstance(value, bool) else str(value)
+    return out
+
+
+async def read_upload(request: Request, max_bytes: int) -> bytes:
+    """The image from multipart field ``file`` or from a raw ``image/*`` body, refusing oversize early."""
+    declared = request.headers.get("content-length")
+    # multipart framing adds a little; allow it, the decoded file is checked again below
+    if declared and declared.isdigit() and int(declared) > max_bytes + 64 * 1024:
+        raise ApiError(413, "image_too_large", f"the request body is {declared} bytes; the image limit is {max_bytes}")
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "multipart/form-data":
+        form = await request.form(max_files=1, max_fields=8)
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise ApiError(422, "missing_file", "the multipart body has no file field named 'file'")
+        data = await upload.read(max_bytes + 1)
+    elif content_type.startswith("image/") or content_type == "application/octet-stream":
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise ApiError(413, "image_too_large", f"the image is over the limit of {max_bytes} bytes")
+            chunks.append(chunk)
+        data = b"".join(chunks)
+    else:
+        raise ApiError(
+            415, "unsupported_media_type",
+            f"send the image as multipart/form-data field 'file' or as a raw body with an image/* content type, not {content_type or 'no content type'}",
+        )
+    if len(data) > max_bytes:
+        raise ApiError(413, "image_too_large", f"the image is over the limit of {max_bytes} bytes")
+    return data
+
+
+def wants_embeddings(request: Request) -> bool:
+    return "application/octet-stream" in request.headers.get("accept", "").lower()
+
+
+router = APIRouter(prefix="/v1/images", tags=["images"])
+
+
+@router.post("", status_code=200, responses={200: {"description": "image metadata (JSON) or embeddings (safetensors)"}})
+async def upload_image(request: Request, vision: Vision) -> Response:
+    data = await read_upload(request, vision.settings.max_upload_bytes)
+    record, cached = await vision.encode(data)
+    meta = record.metadata(cached=cached)
+    if wants_embeddings(request):
+        return Response(embeddings_file(record), media_type="application/octet-stream", headers=metadata_headers(meta))
+    return JSONResponse(meta)
+
+
+@router.get("/{image_id}")
+async def get_image(image_id: ImageId, vision: Vision) -> dict[str, Any]:
+    record = await vision.lookup(check_id(image_id), with_embeds=False)
+    return record.metadata()
+
+
+@router.get("/{image_id}/embeddings", response_class=Response,
+            responses={200: {"content": {"application/octet-stream": {}}, "description": "safetensors file"}})
+async def get_embeddings(image_id: ImageId, vision: Vision) -> Response:
+    record = await vision.lookup(check_id(image_id))
+    return Response(embeddings_file(record), media_type="application/octet-stream",
+                    headers={"Content-Disposition": f'attachment; filename="{image_id}.safetensors"'})
+
+
+@router.delete("/{image_id}", status_code=204, response_class=Response)
+async def delete_image(image_id: ImageId, vision: Vision) -> Response:
+    if not await vision.store.delete(vision.fingerprint, check_id(image_id)):
+        raise ApiError(404, "image_not_found", f"image {image_id} is not stored")
+    return Response(status_code=204)

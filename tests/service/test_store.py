@@ -1,0 +1,92 @@
+"""The feature store against a real Redis server."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import redis
+import torch
+
+from service.errors import ApiError
+from service.store import FeatureStore, ImageRecord
+
+ID = "ab" * 32
+
+
+def record(dtype=torch.bfloat16, fingerprint="fp1") -> ImageRecord:
+    return ImageRecord(ID, fingerprint, "tiny", (1, 4, 6), torch.randn(6, 64).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+async def test_roundtrip_keeps_dtype_and_bytes(redis_url, dtype):
+    store = FeatureStore(redis_url)
+    rec = record(dtype)
+    await store.put(rec)
+    got = await store.get("fp1", ID)
+    assert got is not None and got.embeds.dtype == dtype and got.grid_thw == (1, 4, 6)
+    assert torch.equal(got.embeds, rec.embeds)
+    assert (await store.get("fp1", ID, with_embeds=False)).embeds.shape == (6, 64)
+    await store.close()
+
+
+async def test_key_layout_and_ttl(redis_url):
+    store = FeatureStore(redis_url, ttl_s=100)
+    await store.put(record())
+    r = redis.Redis.from_url(redis_url)
+    assert r.exists(f"splitvl:fp1:{ID}")
+    assert 0 < r.ttl(f"splitvl:fp1:{ID}") <= 100
+    assert r.hget(f"splitvl:fp1:{ID}", "dtype") == b"bfloat16"
+    await store.close()
+
+
+async def test_other_fingerprint_and_delete(redis_url):
+    store = FeatureStore(redis_url)
+    await store.put(record(fingerprint="old"))
+    assert await store.get("new", ID) is None
+    assert await store.other_fingerprint("new", ID) == "old"
+    assert await store.other_fingerprint("old", ID) is None
+    assert await store.delete("old", ID)
+    assert await store.other_fingerprint("new", ID) is None
+    assert not await store.delete("old", ID)
+    await store.close()
+
+
+async def test_corrupt_bytes_are_refused_and_dropped(redis_url):
+    store = FeatureStore(redis_url)
+    await store.put(record())
+    r = redis.Redis.from_url(redis_url)
+    raw = bytearray(r.hget(f"splitvl:fp1:{ID}", "embeds"))
+    raw[5] ^= 0xFF
+    r.hset(f"splitvl:fp1:{ID}", "embeds", bytes(raw))
+    with pytest.raises(ApiError) as err:
+        await store.get("fp1", ID)
+    assert err.value.status == 409 and err.value.code == "corrupt_features"
+    assert not r.exists(f"splitvl:fp1:{ID}")
+    await store.close()
+
+
+async def test_unreachable_redis_is_503():
+    store = FeatureStore("redis://127.0.0.1:1/0", timeout_s=0.5)
+    with pytest.raises(ApiError) as err:
+        await store.get("fp", ID)
+    assert err.value.status == 503 and err.value.retry_after
+    assert not await store.ping()
+    await store.close()
+
+
+async def test_lock_lets_one_compute(redis_url):
+    store = FeatureStore(redis_url)
+    assert await store.lock("fp1", ID, ttl_s=5)
+    assert not await store.lock("fp1", ID, ttl_s=5)
+
+    async def finish_later():
+        await asyncio.sleep(0.1)
+        await store.put(record())
+        await store.unlock("fp1", ID)
+
+    task = asyncio.create_task(finish_later())
+    got = await store.wait_for("fp1", ID, timeout_s=5)
+    await task
+    assert got is not None and got.image_id == ID
+    await store.close()

@@ -1,0 +1,148 @@
+"""The vision tower loaded from visual.* alone equals HF's full model on the same checkpoint."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from service.checkpoint import CheckpointError
+from service.vision.encoder import VisionEncoder
+
+
+def png_bytes(width: int, height: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_checkpoint: Path):
+    from transformers import Qwen2VLForConditionalGeneration
+
+    return Qwen2VLForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_processor(tiny_checkpoint: Path):
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil.from_pretrained(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_checkpoint: Path) -> VisionEncoder:
+    return VisionEncoder(tiny_checkpoint, device="cpu", dtype=torch.float32)
+
+
+def hf_embeds(model, processor, data: bytes) -> tuple[torch.Tensor, list[int]]:
+    image = Image.open(io.BytesIO(data)).convert("RGB")
+    inputs = processor(images=[image], return_tensors="pt")
+    with torch.no_grad():
+        out = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
+    return out.pooler_output[0], inputs["image_grid_thw"][0].tolist()
+
+
+@pytest.mark.parametrize("size", [(56, 56), (97, 61), (224, 160), (333, 517), (640, 90)])
+def test_embeddings_match_hf(encoder, hf_model, hf_processor, size):
+    data = png_bytes(*size, seed=size[0])
+    patches = encoder.preprocess(data)
+    (ours,) = encoder.forward([patches])
+    ref, ref_grid = hf_embeds(hf_model, hf_processor, data)
+    assert list(patches.grid_thw) == ref_grid
+    assert ours.shape == ref.shape == (encoder.num_tokens(patches), encoder.hidden_size)
+    assert (ours - ref).abs().max().item() <= 1e-4
+
+
+def test_packed_batch_equals_one_at_a_time(encoder):
+    batch = [encoder.preprocess(png_bytes(w, h, seed=i)) for i, (w, h) in enumerate([(56, 56), (200, 120), (90, 300)])]
+    packed = encoder.forward(batch)
+    for patches, row in zip(batch, packed, strict=True):
+        (alone,) = encoder.forward([patches])
+        torch.testing.assert_close(row, alone, atol=1e-5, rtol=1e-5)
+
+
+def test_every_visual_tensor_matters(tiny_checkpoint, tmp_path, encoder):
+    """Zeroing any one visual tensor in the checkpoint changes the embeddings: nothing is skipped."""
+    data = png_bytes(120, 88, seed=7)
+    (base,) = encoder.forward([encoder.preprocess(data)])
+    tensors = load_file(tiny_checkpoint / "model.safetensors")
+    visual = sorted(k for k in tensors if k.startswith("visual."))
+    assert len(visual) > 20
+    copy = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, copy)
+    for name in visual[:: max(1, len(visual) // 8)] + [visual[-1]]:
+        changed = dict(tensors)
+        changed[name] = torch.zeros_like(tensors[name])
+        save_file(changed, copy / "model.safetensors", metadata={"format": "pt"})
+        other = VisionEncoder(copy, device="cpu")
+        (out,) = other.forward([other.preprocess(data)])
+        assert not torch.allclose(out, base, atol=1e-6), name
+        assert other.fingerprint != encoder.fingerprint
+
+
+def test_sharded_checkpoint_without_language_shards(sharded_checkpoint, tmp_path):
+    index = json.loads((sharded_checkpoint / "model.safetensors.index.json").read_text())["weight_map"]
+    visual_files = {f for k, f in index.items() if k.startswith("visual.")}
+    lm_only = {f for f in index.values()} - visual_files
+    assert lm_only, "fixture must put the language model in shards of its own"
+    copy = tmp_path / "visual-only"
+    shutil.copytree(sharded_checkpoint, copy)
+    for name in lm_only:
+        (copy / name).unlink()
+    full = VisionEncoder(sharded_checkpoint, device="cpu")
+    partial = VisionEncoder(copy, device="cpu")
+    data = png_bytes(150, 100, seed=3)
+    (a,) = full.forward([full.preprocess(data)])
+    (b,) = partial.forward([partial.preprocess(data)])
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert full.fingerprint == partial.fingerprint
+
+
+def test_sharded_matches_hf(sharded_checkpoint):
+    from transformers import Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(sharded_checkpoint, dtype=torch.float32).eval()
+    processor = Qwen2VLImageProcessorPil.from_pretrained(sharded_checkpoint)
+    enc = VisionEncoder(sharded_checkpoint, device="cpu")
+    data = png_bytes(210, 140, seed=11)
+    (ours,) = enc.forward([enc.preprocess(data)])
+    ref, _ = hf_embeds(model, processor, data)
+    assert (ours - ref).abs().max().item() <= 1e-4
+
+
+def test_internal_key_names_load(tiny_checkpoint, tmp_path, encoder):
+    """transformers' internal spelling (model.visual.*) loads like the hub's (visual.*)."""
+    tensors = load_file(tiny_checkpoint / "model.safetensors")
+    renamed = {("model." + k if k.startswith("visual.") else k): v for k, v in tensors.items()}
+    copy = tmp_path / "internal"
+    shutil.copytree(tiny_checkpoint, copy)
+    save_file(renamed, copy / "model.safetensors", metadata={"format": "pt"})
+    other = VisionEncoder(copy, device="cpu")
+    data = png_bytes(64, 64, seed=1)
+    torch.testing.assert_close(other.forward([other.preprocess(data)])[0], encoder.forward([encoder.preprocess(data)])[0])
+
+
+@pytest.mark.parametrize("damage", ["missing", "misshapen"])
+def test_bad_visual_tensor_is_named(tiny_checkpoint, tmp_path, damage):
+    tensors = load_file(tiny_checkpoint / "model.safetensors")
+    name = "visual.blocks.1.attn.qkv.weight"
+    if damage == "missing":
+        del tensors[name]
+    else:
+        tensors[name] = tensors[name][:-1]
+    copy = tmp_path / damage
+    shutil.copytree(tiny_checkpoint, copy)
+    save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointError, match=name):
+        VisionEncoder(copy, device="cpu")
