@@ -178,6 +178,17 @@ class FeatureStore:
             return None
         return other_fp
 
+    async def register_model(self, model_key: str, fingerprint: str) -> None:
+        from service.fingerprint import REGISTRY
+
+        await self._call(self.redis.hset(REGISTRY, model_key, fingerprint))
+
+    async def registered_fingerprint(self, model_key: str) -> str | None:
+        from service.fingerprint import REGISTRY
+
+        value = await self._call(self.redis.hget(REGISTRY, model_key))
+        return value.decode() if value is not None else None
+
     async def lock(self, fingerprint: str, image_id: str, ttl_s: float) -> bool:
         key = f"{PREFIX}:lock:{fingerprint}:{image_id}"
         return bool(await self._call(self.redis.set(key, b"1", nx=True, px=int(ttl_s * 1000))))

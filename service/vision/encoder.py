@@ -7,8 +7,6 @@ Model contract (after infinity): ``preprocess`` (bytes -> patches, CPU threads o
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import threading
 from dataclasses import dataclass
@@ -24,6 +22,7 @@ from service.checkpoint import (
     read_tensors,
     resolve_model_path,
 )
+from service.fingerprint import model_fingerprint, model_key, weights_digest
 from service.preprocess import ImageLimits, PreprocessConfig, decode_image, preprocess
 
 log = logging.getLogger(__name__)
@@ -40,26 +39,6 @@ class Patches:
     def num_patches(self) -> int:
         t, h, w = self.grid_thw
         return t * h * w
-
-
-def model_fingerprint(vision_config: dict, preprocess: PreprocessConfig, weights_digest: str) -> str:
-    """Changes whenever the vision weights, the vision config or the preprocessing change."""
-    blob = json.dumps(
-        {"vision_config": vision_config, "preprocess": preprocess.fingerprint_fields(), "weights": weights_digest},
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
-
-
-def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
-    """sha256 over the visual tensors' names, dtypes, shapes and bytes, in name order."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().contiguous().cpu()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def vision_config_dict(config: dict) -> dict:
@@ -94,6 +73,7 @@ class VisionEncoder:
         with torch.device("meta"):
             tower = Qwen2VisionTransformerPretrainedModel._from_config(config, attn_implementation="sdpa")
         check_state_dict(tower, tensors, "visual.")
+        self.model_key = model_key(self.path)
         self.fingerprint = model_fingerprint(self.vision_config, self.preprocess_config, weights_digest(tensors))
         tensors = {k: v.to(device=self.device, dtype=dtype) for k, v in tensors.items()}
         tower.load_state_dict(tensors, assign=True, strict=True)

@@ -60,6 +60,11 @@ class VisionWorker:
     async def start(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.encoder.warmup)
         self.batcher.start()
+        try:
+            await self.store.register_model(self.encoder.model_key, self.fingerprint)
+        except ApiError:
+            # Redis may come later; registration is retried on every upload
+            log.warning("Redis unreachable at start: fingerprint %s not registered yet", self.fingerprint)
 
     async def stop(self) -> None:
         await self.batcher.stop()
@@ -112,6 +117,7 @@ class VisionWorker:
             embeds = await self.batcher.submit(patches)
             record = ImageRecord(image_id, self.fingerprint, self.model_name, patches.grid_thw, embeds.cpu())
             await self.store.put(record)
+            await self.store.register_model(self.encoder.model_key, self.fingerprint)
             return record
         finally:
             await self.store.unlock(self.fingerprint, image_id)

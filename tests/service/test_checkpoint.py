@@ -7,7 +7,14 @@ import json
 import pytest
 
 import service.checkpoint as checkpoint
-from service.checkpoint import CheckpointError, canonical_key, is_language, is_visual, read_tensors, resolve_model_path
+from service.checkpoint import (
+    CheckpointError,
+    canonical_key,
+    is_language,
+    is_visual,
+    read_tensors,
+    resolve_model_path,
+)
 
 
 def test_canonical_key_maps_internal_names():
