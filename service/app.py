@@ -64,7 +64,9 @@ def create_app(settings: Settings, role: Role, *, workers: dict | None = None) -
                 from service.llm.worker import LLMWorker
 
                 engine = given.get("llm_engine")
-                llm = await loop.run_in_executor(None, lambda: LLMWorker(settings, store, metrics, engine))
+                fingerprint = app.state.vision.fingerprint if role == "all" else None
+                llm = await loop.run_in_executor(
+                    None, lambda: LLMWorker(settings, store, metrics, engine, fingerprint))
                 await llm.start()
                 started.append(llm)
                 app.state.llm = llm

@@ -6,6 +6,8 @@ import argparse
 import logging
 import sys
 
+from pydantic import ValidationError
+
 from service.config import Settings
 
 
@@ -17,7 +19,11 @@ def _serve(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in vars(args).items()
                  if k in Settings.model_fields and v is not None}
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     embedded = None
     if settings.redis_url is None:
         if args.role != "all":
@@ -50,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run a worker (vision, llm) or both with an embedded Redis (all)")
     serve.add_argument("role", choices=["vision", "llm", "all"])
-    serve.add_argument("--model", required=True, help="checkpoint directory or hub id in the local HF cache")
+    serve.add_argument("--model", help="checkpoint directory or hub id in the local HF cache (env SPLITVL_MODEL)")
     serve.add_argument("--redis-url", dest="redis_url")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)

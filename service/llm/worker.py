@@ -1,0 +1,123 @@
+"""The LLM worker's request path: image id -> cached features (Redis) -> engine -> answer."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+
+from service.config import Settings
+from service.errors import ApiError, unavailable
+from service.fingerprint import model_key
+from service.llm.engine import Delta, Finish, Generation, LLMEngine
+from service.metrics import Metrics
+from service.store import FeatureStore, ImageRecord
+
+log = logging.getLogger(__name__)
+
+
+class LLMWorker:
+    def __init__(self, settings: Settings, store: FeatureStore, metrics: Metrics,
+                 engine: LLMEngine | None = None, fingerprint: str | None = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.metrics = metrics
+        self.engine = engine or LLMEngine(
+            settings.model,
+            device=settings.resolved_device(),
+            dtype=settings.resolved_dtype(),
+            max_batch_slots=settings.max_batch_size,
+            prefix_cache_entries=settings.prefix_cache_entries,
+            max_waiting=settings.max_queue,
+        )
+        self.owns_engine = engine is None
+        from service.checkpoint import resolve_model_path
+
+        self.model_key = model_key(resolve_model_path(settings.model))
+        # Known at once when a vision worker shares this process; else learned from the registry
+        # that vision workers of this checkpoint write (this worker never reads visual weights).
+        self._fingerprint = fingerprint
+
+    async def start(self) -> None:
+        try:
+            await self.fingerprint()
+        except ApiError:
+            log.warning("Redis unreachable at start; the model fingerprint will be looked up on first use")
+
+    async def stop(self) -> None:
+        if self.owns_engine:
+            await asyncio.get_running_loop().run_in_executor(None, self.engine.close)
+
+    async def fingerprint(self) -> str | None:
+        if self._fingerprint is None:
+            self._fingerprint = await self.store.registered_fingerprint(self.model_key)
+        return self._fingerprint
+
+    async def features(self, image_id: str) -> ImageRecord:
+        fingerprint = await self.fingerprint()
+        record = await self.store.get(fingerprint, image_id) if fingerprint else None
+        if record is not None:
+            self.metrics.cache.labels("features", "hit").inc()
+            return record
+        self.metrics.cache.labels("features", "miss").inc()
+        if fingerprint is None:
+            raise ApiError(404, "image_not_found",
+                           f"image {image_id} is not stored: no vision worker for this model has stored features yet; "
+                           "upload the image to POST /v1/images first")
+        other = await self.store.other_fingerprint(fingerprint, image_id)
+        if other is not None:
+            raise ApiError(409, "fingerprint_mismatch",
+                           f"image {image_id} was encoded by another model (fingerprint {other}, this worker serves "
+                           f"{fingerprint}): upload it to a vision worker of this model")
+        raise ApiError(404, "image_not_found",
+                       f"image {image_id} is not stored (never uploaded, deleted or evicted): upload it again")
+
+    def check_limits(self, question: str, max_tokens: int) -> None:
+        if max_tokens > self.settings.max_new_tokens:
+            raise ApiError(422, "invalid_request",
+                           f"max_tokens is {max_tokens}; this server allows at most {self.settings.max_new_tokens}")
+        if len(question) > self.settings.max_question_tokens * 16:  # cheap bound before tokenizing
+            raise ApiError(422, "question_too_long", f"the question is over {self.settings.max_question_tokens} tokens")
+        n = len(self.engine.prompts.question_ids(question))
+        if n > self.settings.max_question_tokens:
+            raise ApiError(422, "question_too_long",
+                           f"the question is {n} tokens; the limit is {self.settings.max_question_tokens}")
+
+    async def ask(self, image_id: str, question: str, *, max_tokens: int, temperature: float, top_p: float,
+                  seed: int | None = None) -> Generation:
+        if not question.strip():
+            raise ApiError(422, "invalid_request", "question is empty: ask something about the image")
+        self.check_limits(question, max_tokens)
+        record = await self.features(image_id)
+        key = f"{record.fingerprint}:{image_id}"
+        generation = self.engine.generate(record.embeds, record.grid_thw, key, question, max_tokens,
+                                          temperature, top_p, seed)
+        self.metrics.queue_depth.labels("llm").set(self.engine.stats()["waiting"])
+        return generation
+
+    async def events(self, generation: Generation) -> AsyncIterator[Delta | Finish]:
+        """The generation's events, failing with 503 when it runs past the request timeout."""
+        deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_s
+        iterator = generation.__aiter__()
+        try:
+            while True:
+                remaining = deadline - asyncio.get_running_loop().time()
+                try:
+                    event = await asyncio.wait_for(iterator.__anext__(), timeout=max(remaining, 0.001))
+                except StopAsyncIteration:
+                    return
+                except TimeoutError:
+                    raise unavailable("timeout", f"the answer took longer than {self.settings.request_timeout_s:g} s; "
+                                      "retry with a smaller max_tokens or later", 2.0) from None
+                yield event
+                if isinstance(event, Finish):
+                    return
+        finally:
+            generation.cancel()
+            await iterator.aclose()
+
+    async def answer(self, generation: Generation) -> Finish:
+        async for event in self.events(generation):
+            if isinstance(event, Finish):
+                return event
+        raise ApiError(500, "internal_error", "generation ended without an answer")

@@ -1,0 +1,143 @@
+"""POST an image, then questions about it: real uvicorn, real Redis, answers equal to HF's generate."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import redis
+import torch
+from PIL import Image
+
+from service.app import create_app
+from service.config import Settings
+from service.llm.engine import LLMEngine
+from service.vision.encoder import VisionEncoder
+
+
+def image_bytes(width: int, height: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def parts(tiny_checkpoint: Path):
+    encoder = VisionEncoder(tiny_checkpoint, device="cpu")
+    engine = LLMEngine(tiny_checkpoint, device="cpu", max_batch_slots=4, prefix_cache_entries=4)
+    yield encoder, engine
+    engine.close()
+
+
+@pytest.fixture
+def server(tiny_checkpoint, redis_url, parts, live_server):
+    encoder, engine = parts
+    settings = Settings(model=str(tiny_checkpoint), redis_url=redis_url, device="cpu", max_new_tokens=64,
+                        max_question_tokens=200)
+    app = create_app(settings, "all", workers={"vision_encoder": encoder, "llm_engine": engine})
+    with live_server(app) as live:
+        yield live
+
+
+def hf_answer(checkpoint: Path, data: bytes, question: str, max_new_tokens: int) -> list[int]:
+    from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    model = Qwen2VLForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    processor = Qwen2VLImageProcessorPil.from_pretrained(checkpoint)
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    inputs = processor(images=[Image.open(io.BytesIO(data)).convert("RGB")], return_tensors="pt")
+    n = int(inputs["image_grid_thw"][0].prod()) // 4
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False,
+                                         chat_template=(checkpoint / "chat_template.jinja").read_text())
+    text = text.replace("<|image_pad|>", "<|image_pad|>" * n)
+    ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=inputs["pixel_values"],
+                         image_grid_thw=inputs["image_grid_thw"], max_new_tokens=max_new_tokens, do_sample=False)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_image_then_questions_match_hf(server, tiny_checkpoint, parts):
+    _, engine = parts
+    data = image_bytes(150, 110, seed=5)
+    questions = ["What is in this picture?", "How many people are there?", "Is it day or night?"]
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        image_id = client.post("/v1/images", content=data, headers={"Content-Type": "image/png"}).json()["image_id"]
+        for q in questions:
+            r = client.post("/v1/questions", json={"image_id": image_id, "question": q, "max_tokens": 12})
+            assert r.status_code == 200, r.text
+            body = r.json()
+            expected = hf_answer(tiny_checkpoint, data, q, 12)
+            assert body["answer"] == engine.prompts.decode(expected)
+            assert body["usage"]["completion_tokens"] == len(expected)
+            assert body["finish_reason"] == ("stop" if expected[-1] in engine.eos_token_ids else "length")
+    assert engine.stats()["prefix_hits"] >= len(questions) - 1
+
+
+def test_streaming_equals_plain(server):
+    data = image_bytes(90, 120, seed=6)
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        image_id = client.post("/v1/images", content=data, headers={"Content-Type": "image/png"}).json()["image_id"]
+        req = {"image_id": image_id, "question": "Describe the image in detail.", "max_tokens": 16}
+        plain = client.post("/v1/questions", json=req).json()
+        with client.stream("POST", "/v1/questions", json={**req, "stream": True}) as r:
+            assert r.headers["content-type"].startswith("text/event-stream")
+            events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    final = json.loads(events[-2])
+    deltas = "".join(json.loads(e)["delta"] for e in events[:-2])
+    assert deltas == plain["answer"] == final["answer"]
+    assert final["finish_reason"] == plain["finish_reason"]
+
+
+def test_question_errors(server, redis_url):
+    data = image_bytes(64, 64, seed=7)
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        image_id = client.post("/v1/images", content=data, headers={"Content-Type": "image/png"}).json()["image_id"]
+
+        def ask(**kw):
+            return client.post("/v1/questions", json={"image_id": image_id, "question": "hi", **kw})
+
+        assert ask(question="").status_code == 422
+        assert ask(question="   ").json()["error"]["code"] == "invalid_request"
+        assert ask(max_tokens=0).status_code == 422
+        r = ask(max_tokens=65)
+        assert r.status_code == 422 and "64" in r.json()["error"]["message"]
+        r = ask(question="word " * 400)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "question_too_long"
+        assert ask(temperature=-1).status_code == 422
+        r = client.post("/v1/questions", json={"image_id": "f" * 64, "question": "hi"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "image_not_found"
+        r = client.post("/v1/questions", content=b'{"image_id": "\xff\xfe", "question": 1}',
+                        headers={"Content-Type": "application/json"})
+        assert r.status_code == 422
+
+        # the same image stored only under another model's fingerprint
+        other = image_bytes(64, 64, seed=8)
+        other_id = client.post("/v1/images", content=other, headers={"Content-Type": "image/png"}).json()["image_id"]
+        r_ = redis.Redis.from_url(redis_url)
+        fp = client.get(f"/v1/images/{other_id}").json()["fingerprint"]
+        r_.rename(f"splitvl:{fp}:{other_id}", f"splitvl:0000000000000000:{other_id}")
+        r_.set(f"splitvl:id:{other_id}", "0000000000000000")
+        r = client.post("/v1/questions", json={"image_id": other_id, "question": "hi"})
+        assert r.status_code == 409 and r.json()["error"]["code"] == "fingerprint_mismatch"
+
+
+async def test_concurrent_questions(server):
+    data = image_bytes(100, 100, seed=9)
+    async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+        r = await client.post("/v1/images", content=data, headers={"Content-Type": "image/png"})
+        image_id = r.json()["image_id"]
+        qs = [f"Question number {i}?" for i in range(6)]
+        rs = await asyncio.gather(*(client.post("/v1/questions", json={"image_id": image_id, "question": q,
+                                                                         "max_tokens": 8}) for q in qs))
+        alone = [(await client.post("/v1/questions", json={"image_id": image_id, "question": q,
+                                                            "max_tokens": 8})).json()["answer"] for q in qs]
+    assert [r.json()["answer"] for r in rs] == alone
