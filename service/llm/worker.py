@@ -6,6 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 
+from service.checkpoint import resolve_model_path
 from service.config import Settings
 from service.errors import ApiError, unavailable
 from service.fingerprint import model_key
@@ -31,8 +32,6 @@ class LLMWorker:
             max_waiting=settings.max_queue,
         )
         self.owns_engine = engine is None
-        from service.checkpoint import resolve_model_path
-
         self.model_key = model_key(resolve_model_path(settings.model))
         # Known at once when a vision worker shares this process; else learned from the registry
         # that vision workers of this checkpoint write (this worker never reads visual weights).
