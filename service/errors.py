@@ -47,8 +47,12 @@ def install_error_handlers(app: FastAPI) -> None:
         return ApiError(422, "invalid_request", "; ".join(parts) or "invalid request").response()
 
     async def on_http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
-        err = ApiError(exc.status_code, codes.get(exc.status_code, "http_error"), str(exc.detail))
+        codes = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+                 415: "unsupported_media_type"}
+        message = str(exc.detail)
+        if exc.status_code == 400:
+            message = f"{message}: send a JSON object encoded as UTF-8"
+        err = ApiError(exc.status_code, codes.get(exc.status_code, "http_error"), message)
         return err.response()
 
     app.add_exception_handler(ApiError, on_api_error)  # type: ignore[arg-type]

@@ -59,7 +59,10 @@ def hf_answer(checkpoint: Path, data: bytes, question: str, max_new_tokens: int)
                                          chat_template=(checkpoint / "chat_template.jinja").read_text())
     text = text.replace("<|image_pad|>", "<|image_pad|>" * n)
     ids = torch.tensor([tokenizer.encode(text, add_special_tokens=False)])
-    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=inputs["pixel_values"],
+    # without mm_token_type_ids HF silently falls back to 1-D positions for the image
+    mm_types = (ids == model.config.image_token_id).int()
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm_types,
+                         pixel_values=inputs["pixel_values"],
                          image_grid_thw=inputs["image_grid_thw"], max_new_tokens=max_new_tokens, do_sample=False)
     return out[0, ids.shape[1]:].tolist()
 
@@ -103,21 +106,21 @@ def test_question_errors(server, redis_url):
         image_id = client.post("/v1/images", content=data, headers={"Content-Type": "image/png"}).json()["image_id"]
 
         def ask(**kw):
-            return client.post("/v1/questions", json={"image_id": image_id, "question": "hi", **kw})
+            return client.post("/v1/questions", json={"image_id": image_id, "question": "hi", "max_tokens": 8, **kw})
 
         assert ask(question="").status_code == 422
         assert ask(question="   ").json()["error"]["code"] == "invalid_request"
         assert ask(max_tokens=0).status_code == 422
         r = ask(max_tokens=65)
         assert r.status_code == 422 and "64" in r.json()["error"]["message"]
-        r = ask(question="word " * 400)
+        r = ask(question="word " * 400, max_tokens=8)
         assert r.status_code == 422 and r.json()["error"]["code"] == "question_too_long"
         assert ask(temperature=-1).status_code == 422
-        r = client.post("/v1/questions", json={"image_id": "f" * 64, "question": "hi"})
+        r = client.post("/v1/questions", json={"image_id": "f" * 64, "question": "hi", "max_tokens": 8})
         assert r.status_code == 404 and r.json()["error"]["code"] == "image_not_found"
         r = client.post("/v1/questions", content=b'{"image_id": "\xff\xfe", "question": 1}',
                         headers={"Content-Type": "application/json"})
-        assert r.status_code == 422
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_body"
 
         # the same image stored only under another model's fingerprint
         other = image_bytes(64, 64, seed=8)
@@ -126,7 +129,7 @@ def test_question_errors(server, redis_url):
         fp = client.get(f"/v1/images/{other_id}").json()["fingerprint"]
         r_.rename(f"splitvl:{fp}:{other_id}", f"splitvl:0000000000000000:{other_id}")
         r_.set(f"splitvl:id:{other_id}", "0000000000000000")
-        r = client.post("/v1/questions", json={"image_id": other_id, "question": "hi"})
+        r = client.post("/v1/questions", json={"image_id": other_id, "question": "hi", "max_tokens": 8})
         assert r.status_code == 409 and r.json()["error"]["code"] == "fingerprint_mismatch"
 
 

@@ -1,0 +1,27 @@
+"""The LLM worker's engine: our own Qwen2-VL language model, prompts, and a batching scheduler.
+
+``LLMEngine(model_path, device=..., dtype=...).generate(image_embeds, grid_thw, image_key,
+question, max_tokens, temperature, top_p, seed)`` returns a ``Generation`` stream of ``Delta``
+events and a final ``Finish``; see ``service.llm.engine``.
+"""
+
+from service.llm.engine import Delta, Finish, Generation, LLMEngine, sample_token
+from service.llm.model import Qwen2LM, TextConfig, decode_step, load_model, prefill
+from service.llm.prompt import Prompt, PromptBuilder, StreamDecoder, positions
+
+__all__ = [
+    "Delta",
+    "Finish",
+    "Generation",
+    "LLMEngine",
+    "Prompt",
+    "PromptBuilder",
+    "Qwen2LM",
+    "StreamDecoder",
+    "TextConfig",
+    "decode_step",
+    "load_model",
+    "positions",
+    "prefill",
+    "sample_token",
+]

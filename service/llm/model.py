@@ -1,0 +1,336 @@
+"""Qwen2-VL's language model, written for serving: fused GEMMs, a static KV cache, two pure steps.
+
+The module holds weights only. The work is done by two functions that issue 5 may compile or
+capture in CUDA graphs:
+
+- ``prefill(model, kv, embeds, positions, slots, start)`` runs ``T`` new tokens of ``B`` slots
+  (all starting at cache position ``start``) and writes their keys and values into the cache;
+- ``decode_step(model, kv, tokens, positions, cache_pos)`` runs one token for each of ``B`` slots
+  with fixed-shape tensors only (no Python value depends on the data), and returns logits.
+
+The KV cache is one preallocated tensor ``[layers, 2, slots, kv_heads, max_len, head_dim]``
+(2 = keys, values). ``decode_step`` takes a view of its first ``B`` slots (and, optionally, of
+its first ``L`` positions): batch row ``b`` is slot ``b``.
+
+Numerics follow HF's ``Qwen2VLForConditionalGeneration``: RMSNorm in fp32, M-RoPE cos/sin
+computed in fp32 and cast to the activation dtype, SDPA attention with grouped KV heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from service.checkpoint import CheckpointError, is_language, load_json, read_tensors, resolve_model_path
+
+# -- config ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    rms_norm_eps: float
+    rope_theta: float
+    mrope_section: tuple[int, ...]
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @classmethod
+    def from_dict(cls, config: dict) -> TextConfig:
+        """From ``config.json``: transformers 5's nested ``text_config`` or the hub's older flat layout."""
+        text = {**config, **(config.get("text_config") or {})}
+
+        def need(key: str) -> int:
+            if key not in text:
+                raise CheckpointError(f"config.json lacks the language model's {key}")
+            return int(text[key])
+
+        rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "mrope"):
+            raise CheckpointError(f"rope type {rope_type!r} is not supported (only Qwen2-VL's M-RoPE)")
+        act = text.get("hidden_act", "silu")
+        if act != "silu":
+            raise CheckpointError(f"hidden_act {act!r} is not supported (Qwen2 uses silu)")
+        heads = need("num_attention_heads")
+        cfg = cls(
+            vocab_size=need("vocab_size"),
+            hidden_size=need("hidden_size"),
+            intermediate_size=need("intermediate_size"),
+            num_layers=need("num_hidden_layers"),
+            num_heads=heads,
+            num_kv_heads=int(text.get("num_key_value_heads") or heads),
+            rms_norm_eps=float(text.get("rms_norm_eps", 1e-5)),
+            rope_theta=float(rope.get("rope_theta", text.get("rope_theta", 1_000_000.0))),
+            mrope_section=tuple(int(s) for s in rope.get("mrope_section", (16, 24, 24))),
+            max_position_embeddings=int(text.get("max_position_embeddings", 32768)),
+            # HF ties when either level says so (pre-v5 saves put it in text_config)
+            tie_word_embeddings=bool(config.get("tie_word_embeddings") or
+                                     (config.get("text_config") or {}).get("tie_word_embeddings")),
+        )
+        if cfg.hidden_size % cfg.num_heads or cfg.num_heads % cfg.num_kv_heads:
+            raise CheckpointError("hidden_size, num_attention_heads and num_key_value_heads do not divide")
+        if sum(cfg.mrope_section) * 2 != cfg.head_dim or len(cfg.mrope_section) != 3:
+            raise CheckpointError(f"mrope_section {list(cfg.mrope_section)} does not cover head_dim {cfg.head_dim}")
+        return cfg
+
+
+def _rope_buffers(cfg: TextConfig, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which t/h/w position row drives each rotary frequency, and the frequencies: both [head_dim / 2]."""
+    d = cfg.head_dim
+    rows = torch.cat([torch.full((n,), i % 3, dtype=torch.long) for i, n in enumerate(cfg.mrope_section)])
+    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float) / d))  # on the CPU, as HF
+    return (rows, inv_freq) if device is None else (rows.to(device), inv_freq.to(device))
+
+
+# -- modules (weights) ----------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, qkv, bias=True)  # q, k, v stacked on dim 0
+        self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # gate, up
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+
+class Qwen2LM(nn.Module):
+    """Weights of the language model; ``lm_head`` absent when tied (the embedding is used)."""
+
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        rows, inv_freq = _rope_buffers(cfg, None)
+        self.register_buffer("rope_rows", rows, persistent=False)  # [head_dim / 2] long
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # [head_dim / 2] fp32
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """[...] token ids -> [..., hidden]"""
+        return self.embed_tokens(ids)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[..., hidden] (after the final norm) -> [..., vocab] fp32"""
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(hidden, weight).float()
+
+
+# -- the two steps --------------------------------------------------------------------------------
+
+
+def allocate_kv_cache(cfg: TextConfig, slots: int, max_len: int, *, device: torch.device | str,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """[layers, 2, slots, kv_heads, max_len, head_dim], zeros."""
+    shape = (cfg.num_layers, 2, slots, cfg.num_kv_heads, max_len, cfg.head_dim)
+    return torch.zeros(shape, device=device, dtype=dtype)
+
+
+def rope(model: Qwen2LM, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """M-RoPE: positions [3, B, T] (t, h, w rows) -> cos, sin [B, T, head_dim] in ``dtype``."""
+    pos = positions.float()[model.rope_rows]  # [head_dim/2, B, T]: each frequency's own row
+    freqs = pos.permute(1, 2, 0) * model.inv_freq  # [B, T, head_dim/2] fp32
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, T, D]; cos, sin [B, 1, T, D]"""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def _qkv(model: Qwen2LM, block: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [B, T, hidden] -> q [B, H, T, D], k, v [B, Hkv, T, D] (q and k rotated)"""
+    cfg = model.cfg
+    b, t, _ = x.shape
+    qkv = block.qkv_proj(block.input_layernorm(x))
+    q, k, v = qkv.split([cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim,
+                         cfg.num_kv_heads * cfg.head_dim], dim=-1)
+    q = q.view(b, t, -1, cfg.head_dim).transpose(1, 2)
+    k = k.view(b, t, -1, cfg.head_dim).transpose(1, 2)
+    v = v.view(b, t, -1, cfg.head_dim).transpose(1, 2)
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return _rotate(q, cos, sin), _rotate(k, cos, sin), v
+
+
+def _finish_block(block: Block, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """x [B, T, hidden] residual; attn [B, H, T, D] -> [B, T, hidden]"""
+    b, _, t, _ = attn.shape
+    x = x + block.o_proj(attn.transpose(1, 2).reshape(b, t, -1))
+    gate, up = block.gate_up_proj(block.post_attention_layernorm(x)).chunk(2, dim=-1)
+    return x + block.down_proj(F.silu(gate) * up)
+
+
+def prefill(model: Qwen2LM, kv: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor,
+            slots: torch.Tensor, start: int) -> torch.Tensor:
+    """Run ``T`` new tokens per slot, all at cache positions ``start .. start+T-1``.
+
+    kv [layers, 2, S, Hkv, max_len, D] (written in place); embeds [B, T, hidden];
+    positions [3, B, T] M-RoPE ids; slots [B] long (which cache slot each row uses).
+    Each token attends to the slot's cache ``[0, start + own index]``.
+    Returns the final-normed hidden states [B, T, hidden].
+    """
+    t = embeds.shape[1]
+    end = start + t
+    cos, sin = rope(model, positions, embeds.dtype)
+    rows = torch.arange(t, device=embeds.device)[:, None]
+    cols = torch.arange(end, device=embeds.device)[None, :]
+    mask = cols <= rows + start  # [T, start+T] causal, offset by the cached prefix
+    x = embeds
+    for i, block in enumerate(model.layers):
+        q, k, v = _qkv(model, block, x, cos, sin)
+        kv[i, 0, slots, :, start:end] = k
+        kv[i, 1, slots, :, start:end] = v
+        keys = kv[i, 0, slots, :, :end]  # [B, Hkv, start+T, D]
+        values = kv[i, 1, slots, :, :end]
+        attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+        x = _finish_block(block, x, attn)
+    return model.norm(x)
+
+
+def decode_step(model: Qwen2LM, kv: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
+                cache_pos: torch.Tensor) -> torch.Tensor:
+    """One token for each of ``B`` slots; fixed shapes, no host syncs.
+
+    kv [layers, 2, B, Hkv, L, D]: a view of the cache's first B slots (and first L positions),
+    written in place; tokens [B] long; positions [3, B] M-RoPE ids of the new tokens;
+    cache_pos [B] long, where each new token's key/value goes (it attends to ``[0, cache_pos]``).
+    Returns logits [B, vocab] fp32.
+    """
+    b = tokens.shape[0]
+    length = kv.shape[4]
+    x = model.embed(tokens)[:, None, :]  # [B, 1, hidden]
+    cos, sin = rope(model, positions[:, :, None], x.dtype)
+    batch = torch.arange(b, device=tokens.device)
+    mask = (torch.arange(length, device=tokens.device)[None, :] <= cache_pos[:, None])[:, None, None, :]  # [B,1,1,L]
+    for i, block in enumerate(model.layers):
+        q, k, v = _qkv(model, block, x, cos, sin)
+        kv[i, 0, batch, :, cache_pos] = k[:, :, 0]  # [B, Hkv, D]
+        kv[i, 1, batch, :, cache_pos] = v[:, :, 0]
+        attn = F.scaled_dot_product_attention(q, kv[i, 0], kv[i, 1], attn_mask=mask, enable_gqa=True)
+        x = _finish_block(block, x, attn)
+    return model.logits(model.norm(x[:, 0]))
+
+
+# -- loading --------------------------------------------------------------------------------------
+
+
+def _hub_shapes(cfg: TextConfig) -> dict[str, tuple[int, ...]]:
+    """Every language tensor the checkpoint must hold (hub spelling) and its shape."""
+    h, d, inter = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, h)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (cfg.num_heads * d, h),
+            p + "self_attn.q_proj.bias": (cfg.num_heads * d,),
+            p + "self_attn.k_proj.weight": (cfg.num_kv_heads * d, h),
+            p + "self_attn.k_proj.bias": (cfg.num_kv_heads * d,),
+            p + "self_attn.v_proj.weight": (cfg.num_kv_heads * d, h),
+            p + "self_attn.v_proj.bias": (cfg.num_kv_heads * d,),
+            p + "self_attn.o_proj.weight": (h, cfg.num_heads * d),
+            p + "mlp.gate_proj.weight": (inter, h),
+            p + "mlp.up_proj.weight": (inter, h),
+            p + "mlp.down_proj.weight": (h, inter),
+        }
+    return shapes
+
+
+def fuse_hub_tensors(cfg: TextConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Check the hub-spelled tensors against the config and map them onto ``Qwen2LM``'s state dict.
+
+    Raises ``CheckpointError`` naming the first missing, misshaped or unexpected tensor.
+    """
+    shapes = _hub_shapes(cfg)
+    for key, shape in shapes.items():
+        if key not in tensors:
+            raise CheckpointError(f"checkpoint lacks tensor {key}")
+        if tuple(tensors[key].shape) != shape:
+            raise CheckpointError(f"tensor {key} has shape {tuple(tensors[key].shape)}, the config implies {shape}")
+    for key in tensors:
+        tied_head = key == "lm_head.weight" and cfg.tie_word_embeddings  # ignored, as HF does when tied
+        if key not in shapes and not tied_head and not key.endswith("rotary_emb.inv_freq"):
+            raise CheckpointError(f"checkpoint tensor {key} does not belong to the language model of config.json")
+    state = {
+        "embed_tokens.weight": tensors["model.embed_tokens.weight"],
+        "norm.weight": tensors["model.norm.weight"],
+    }
+    if not cfg.tie_word_embeddings:
+        state["lm_head.weight"] = tensors["lm_head.weight"]
+    for i in range(cfg.num_layers):
+        p, o = f"model.layers.{i}.", f"layers.{i}."
+        attn, mlp = p + "self_attn.", p + "mlp."
+        state |= {
+            o + "input_layernorm.weight": tensors[p + "input_layernorm.weight"],
+            o + "post_attention_layernorm.weight": tensors[p + "post_attention_layernorm.weight"],
+            o + "qkv_proj.weight": torch.cat([tensors[attn + f"{n}_proj.weight"] for n in "qkv"]),
+            o + "qkv_proj.bias": torch.cat([tensors[attn + f"{n}_proj.bias"] for n in "qkv"]),
+            o + "o_proj.weight": tensors[attn + "o_proj.weight"],
+            o + "gate_up_proj.weight": torch.cat([tensors[mlp + "gate_proj.weight"], tensors[mlp + "up_proj.weight"]]),
+            o + "down_proj.weight": tensors[mlp + "down_proj.weight"],
+        }
+    return state
+
+
+def load_model(model: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+               ) -> Qwen2LM:
+    """Build ``Qwen2LM`` from ``config.json`` on the meta device and assign the checkpoint's tensors.
+
+    Opens only the shards that hold non-visual tensors: deleting visual-only shards is fine.
+    """
+    path = resolve_model_path(model)
+    cfg = TextConfig.from_dict(load_json(path, "config.json"))
+    state = fuse_hub_tensors(cfg, read_tensors(path, is_language))
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    with torch.device("meta"):
+        lm = Qwen2LM(cfg)
+    lm.load_state_dict(state, strict=True, assign=True)
+    # the buffers were built on meta: build them again on the device (inv_freq stays fp32, like HF's)
+    lm.rope_rows, lm.inv_freq = _rope_buffers(cfg, torch.device(device))
+    return lm.eval().requires_grad_(False)

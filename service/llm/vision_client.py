@@ -1,0 +1,75 @@
+"""How an LLM worker gets an image encoded that has no stored features: its own process's vision
+worker (``serve all``), or a remote one at ``settings.vision_url`` (a vision worker or the gateway)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+from fastapi import Request
+
+from service.errors import ApiError, unavailable
+
+# Headers passed on to the vision worker: its API keys are usually the same, and the request id
+# ties both workers' log lines together.
+_FORWARDED = ("authorization", "x-request-id")
+
+
+class RemoteVision:
+    """``POST /v1/images`` on a remote vision worker, with timeouts; failures become our errors."""
+
+    def __init__(self, url: str, *, timeout_s: float, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.url = url.rstrip("/")
+        self.http = httpx.AsyncClient(base_url=self.url, transport=transport,
+                                      timeout=httpx.Timeout(timeout_s, connect=min(5.0, timeout_s)))
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    async def encode(self, data: bytes, headers: dict[str, str]) -> dict[str, Any]:
+        """The vision worker's JSON metadata for these bytes (it stores the features in Redis)."""
+        try:
+            r = await self.http.post("/v1/images", content=data,
+                                     headers={**headers, "Content-Type": "application/octet-stream"})
+        except httpx.TimeoutException:
+            raise unavailable("vision_timeout", f"the vision worker at {self.url} did not answer in time", 2.0) from None
+        except httpx.HTTPError as exc:
+            raise unavailable("vision_unavailable",
+                              f"no vision worker reachable at {self.url} to encode the image ({exc})", 2.0) from None
+        if r.status_code == 200:
+            return r.json()
+        code, message = _error_of(r)
+        if r.status_code in (400, 413, 415, 422):  # the image itself is bad: the caller's mistake
+            raise ApiError(r.status_code, code, message)
+        if r.status_code == 503:
+            raise unavailable(code, f"vision worker: {message}", float(r.headers.get("retry-after", "2") or 2))
+        raise unavailable("vision_unavailable", f"the vision worker at {self.url} answered {r.status_code} "
+                          f"({code}: {message})", 5.0)
+
+
+def _error_of(r: httpx.Response) -> tuple[str, str]:
+    try:
+        err = r.json()["error"]
+        return str(err["code"]), str(err["message"])
+    except (ValueError, KeyError, TypeError):
+        return "http_error", r.text[:200]
+
+
+async def encode_image(request: Request, data: bytes) -> str:
+    """Have a vision worker encode ``data`` and store its features; returns the features' fingerprint."""
+    state = request.app.state
+    vision = getattr(state, "vision", None)
+    if vision is not None:
+        record, _ = await vision.encode(data)
+        return record.fingerprint
+    remote: RemoteVision | None = getattr(state, "remote_vision", None)
+    if remote is None:
+        raise unavailable("vision_unavailable",
+                          "the image has no stored features and this LLM worker knows no vision worker to encode it "
+                          "(set SPLITVL_VISION_URL); or upload it to POST /v1/images first", 5.0)
+    headers = {k: v for k, v in request.headers.items() if k.lower() in _FORWARDED}
+    rid = request.scope.get("state", {}).get("request_id")
+    if rid:
+        headers["x-request-id"] = rid
+    meta = await remote.encode(data, headers)
+    return str(meta.get("fingerprint", ""))

@@ -1,0 +1,85 @@
+"""The oracle for the LLM tests: HF's own Qwen2-VL on the same checkpoint, fp32, CPU.
+
+Image features come from HF's vision tower (as the vision worker would store them); prompt ids
+are built as ``Qwen2VLProcessor`` builds them (the tokenizer's chat template, ``<|image_pad|>``
+expanded to the image's token count, the whole text tokenized at once), since ``AutoProcessor``
+needs torchvision, which we lack.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def random_image(seed: int, width: int, height: int) -> Image.Image:
+    pixels = np.random.RandomState(seed).randint(0, 256, (height, width, 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+@dataclass
+class Features:
+    embeds: torch.Tensor  # [num_tokens, hidden]
+    grid: torch.Tensor  # [1, 3]
+    pixel_values: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.grid.prod()) // 4
+
+
+class Oracle:
+    def __init__(self, path: Path) -> None:
+        from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        self.path = path
+        self.model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+        self.images = Qwen2VLImageProcessorPil.from_pretrained(path)
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.image_token_id = self.model.config.image_token_id
+
+    @torch.no_grad()
+    def features(self, image: Image.Image) -> Features:
+        out = self.images(images=[image], return_tensors="pt")
+        embeds = self.model.model.get_image_features(out["pixel_values"], out["image_grid_thw"]).pooler_output
+        return Features(torch.cat(list(embeds)), out["image_grid_thw"], out["pixel_values"])
+
+    def input_ids(self, question: str, num_tokens: int) -> torch.Tensor:
+        """[1, T], as Qwen2VLProcessor builds them."""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = text.replace("<|image_pad|>", "<|image_pad|>" * num_tokens)
+        return torch.tensor([self.tokenizer(text, add_special_tokens=False)["input_ids"]])
+
+    def kwargs(self, feats: Features, ids: torch.Tensor) -> dict:
+        return {"input_ids": ids, "pixel_values": feats.pixel_values, "image_grid_thw": feats.grid,
+                "mm_token_type_ids": (ids == self.image_token_id).int()}
+
+    @torch.no_grad()
+    def logits(self, feats: Features, question: str) -> torch.Tensor:
+        """[T, vocab] of the whole prompt"""
+        ids = self.input_ids(question, feats.num_tokens)
+        return self.model(**self.kwargs(feats, ids)).logits[0]
+
+    @torch.no_grad()
+    def generate(self, feats: Features, question: str, max_new_tokens: int) -> list[int]:
+        ids = self.input_ids(question, feats.num_tokens)
+        out = self.model.generate(**self.kwargs(feats, ids), max_new_tokens=max_new_tokens, do_sample=False)
+        return out[0, ids.shape[1] :].tolist()
+
+
+@functools.cache
+def oracle(path: Path) -> Oracle:
+    return Oracle(path)
+
+
+def copy_checkpoint(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst

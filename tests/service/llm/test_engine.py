@@ -1,0 +1,226 @@
+"""The engine's answers against HF's generate; prefix reuse, batching, sampling, streaming, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+from service.errors import ApiError
+from service.llm.engine import Delta, Finish, LLMEngine, sample_token
+
+from . import Features, copy_checkpoint, oracle, random_image
+
+IMAGES = [(0, (150, 100)), (1, (56, 56)), (2, (230, 180)), (3, (90, 300))]  # different grids
+QUESTIONS = ["What is in this picture?", "How many people are there?", "Is it day or night? Answer briefly."]
+MAX_NEW = 24
+
+
+def _features(path: Path) -> list[Features]:
+    hf = oracle(path)
+    return [hf.features(random_image(seed, *size)) for seed, size in IMAGES]
+
+
+@pytest.fixture(scope="module")
+def engines(tiny_checkpoint: Path, sharded_checkpoint: Path) -> Iterator[dict[str, LLMEngine]]:
+    made = {
+        "tiny_checkpoint": LLMEngine(tiny_checkpoint, max_batch_slots=3, max_seq_len=256, prefix_cache_entries=8),
+        "sharded_checkpoint": LLMEngine(sharded_checkpoint, max_batch_slots=3, max_seq_len=256),
+    }
+    yield made
+    for engine in made.values():
+        engine.close()
+
+
+def _ask(engine: LLMEngine, feats: Features, key: str, question: str, max_tokens: int = MAX_NEW, **kw) -> Finish:
+    return engine.generate(feats.embeds, feats.grid[0], key, question, max_tokens, **kw).result()
+
+
+def test_grids_differ(tiny_checkpoint: Path) -> None:
+    grids = {tuple(f.grid[0].tolist()) for f in _features(tiny_checkpoint)}
+    assert len(grids) == len(IMAGES)
+
+
+@pytest.mark.parametrize("which", ["tiny_checkpoint", "sharded_checkpoint"])
+def test_greedy_answers_match_hf_generate(which: str, engines: dict[str, LLMEngine],
+                                          request: pytest.FixtureRequest) -> None:
+    path = request.getfixturevalue(which)
+    hf, engine = oracle(path), engines[which]
+    feats = _features(path)
+    expected = {(i, q): hf.generate(f, q, MAX_NEW) for i, f in enumerate(feats) for q in QUESTIONS}
+    # one at a time (the first question on each image fills the prefix cache, the rest reuse it)
+    for (i, q), tokens in expected.items():
+        answer = _ask(engine, feats[i], f"{which}/{i}", q)
+        assert list(answer.token_ids) == tokens, (i, q)
+        assert answer.text == hf.tokenizer.decode(tokens, skip_special_tokens=True)
+        assert answer.prompt_tokens == hf.input_ids(q, feats[i].num_tokens).shape[1]
+    # all at once from several threads: decoded together in batches of 3 slots, the rest waiting
+    with ThreadPoolExecutor(4) as pool:
+        streams = list(pool.map(lambda iq: engines[which].generate(
+            feats[iq[0]].embeds, feats[iq[0]].grid[0], f"{which}/{iq[0]}", iq[1], MAX_NEW), expected))
+    for (i, q), stream in zip(expected, streams, strict=True):
+        assert list(stream.result().token_ids) == expected[(i, q)], (i, q)
+
+
+def test_answer_stops_at_eos_before_max_tokens(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """Make a token the model emits early an EOS (next to <|im_end|>): HF and we must stop there."""
+    feats = _features(tiny_checkpoint)[0]
+    question = QUESTIONS[0]
+    free_run = oracle(tiny_checkpoint).generate(feats, question, MAX_NEW)
+    j = next(j for j in range(3, MAX_NEW) if free_run[j] not in free_run[:j])
+    path = copy_checkpoint(tiny_checkpoint, tmp_path / "ckpt")
+    im_end = json.loads((path / "generation_config.json").read_text())["eos_token_id"]
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [im_end, free_run[j]]}))
+    expected = oracle(path).generate(feats, question, MAX_NEW)
+    assert expected == free_run[: j + 1]  # HF stops too, before max_new_tokens
+    engine = LLMEngine(path, max_batch_slots=2, max_seq_len=256)
+    try:
+        answer = _ask(engine, feats, "img", question)
+        assert list(answer.token_ids) == expected
+        assert answer.finish_reason == "stop" and answer.completion_tokens == j + 1 < MAX_NEW
+        assert answer.text == oracle(path).tokenizer.decode(expected[:-1], skip_special_tokens=True)
+        shorter = _ask(engine, feats, "img", question, max_tokens=j)  # cut one short of the EOS
+        assert shorter.finish_reason == "length" and list(shorter.token_ids) == expected[:-1]
+    finally:
+        engine.close()
+
+
+def test_prefix_reuse_gives_identical_answers(tiny_checkpoint: Path) -> None:
+    feats = _features(tiny_checkpoint)[:2]
+    reuse = LLMEngine(tiny_checkpoint, max_batch_slots=2, max_seq_len=256, prefix_cache_entries=4)
+    whole = LLMEngine(tiny_checkpoint, max_batch_slots=2, max_seq_len=256, prefix_cache_entries=0)
+    try:
+        for i, f in enumerate(feats):
+            for q in QUESTIONS:
+                a = _ask(reuse, f, f"img{i}", q)
+                b = _ask(whole, f, f"img{i}", q)
+                assert a.token_ids == b.token_ids and a.text == b.text
+        stats = reuse.stats()
+        assert (stats["prefix_misses"], stats["prefix_hits"]) == (2, 4)
+        prompts = [reuse.prompts.build(q, f.num_tokens) for f in feats for q in QUESTIONS]
+        prefixes = sum(reuse.prompts.build("x", f.num_tokens).prefix_len for f in feats)
+        assert stats["prefill_tokens"] == prefixes + sum(len(p.ids) - p.prefix_len for p in prompts)
+        assert whole.stats()["prefill_tokens"] == sum(len(p.ids) for p in prompts)
+        assert whole.stats()["prefix_hits"] == whole.stats()["prefix_misses"] == 0
+    finally:
+        reuse.close()
+        whole.close()
+
+
+def test_prefix_cache_is_a_bounded_lru(tiny_checkpoint: Path) -> None:
+    feats = _features(tiny_checkpoint)
+    engine = LLMEngine(tiny_checkpoint, max_batch_slots=1, max_seq_len=256, prefix_cache_entries=2)
+    try:
+        answers: dict[int, tuple[int, ...]] = {}
+        for i in (0, 1, 0, 2, 1):  # miss, miss, hit, miss (evicts 1, the least recently used), miss
+            tokens = _ask(engine, feats[i], f"img{i}", "What?", max_tokens=3).token_ids
+            assert answers.setdefault(i, tokens) == tokens
+        stats = engine.stats()
+        assert (stats["prefix_hits"], stats["prefix_misses"], stats["prefix_entries"]) == (1, 4, 2)
+    finally:
+        engine.close()
+
+
+def test_visual_shards_deleted_still_answers(sharded_checkpoint: Path, tmp_path: Path) -> None:
+    path = copy_checkpoint(sharded_checkpoint, tmp_path / "ckpt")
+    weight_map = json.loads((path / "model.safetensors.index.json").read_text())["weight_map"]
+    language_shards = {f for k, f in weight_map.items() if not k.startswith("visual.")}
+    for shard in set(weight_map.values()) - language_shards:
+        (path / shard).unlink()
+    feats = _features(sharded_checkpoint)[1]
+    engine = LLMEngine(path, max_batch_slots=1, max_seq_len=256)
+    try:
+        expected = oracle(sharded_checkpoint).generate(feats, QUESTIONS[1], MAX_NEW)
+        assert list(_ask(engine, feats, "img", QUESTIONS[1]).token_ids) == expected
+    finally:
+        engine.close()
+
+
+def test_context_length_and_request_errors(engines: dict[str, LLMEngine], tiny_checkpoint: Path) -> None:
+    engine = engines["tiny_checkpoint"]
+    feats = _features(tiny_checkpoint)[0]
+    prompt_len = len(engine.prompts.build(QUESTIONS[0], feats.num_tokens).ids)
+    assert _ask(engine, feats, "ok", QUESTIONS[0], max_tokens=256 - prompt_len).finish_reason == "length"
+    with pytest.raises(ApiError) as err:
+        engine.generate(feats.embeds, feats.grid[0], "x", QUESTIONS[0], 256 - prompt_len + 1)
+    assert (err.value.status, err.value.code) == (422, "context_length_exceeded")
+    with pytest.raises(ApiError) as err:
+        engine.generate(feats.embeds, feats.grid[0], "x", "word " * 300, 1)
+    assert err.value.code == "context_length_exceeded"
+    for bad in ({"question": "  "}, {"max_tokens": 0}, {"temperature": -1.0}, {"top_p": 0.0}, {"top_p": 1.5}):
+        args = {"question": "q", "max_tokens": 4, "temperature": 1.0, "top_p": 1.0} | bad
+        with pytest.raises(ApiError) as err:
+            engine.generate(feats.embeds, feats.grid[0], "x", **args)
+        assert err.value.status == 422
+    with pytest.raises(ApiError) as err:  # features of another model / another grid
+        engine.generate(feats.embeds[:-1], feats.grid[0], "x", "q", 4)
+    assert err.value.status == 409
+    with pytest.raises(ApiError) as err:
+        engine.generate(torch.zeros(feats.num_tokens, 32), feats.grid[0], "x", "q", 4)
+    assert err.value.status == 409
+
+
+def test_sampling_is_reproducible_with_a_seed(engines: dict[str, LLMEngine], tiny_checkpoint: Path) -> None:
+    engine = engines["tiny_checkpoint"]
+    feats = _features(tiny_checkpoint)[0]
+    runs = [_ask(engine, feats, "s", "Tell me.", temperature=1.0, seed=s).token_ids for s in (7, 7, 8)]
+    assert runs[0] == runs[1] != runs[2]
+    greedy = _ask(engine, feats, "s", "Tell me.").token_ids
+    assert runs[0] != greedy
+    # a tiny top_p keeps only the most likely token: sampling becomes greedy
+    assert _ask(engine, feats, "s", "Tell me.", temperature=1.5, top_p=1e-6, seed=1).token_ids == greedy
+
+
+def test_top_p_restricts_to_the_nucleus() -> None:
+    logits = torch.tensor([0.5, 0.3, 0.15, 0.05]).log()
+    gen = torch.Generator().manual_seed(0)
+
+    def draws(top_p: float, temperature: float = 1.0) -> set[int]:
+        return {sample_token(logits, temperature, top_p, gen) for _ in range(400)}
+
+    assert draws(1.0) == {0, 1, 2, 3}
+    assert draws(0.7) == {0, 1}  # 0.5 + 0.3 reach 0.7; token 2 lies beyond
+    assert draws(0.85) == {0, 1, 2}
+    assert draws(0.5) == {0}
+    assert draws(1.0, temperature=0.0) == {0}
+
+
+async def test_async_stream_of_deltas(engines: dict[str, LLMEngine], tiny_checkpoint: Path) -> None:
+    engine = engines["tiny_checkpoint"]
+    feats = _features(tiny_checkpoint)[2]
+    ticks = 0
+
+    async def ticker() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(ticker())
+    events = [e async for e in engine.generate(feats.embeds, feats.grid[0], "a", QUESTIONS[2], MAX_NEW)]
+    task.cancel()
+    deltas, final = events[:-1], events[-1]
+    assert isinstance(final, Finish) and all(isinstance(d, Delta) for d in deltas)
+    assert [d.token_id for d in deltas if d.token_id is not None] == list(final.token_ids)
+    assert "".join(d.text for d in deltas) == final.text
+    assert list(final.token_ids) == oracle(tiny_checkpoint).generate(feats, QUESTIONS[2], MAX_NEW)
+    assert ticks > 1  # the event loop kept running while tokens were generated
+
+
+def test_leaving_a_stream_frees_its_slot(engines: dict[str, LLMEngine], tiny_checkpoint: Path) -> None:
+    engine = engines["tiny_checkpoint"]
+    feats = _features(tiny_checkpoint)[0]
+    for n, _event in enumerate(engine.generate(feats.embeds, feats.grid[0], "c", "Go on.", 200)):
+        if n == 2:
+            break
+    deadline = time.monotonic() + 10
+    while engine.stats()["active"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.stats()["active"] == 0
+    assert _ask(engine, feats, "c", "Go on.", max_tokens=2).completion_tokens == 2
