@@ -8,9 +8,9 @@ Two ways to run it, both equal to HF:
 
 * CPU: PIL does the resize (it *is* HF's resize), torch does the rest.
 * CUDA: the uint8 image is uploaded and resized by :func:`resize_tensor`, a torch port of Pillow's
-  fixed-point resampler (same coefficients, same 22-bit integer arithmetic, same uint8 rounding
-  between the horizontal and the vertical pass), so it is bit-exact with PIL on any device, not
-  merely close the way ``F.interpolate(mode="bicubic", antialias=True)`` is.
+  fixed-point resampler (same coefficients, same 22-bit integer arithmetic, same pass order and
+  uint8 rounding between the two passes), so it is bit-exact with PIL on any device, not merely
+  close the way ``F.interpolate(mode="bicubic", antialias=True)`` is.
 
 Rescale and normalize are a 256-entry lookup table per channel, computed once with HF's own numpy
 arithmetic, so every device produces HF's float32 values bit for bit.
@@ -131,6 +131,8 @@ class PreprocessConfig:
         fields["image_mean"] = list(self.image_mean)
         fields["image_std"] = list(self.image_std)
         fields["algorithm"] = f"splitvl-qwen2vl/{ALGORITHM_VERSION}"
+        # PIL's resize (HF's reference) rounds differently depending on Pillow's pass order.
+        fields["pil_pass_order"] = pil_pass_order()
         return fields
 
 
@@ -265,7 +267,7 @@ def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     """HF's ``convert_to_rgb``: a plain ``convert("RGB")``.
 
     Alpha is dropped, not composited: a transparent pixel keeps whatever colour it stores (often
-    black), exactly what the model saw in training through HF's processor. 16-bit and float
+    black), exactly what HF's processor gives the model. 16-bit and float
     grayscale (I;16, I, F) are clipped to 0..255 by Pillow, not rescaled; HF does the same.
     """
     if image.mode == "RGB":
@@ -393,39 +395,121 @@ def _pil_coefficients(in_size: int, out_size: int, resample: int) -> tuple[np.nd
     return xmin, fixed, count
 
 
+@dataclass(frozen=True)
+class _AxisPlan:
+    """One axis of a resize: per-tap gather indices and weights, both [ksize, out], on a device.
+
+    Indices are relative to ``first``: a pass reads only input[first:last] along the axis.
+    """
+
+    index: torch.Tensor
+    weights: torch.Tensor
+    first: int
+    last: int
+
+
 @lru_cache(maxsize=512)
-def _axis_plan(in_size: int, out_size: int, resample: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """Per-tap gather indices [ksize, out] and weights [ksize, out] on ``device``, plus the input span used."""
+def _axis_plan(in_size: int, out_size: int, resample: int, device: torch.device) -> _AxisPlan:
     xmin, fixed, count = _pil_coefficients(in_size, out_size, resample)
     first = int(xmin[0])
     last = int(xmin[-1] + count[-1])
     # Taps past an output's window have weight 0; clamp their index so the gather stays in bounds.
     index = np.minimum(xmin[:, None] + np.arange(fixed.shape[1])[None, :], last - 1) - first
-    return (
-        torch.from_numpy(np.ascontiguousarray(index.T)).to(device),
-        torch.from_numpy(np.ascontiguousarray(fixed.T)).to(device),
-        first,
-        last,
+    return _AxisPlan(
+        index=torch.from_numpy(np.ascontiguousarray(index.T)).to(device),
+        weights=torch.from_numpy(np.ascontiguousarray(fixed.T)).to(device),
+        first=first,
+        last=last,
     )
 
 
-def _resample_axis(image: torch.Tensor, dim: int, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def _resample_axis(image: torch.Tensor, dim: int, plan: _AxisPlan) -> torch.Tensor:
     """One Pillow pass along ``dim`` of a uint8 [C, H, W] tensor: int32 fixed-point sums, rounded, clipped."""
+    image = image.narrow(dim, plan.first, plan.last - plan.first)
     shape = list(image.shape)
-    shape[dim] = index.shape[1]
+    shape[dim] = plan.index.shape[1]
     acc = torch.full(shape, 1 << (_PRECISION_BITS - 1), dtype=torch.int32, device=image.device)
-    for k in range(index.shape[0]):
-        w = weights[k] if dim == image.ndim - 1 else weights[k].unsqueeze(-1)
-        acc.addcmul_(image.index_select(dim, index[k]), w)
+    last_dim = dim == image.ndim - 1
+    for k in range(plan.index.shape[0]):
+        w = plan.weights[k] if last_dim else plan.weights[k].unsqueeze(-1)
+        acc.addcmul_(image.index_select(dim, plan.index[k]), w)
+    # Pillow's clip8: floor-shift (arithmetic, like C's >> on int), then clamp to 0..255.
     return acc.bitwise_right_shift_(_PRECISION_BITS).clamp_(0, 255).to(torch.uint8)
+
+
+def _two_pass(image: torch.Tensor, height: int, width: int, resample: int, vertical_first: bool) -> torch.Tensor:
+    in_h, in_w = image.shape[-2:]
+    passes = [(2, in_w, width), (1, in_h, height)]
+    if vertical_first:
+        passes.reverse()
+    for dim, in_size, out_size in passes:
+        if in_size != out_size:  # Pillow skips an axis whose size does not change
+            image = _resample_axis(image, dim, _axis_plan(in_size, out_size, resample, image.device))
+    return image
+
+
+# Which axis Pillow resamples first changes the uint8 rounding between the passes, and it changed
+# between releases, so the installed Pillow's rule is detected, not assumed:
+# - older Pillow: always horizontal first;
+# - Pillow 12.x after python-pillow/Pillow#9524 (12.3 has it): vertical first when the image is
+#   more than 100x taller than wide and the height shrinks (two calls in Image.resize);
+# - Pillow 13 (python-pillow/Pillow#9549): vertical first when the height shrinks by more than
+#   twice as many pixels as the width (in C).
+PASS_ORDER_HORIZONTAL_FIRST = "horizontal-first"
+PASS_ORDER_TALL_100X = "vertical-first-when-100x-tall"
+PASS_ORDER_SHRINK_HEIGHT_FIRST = "vertical-first-when-height-shrinks-2x-more"
+
+
+def _vertical_first(order: str, in_h: int, in_w: int, out_h: int, out_w: int) -> bool:
+    if order == PASS_ORDER_TALL_100X:
+        return in_h > in_w * 100 and out_h < in_h
+    if order == PASS_ORDER_SHRINK_HEIGHT_FIRST:
+        return (in_h - out_h) > 0 and (in_h - out_h) > (in_w - out_w) * 2
+    return False
+
+
+# Probes (in_h, in_w, out_h, out_w) on which the two orders round differently. Which of them PIL
+# resizes vertically first tells the rules apart: the first only under Pillow 13's rule, the
+# second (250:1 tall, height shrinking) under both newer rules.
+_PROBES = ((96, 47, 12, 32), (250, 2, 20, 3))
+_PROBE_ORDERS = {
+    (True, True): PASS_ORDER_SHRINK_HEIGHT_FIRST,
+    (False, True): PASS_ORDER_TALL_100X,
+    (False, False): PASS_ORDER_HORIZONTAL_FIRST,
+}
+
+
+def _pil_went_vertical_first(in_h: int, in_w: int, out_h: int, out_w: int) -> bool | None:
+    probe = np.random.default_rng(0).integers(0, 256, (in_h, in_w, 3), dtype=np.uint8)
+    expected = np.asarray(PIL.Image.fromarray(probe).resize((out_w, out_h), PIL.Image.Resampling.BICUBIC))
+    tensor = torch.from_numpy(probe).permute(2, 0, 1).contiguous()
+    bicubic = int(PIL.Image.Resampling.BICUBIC)
+    for vertical_first in (True, False):
+        got = _two_pass(tensor, out_h, out_w, bicubic, vertical_first).permute(1, 2, 0).numpy()
+        if np.array_equal(got, expected):
+            return vertical_first
+    return None
+
+
+@lru_cache(maxsize=1)
+def pil_pass_order() -> str:
+    """The installed Pillow's pass-order rule, found by resizing probes with PIL and both orders here."""
+    seen = tuple(_pil_went_vertical_first(*probe) for probe in _PROBES)
+    order = _PROBE_ORDERS.get(seen)  # type: ignore[arg-type]
+    if order is None:
+        raise RuntimeError(
+            f"Pillow {PIL.__version__} resizes in a way this module does not reproduce (probes: {seen}); "
+            "the GPU resize would not match HF. Pin Pillow or update service/preprocess.py."
+        )
+    return order
 
 
 def resize_tensor(image: torch.Tensor, height: int, width: int,
                   resample: int = int(PIL.Image.Resampling.BICUBIC)) -> torch.Tensor:
-    """Resize a uint8 [C, H, W] tensor exactly as ``PIL.Image.resize`` would, on the tensor's device.
+    """Resize a uint8 [C, H, W] tensor exactly as the installed ``PIL.Image.resize`` would, on its device.
 
-    Pillow resamples horizontally, rounds to uint8, then vertically, only over the rows the
-    vertical pass reads; this does the same, so the result equals PIL's bit for bit.
+    Pillow resamples one axis, rounds to uint8, then the other (reading only the span the second
+    pass needs); this does the same in the same order, so the result equals PIL's bit for bit.
     """
     _check_uint8_chw(image)
     in_h, in_w = image.shape[-2:]
@@ -433,16 +517,8 @@ def resize_tensor(image: torch.Tensor, height: int, width: int,
         return image
     if resample not in _FILTERS:
         raise ValueError(f"resample={resample} not supported (have {sorted(_FILTERS)})")
-    v_index, v_weights, first, last = _axis_plan(in_h, height, resample, image.device)
-    if width != in_w:
-        h_index, h_weights, _, _ = _axis_plan(in_w, width, resample, image.device)
-        # Plan indices are relative to the span's start; the full width is always the span here.
-        image = _resample_axis(image[:, first:last], 2, h_index, h_weights)
-    else:
-        image = image[:, first:last]
-    if height != in_h:
-        image = _resample_axis(image, 1, v_index, v_weights)
-    return image
+    vertical_first = _vertical_first(pil_pass_order(), in_h, in_w, height, width)
+    return _two_pass(image, height, width, resample, vertical_first)
 
 
 # --------------------------------------------------------------------------------------------
@@ -451,7 +527,7 @@ def resize_tensor(image: torch.Tensor, height: int, width: int,
 
 @lru_cache(maxsize=16)
 def _value_table(mean: tuple[float, ...], std: tuple[float, ...], rescale_factor: float,
-                 do_rescale: bool, do_normalize: bool) -> torch.Tensor:
+                 do_rescale: bool, do_normalize: bool, device: torch.device) -> torch.Tensor:
     """float32 [3, 256]: HF's rescale+normalize of every uint8 value, in HF's own numpy arithmetic."""
     values: np.ndarray = np.broadcast_to(np.arange(256, dtype=np.uint8), (3, 256))
     if do_rescale:  # transformers.image_transforms.rescale: float64 multiply, then float32
@@ -462,7 +538,7 @@ def _value_table(mean: tuple[float, ...], std: tuple[float, ...], rescale_factor
         m = np.array(mean, dtype=values.dtype)
         s = np.array(std, dtype=values.dtype)
         values = ((values.T - m) / s).T
-    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+    return torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32)).to(device)
 
 
 def _check_uint8_chw(image: torch.Tensor) -> None:
@@ -489,8 +565,8 @@ def patchify(images: torch.Tensor, cfg: PreprocessConfig, *, resized: bool = Fal
             f"image is {height}x{width}; both sides must be multiples of patch_size*merge_size={cfg.factor} "
             "(resize with smart_resize first)"
         )
-    table = _value_table(cfg.image_mean, cfg.image_std, cfg.rescale_factor, cfg.do_rescale, cfg.do_normalize)
-    table = table.to(images.device)
+    table = _value_table(cfg.image_mean, cfg.image_std, cfg.rescale_factor, cfg.do_rescale, cfg.do_normalize,
+                         images.device)
     values = table.gather(1, images.reshape(3, -1).long()).view(3, height, width)
     return _to_patches(values, cfg)
 
