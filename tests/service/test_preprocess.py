@@ -59,13 +59,18 @@ def _one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(threads)
 
 
+# Read at collection, before any test (of any module) has run HF's processor.
+_PRISTINE_HF_SIZE = copy.deepcopy(hf_qwen.Qwen2VLImageProcessorPil.size)
+
+
 @pytest.fixture(autouse=True)
 def _restore_hf_class_size() -> Iterator[None]:
     # HF's Qwen2VLImageProcessorPil.__init__ writes min/max_pixels into the *class-level* `size`
-    # dict when `size` is not passed, leaking into every later instance. Undo that after each test.
-    saved = copy.deepcopy(hf_qwen.Qwen2VLImageProcessorPil.size)
+    # dict when `size` is not passed, leaking into every later instance (other test modules'
+    # from_pretrained calls included). Start each test from the pristine default and restore it.
+    hf_qwen.Qwen2VLImageProcessorPil.size = copy.deepcopy(_PRISTINE_HF_SIZE)
     yield
-    hf_qwen.Qwen2VLImageProcessorPil.size = saved
+    hf_qwen.Qwen2VLImageProcessorPil.size = copy.deepcopy(_PRISTINE_HF_SIZE)
 
 
 def hf_processor(cfg: PreprocessConfig) -> hf_qwen.Qwen2VLImageProcessorPil:
