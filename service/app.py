@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -32,7 +33,8 @@ def require_api_key(request: Request) -> None:
     for key in keys:  # no early exit: the time taken does not tell which key nearly matched
         ok |= hmac.compare_digest(given, key.encode())
     if not ok:
-        raise ApiError(401, "unauthorized", "send a valid API key as 'Authorization: Bearer <key>'")
+        raise ApiError(401, "unauthorized", "send a valid API key as 'Authorization: Bearer <key>'",
+                       headers={"WWW-Authenticate": 'Bearer realm="splitvl"'})
 
 
 Authorized = Annotated[None, Depends(require_api_key)]
@@ -60,6 +62,7 @@ def create_app(settings: Settings, role: Role, *, workers: dict | None = None) -
                 await vision.start()
                 started.append(vision)
                 app.state.vision = vision
+                metrics.on_scrape(lambda: metrics.queue_depth.labels("vision").set(vision.batcher.depth))
             if role in ("llm", "all"):
                 from service.llm.worker import LLMWorker
 
@@ -70,15 +73,26 @@ def create_app(settings: Settings, role: Role, *, workers: dict | None = None) -
                 await llm.start()
                 started.append(llm)
                 app.state.llm = llm
+                metrics.watch_engine(llm.engine.stats)
+                if role == "llm" and settings.vision_url:
+                    from service.llm.vision_client import RemoteVision
+
+                    app.state.remote_vision = RemoteVision(settings.vision_url, timeout_s=settings.request_timeout_s)
             app.state.ready = True
             yield
         finally:
             app.state.ready = False
             for worker in reversed(started):
                 await worker.stop()
+            remote = getattr(app.state, "remote_vision", None)
+            if remote is not None:
+                await remote.aclose()
             await store.close()
 
-    app = FastAPI(title="splitvl", version="0.1.0", lifespan=lifespan,
+    # with API keys, the schema is behind the key like every endpoint but /healthz (and the docs
+    # pages, which could not fetch it, are off)
+    public_docs = {} if not settings.api_keys else {"openapi_url": None, "docs_url": None, "redoc_url": None}
+    app = FastAPI(title="splitvl", version="0.1.0", lifespan=lifespan, **public_docs,
                   description="Encode an image once, cache its features in Redis, answer many questions.")
     app.state.settings = settings
     app.state.metrics = metrics
@@ -104,6 +118,11 @@ def create_app(settings: Settings, role: Role, *, workers: dict | None = None) -
                                 headers={"Retry-After": "2"})
         return JSONResponse(body)
 
+    if settings.api_keys:
+        @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_api_key)])
+        async def openapi_schema() -> JSONResponse:
+            return JSONResponse(app.openapi())
+
     @app.get("/metrics", tags=["ops"], dependencies=[Depends(require_api_key)])
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -113,7 +132,13 @@ def create_app(settings: Settings, role: Role, *, workers: dict | None = None) -
 
         app.include_router(vision_router, dependencies=[Depends(require_api_key)])
     if role in ("llm", "all"):
+        from service.llm.openai_routes import router as openai_router
         from service.llm.routes import router as llm_router
 
         app.include_router(llm_router, dependencies=[Depends(require_api_key)])
+        # an image travels base64 in the JSON body: bound the body by the upload limit (+ a third, + JSON)
+        limit = {"max_body_size": settings.max_upload_bytes * 4 // 3 + 1024 * 1024}
+        if "max_body_size" not in inspect.signature(app.include_router).parameters:  # FastAPI < 0.165
+            limit = {}
+        app.include_router(openai_router, dependencies=[Depends(require_api_key)], **limit)
     return app

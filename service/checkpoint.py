@@ -13,6 +13,8 @@ Both are mapped to the hub's.
 from __future__ import annotations
 
 import json
+import os
+import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -81,14 +83,27 @@ def _key_locations(path: Path) -> dict[str, Path]:
     raise CheckpointError(f"{path} holds neither {INDEX_FILE} nor {SINGLE_FILE}")
 
 
+def show_progress(progress: bool | None = None) -> bool:
+    """Whether weight loading draws a progress bar: when asked (argument, or ``SPLITVL_PROGRESS=1``/``0``),
+    else when stderr is a terminal."""
+    if progress is not None:
+        return progress
+    env = os.environ.get("SPLITVL_PROGRESS", "").strip().lower()
+    if env:
+        return env not in ("0", "false", "no", "off")
+    return sys.stderr.isatty()
+
+
 def read_tensors(
-    path: Path, wanted: Callable[[str], bool], *, strip_prefix: str = ""
+    path: Path, wanted: Callable[[str], bool], *, strip_prefix: str = "", progress: bool | None = None
 ) -> dict[str, torch.Tensor]:
     """Read the tensors whose canonical key passes ``wanted``, opening only the files that hold them.
 
     Returned keys are canonical with ``strip_prefix`` removed (``"visual."`` gives the keys of a
-    vision tower module's own ``state_dict``).
+    vision tower module's own ``state_dict``). ``progress``: see ``show_progress``.
     """
+    from tqdm import tqdm
+
     locations = {k: f for k, f in _key_locations(path).items() if wanted(k)}
     if not locations:
         raise CheckpointError(f"{path} holds no tensors for this worker")
@@ -96,6 +111,8 @@ def read_tensors(
     for key, file in locations.items():
         by_file.setdefault(file, []).append(key)
     tensors: dict[str, torch.Tensor] = {}
+    bar = tqdm(total=len(locations), desc=f"loading {path.name}", unit="tensor", leave=False,
+               disable=not show_progress(progress), file=sys.stderr)
     for file, keys in by_file.items():
         if not file.is_file():
             raise CheckpointError(f"shard {file.name} is missing but holds {sorted(keys)[0]} (and {len(keys) - 1} more)")
@@ -106,6 +123,8 @@ def read_tensors(
                     raise CheckpointError(f"tensor {key} is listed in the index but absent from {file.name}")
                 out = key[len(strip_prefix) :] if strip_prefix and key.startswith(strip_prefix) else key
                 tensors[out] = f.get_tensor(stored[key])
+                bar.update()
+    bar.close()
     return tensors
 
 

@@ -9,6 +9,7 @@ import sys
 from pydantic import ValidationError
 
 from service.config import Settings
+from service.logs import configure_logging
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -24,6 +25,7 @@ def _serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    configure_logging(args.log_level, settings.log_format)
     embedded = None
     if settings.redis_url is None:
         if args.role != "all":
@@ -34,8 +36,9 @@ def _serve(args: argparse.Namespace) -> int:
         logging.getLogger("splitvl").info("embedded Redis at %s", settings.redis_url)
     try:
         app = create_app(settings, args.role)
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level,
-                    timeout_graceful_shutdown=10)
+        # our handler formats uvicorn's lines too; the access line is ours (with the request id)
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, log_config=None,
+                    access_log=False, timeout_graceful_shutdown=10)
     finally:
         if embedded is not None:
             embedded.stop()
@@ -71,7 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--request-timeout-s", dest="request_timeout_s", type=float)
     serve.add_argument("--api-key", dest="api_keys", action="append", help="require this bearer key (repeatable)")
     serve.add_argument("--no-kernels", dest="use_kernels", action="store_const", const=False)
+    serve.add_argument("--vision-url", dest="vision_url",
+                       help="llm: vision worker or gateway that encodes images sent inline to /v1/chat/completions")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument("--log-format", dest="log_format", choices=["text", "json"],
+                       help="json: one JSON object per line, with request ids (env SPLITVL_LOG_FORMAT)")
     serve.set_defaults(func=_serve)
 
     tiny = sub.add_parser("make-tiny", help="write a small random Qwen2-VL checkpoint to try the pipeline offline")
@@ -79,6 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--shard-size", dest="shard_size", help="e.g. 40KB for a sharded checkpoint")
     tiny.set_defaults(func=_make_tiny)
+
+    from clients.cli import add_commands
+
+    add_commands(sub)
     return parser
 
 

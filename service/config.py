@@ -46,6 +46,21 @@ class Settings(BaseSettings):
     max_question_tokens: int = Field(2048, gt=0)
     prefix_cache_entries: int = Field(32, ge=0, description="images whose prompt-prefix KV stays on the device")
     max_batch_size: int = Field(16, gt=0, description="questions decoded together")
+    vision_url: str | None = Field(
+        None, description="vision worker or gateway URL the LLM worker asks to encode images it has no features "
+        "for (chat completions with a data URL); `serve all` uses its own vision worker")
+
+    # logging
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per log line")
+
+    @field_validator("api_keys")
+    @classmethod
+    def _api_keys(cls, v: list[str]) -> list[str]:
+        # an empty key would match a request with no Authorization header at all
+        for key in v:
+            if not key or key != key.strip() or not key.isascii() or not key.isprintable():
+                raise ValueError("API keys must be non-empty printable ASCII without surrounding spaces")
+        return v
 
     @field_validator("device")
     @classmethod
@@ -53,6 +68,13 @@ class Settings(BaseSettings):
         if v is not None and v.split(":")[0] not in ("cpu", "cuda"):
             raise ValueError("device must be cpu or cuda")
         return v
+
+    @field_validator("vision_url")
+    @classmethod
+    def _vision_url(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("http://", "https://")):
+            raise ValueError("vision_url must be an http:// or https:// URL")
+        return v.rstrip("/") if v else None
 
     def resolved_device(self) -> str:
         if self.device:

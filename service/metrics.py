@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
+from collections.abc import Callable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.logs import request_id_var
+
+access_log = logging.getLogger("splitvl.access")
+log = logging.getLogger(__name__)
+_PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
 class Metrics:
@@ -29,8 +37,47 @@ class Metrics:
         self.cache = Counter("splitvl_cache", "feature/prefix cache lookups", ["cache", "result"], registry=r)
         self.queue_depth = Gauge("splitvl_queue_depth", "jobs waiting", ["worker"], registry=r)
         self.gpu_memory = Gauge("splitvl_gpu_memory_bytes", "GPU memory allocated by torch", registry=r)
+        self.llm_tokens = Counter("splitvl_llm_tokens", "LLM tokens computed", ["kind"], registry=r)
+        self.llm_decode_steps = Counter("splitvl_llm_decode_steps", "batched LLM decode steps", registry=r)
+        self.llm_active = Gauge("splitvl_llm_active_requests", "questions holding a decode slot", registry=r)
+        self.prefix_entries = Gauge("splitvl_llm_prefix_cache_entries", "image prefixes cached on the device",
+                                    registry=r)
+        self._hooks: list[Callable[[], None]] = []
+
+    def on_scrape(self, hook: Callable[[], None]) -> None:
+        """Run ``hook`` before each scrape (to read gauges and counters that live elsewhere)."""
+        self._hooks.append(hook)
+
+    def watch_engine(self, stats: Callable[[], Mapping[str, int]]) -> None:
+        """Export an LLM engine's own counters (``engine.stats()``) at scrape time."""
+        counters = {  # engine counter -> our counter; increased by the difference since the last scrape
+            "prefix_hits": self.cache.labels("prefix", "hit"),
+            "prefix_misses": self.cache.labels("prefix", "miss"),
+            "prefill_tokens": self.llm_tokens.labels("prefill"),
+            "generated_tokens": self.llm_tokens.labels("generated"),
+            "decode_steps": self.llm_decode_steps,
+        }
+        seen = dict.fromkeys(counters, 0)
+
+        def hook() -> None:
+            now = stats()
+            for key, counter in counters.items():
+                value = int(now.get(key, 0))
+                if value > seen[key]:
+                    counter.inc(value - seen[key])
+                seen[key] = value
+            self.queue_depth.labels("llm").set(now.get("waiting", 0))
+            self.llm_active.set(now.get("active", 0))
+            self.prefix_entries.set(now.get("prefix_entries", 0))
+
+        self.on_scrape(hook)
 
     def render(self) -> bytes:
+        for hook in self._hooks:
+            try:
+                hook()
+            except Exception:  # noqa: BLE001 - metrics must never fail a scrape
+                log.exception("metrics hook failed")
         try:
             import torch
 
@@ -42,7 +89,8 @@ class Metrics:
 
 
 class RequestMetricsMiddleware:
-    """Counts and times every request by route template; tags it with an ``X-Request-Id``."""
+    """Counts and times every request by route template; tags it with an ``X-Request-Id``; writes
+    one access log line per request (``splitvl.access``: method, path, status, duration, request id)."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
@@ -56,6 +104,7 @@ class RequestMetricsMiddleware:
         headers = dict(scope.get("headers") or [])
         request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
+        token = request_id_var.set(request_id)
         status = 500
 
         async def send_wrapper(message: Message) -> None:
@@ -69,7 +118,16 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
+            elapsed = time.perf_counter() - start
             route = scope.get("route")
             path = getattr(route, "path", None) or "unmatched"
             self.metrics.requests.labels(scope["method"], path, str(status)).inc()
-            self.metrics.latency.labels(scope["method"], path).observe(time.perf_counter() - start)
+            self.metrics.latency.labels(scope["method"], path).observe(elapsed)
+            client = scope.get("client")
+            quiet = scope["path"] in _PROBES and status < 400  # probes every few seconds: debug level
+            access_log.log(
+                logging.DEBUG if quiet else logging.INFO, "%s %s %d %.1f ms request_id=%s", scope["method"], scope["path"], status, elapsed * 1000, request_id,
+                extra={"request_id": request_id, "method": scope["method"], "path": scope["path"], "status": status,
+                       "duration_ms": round(elapsed * 1000, 3), "client": client[0] if client else None},
+            )
+            request_id_var.reset(token)

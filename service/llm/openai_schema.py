@@ -40,7 +40,7 @@ class ContentPart(BaseModel):
 
     type: str
     text: str | None = None
-    image_url: ImageURL | None = None
+    image_url: ImageURL | str | None = Field(None, description="{url: ...}, or the URL alone")
     image_id: str | None = Field(None, description="splitvl extension: an id POST /v1/images returned")
 
 
@@ -132,7 +132,8 @@ def parse_messages(messages: list[Message], max_bytes: int) -> tuple[ImageInput,
         if part.type == "text":
             texts.append(part.text or "")
         elif part.type == "image_url" and part.image_url is not None:
-            images.append(parse_image_url(part.image_url.url, max_bytes))
+            url = part.image_url if isinstance(part.image_url, str) else part.image_url.url
+            images.append(parse_image_url(url, max_bytes))
         elif part.type == "image_id" and part.image_id is not None:
             images.append(ImageInput(check_image_id(part.image_id), None))
         else:

@@ -57,3 +57,14 @@ def test_resolve_unknown_model_is_clear(tmp_path):
         resolve_model_path(tmp_path / "nope")
     with pytest.raises(CheckpointError, match="local Hugging Face cache"):
         resolve_model_path("no-such-org/no-such-model")
+
+
+def test_progress_bar_only_when_asked(tiny_checkpoint, capsys, monkeypatch):
+    monkeypatch.delenv("SPLITVL_PROGRESS", raising=False)
+    read_tensors(tiny_checkpoint, is_visual)  # stderr is not a terminal here: no bar
+    assert "loading" not in capsys.readouterr().err
+    read_tensors(tiny_checkpoint, is_visual, progress=True)
+    assert "loading" in capsys.readouterr().err
+    monkeypatch.setenv("SPLITVL_PROGRESS", "1")
+    read_tensors(tiny_checkpoint, is_visual)
+    assert "tensor" in capsys.readouterr().err

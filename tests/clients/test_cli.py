@@ -1,0 +1,56 @@
+"""`splitvl embed` and `splitvl ask` against a live server, run in-process through the CLI's main()."""
+
+from __future__ import annotations
+
+import io
+
+import httpx
+import numpy as np
+from PIL import Image
+from safetensors.torch import load_file
+
+from service.cli import main
+
+
+def write_png(path, seed: int) -> str:
+    pixels = np.random.default_rng(seed).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    path.write_bytes(buf.getvalue())
+    return str(path)
+
+
+def test_embed_then_ask(server, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SPLITVL_API_KEY", "sekret")
+    image = write_png(tmp_path / "cat.png", seed=21)
+    assert main(["embed", image, "--url", server.url]) == 0
+    image_id = capsys.readouterr().out.strip()
+    assert len(image_id) == 64
+
+    saved = tmp_path / "cat.safetensors"
+    assert main(["embed", image_id, "--url", server.url, "--save", str(saved)]) == 0
+    assert capsys.readouterr().out.strip() == image_id
+    tensors = load_file(saved)
+    assert tensors["image_embeds"].ndim == 2 and tensors["image_grid_thw"].shape == (1, 3)
+
+    expected = httpx.post(server.url + "/v1/questions", headers={"Authorization": "Bearer sekret"},
+                          json={"image_id": image_id, "question": "What?", "max_tokens": 7}).json()["answer"]
+    monkeypatch.setenv("SPLITVL_URL", server.url)
+    assert main(["ask", image_id, "What?", "--max-tokens", "7"]) == 0
+    assert capsys.readouterr().out == expected + "\n"
+
+    other = write_png(tmp_path / "dog.png", seed=22)  # a file the service has never seen: uploaded first
+    assert main(["ask", other, "What?", "--max-tokens", "3", "--temperature", "0.7", "--seed", "1"]) == 0
+    assert capsys.readouterr().out.endswith("\n")
+
+
+def test_errors_go_to_stderr(server, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SPLITVL_URL", server.url)
+    monkeypatch.setenv("SPLITVL_API_KEY", "sekret")
+    assert main(["ask", "f" * 64, "What?", "--max-tokens", "3"]) == 1
+    out = capsys.readouterr()
+    assert out.out == "" and "image_not_found" in out.err
+    assert main(["embed", str(tmp_path / "missing.png")]) == 1
+    assert "no such file" in capsys.readouterr().err
+    assert main(["embed", write_png(tmp_path / "x.png", 3), "--api-key", "wrong"]) == 1
+    assert "unauthorized" in capsys.readouterr().err
