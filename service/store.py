@@ -22,7 +22,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import torch
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
 from service.errors import ApiError, unavailable
 
@@ -135,17 +135,28 @@ class FeatureStore:
         await self._call(pipe.execute())
 
     async def get(self, fingerprint: str, image_id: str, *, with_embeds: bool = True) -> ImageRecord | None:
-        """The record, or None when absent. A record whose bytes fail their checks is refused (and dropped)."""
+        """The record, or None when absent. A record that fails its checks is refused (and dropped)."""
         key = self.key(fingerprint, image_id)
         fields = ["dtype", "shape", "grid_thw", "checksum", "model"] + (["embeds"] if with_embeds else [])
-        values = await self._call(self.redis.hmget(key, fields))
+        try:
+            values = await self.redis.hmget(key, fields)
+        except ResponseError as exc:
+            if not str(exc).startswith("WRONGTYPE"):
+                raise unavailable("redis_unavailable", f"the feature store (Redis) failed: {exc}", 2.0) from exc
+            raise await self._drop_corrupt(key, image_id, "not a hash") from exc  # not ours to serve
+        except (RedisError, OSError) as exc:
+            raise unavailable("redis_unavailable", f"the feature store (Redis) is unreachable: {exc}", 2.0) from exc
         got = dict(zip(fields, values, strict=True))
-        if got["dtype"] is None:
+        if all(v is None for v in values):
             return None
         try:
             dtype = parse_dtype(got["dtype"].decode())
             shape = tuple(json.loads(got["shape"]))
             grid = tuple(json.loads(got["grid_thw"]))
+            if len(shape) != 2 or len(grid) != 3 or not all(
+                    type(x) is int and x > 0 for x in (*shape, *grid)):
+                raise ValueError(f"shape {list(shape)} and grid_thw {list(grid)} must be 2 and 3 positive integers")
+            model = got["model"].decode()
             if with_embeds:
                 data = got["embeds"] or b""
                 if checksum(data) != got["checksum"].decode():
@@ -154,12 +165,19 @@ class FeatureStore:
             else:
                 embeds = torch.empty(shape, dtype=dtype, device="meta")
         except (ValueError, TypeError, AttributeError, RuntimeError) as exc:
-            await self._call(self.redis.delete(key))
-            raise ApiError(
-                409, "corrupt_features",
-                f"stored features for image {image_id} are corrupt ({exc}); they were dropped: upload the image again",
-            ) from exc
-        return ImageRecord(image_id, fingerprint, got["model"].decode(), grid, embeds)  # type: ignore[arg-type]
+            raise await self._drop_corrupt(key, image_id, str(exc)) from exc
+        return ImageRecord(image_id, fingerprint, model, grid, embeds)  # type: ignore[arg-type]
+
+    async def _drop_corrupt(self, key: str, image_id: str, reason: str) -> ApiError:
+        await self._call(self.redis.delete(key))
+        return ApiError(
+            409, "corrupt_features",
+            f"stored features for image {image_id} are corrupt ({reason}); they were dropped: upload the image again",
+        )
+
+    async def drop(self, record: ImageRecord, reason: str) -> ApiError:
+        """Drop a record that does not fit the model reading it; the error to answer with."""
+        return await self._drop_corrupt(self.key(record.fingerprint, record.image_id), record.image_id, reason)
 
     async def exists(self, fingerprint: str, image_id: str) -> bool:
         return bool(await self._call(self.redis.exists(self.key(fingerprint, image_id))))
@@ -192,6 +210,9 @@ class FeatureStore:
     async def lock(self, fingerprint: str, image_id: str, ttl_s: float) -> bool:
         key = f"{PREFIX}:lock:{fingerprint}:{image_id}"
         return bool(await self._call(self.redis.set(key, b"1", nx=True, px=int(ttl_s * 1000))))
+
+    async def extend_lock(self, fingerprint: str, image_id: str, ttl_s: float) -> None:
+        await self._call(self.redis.pexpire(f"{PREFIX}:lock:{fingerprint}:{image_id}", int(ttl_s * 1000)))
 
     async def unlock(self, fingerprint: str, image_id: str) -> None:
         await self._call(self.redis.delete(f"{PREFIX}:lock:{fingerprint}:{image_id}"))

@@ -27,11 +27,12 @@ class QuestionRequest(BaseModel):
 
     image_id: str = Field(pattern=r"^[0-9a-f]{64}$", description="the id POST /v1/images returned")
     question: str = Field(min_length=1, max_length=65536)
-    max_tokens: int = Field(128, ge=1, description="at most the server's max_new_tokens")
+    max_tokens: int | None = Field(None, ge=1, description="at most the server's max_new_tokens; "
+                                   "default 128 or that limit if lower")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 is greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stream: bool = Field(False, description="answer as server-sent events")
-    seed: int | None = Field(None, ge=0, description="makes sampling reproducible")
+    seed: int | None = Field(None, ge=0, le=2**64 - 1, description="makes sampling reproducible")
 
 
 class Usage(BaseModel):
@@ -75,7 +76,8 @@ router = APIRouter(tags=["questions"])
 @router.post("/v1/questions", response_model=Answer,
              responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream"}})
 async def ask(body: QuestionRequest, llm: LLM) -> Any:
-    generation = await llm.ask(body.image_id, body.question, max_tokens=body.max_tokens,
+    max_tokens = body.max_tokens if body.max_tokens is not None else min(128, llm.settings.max_new_tokens)
+    generation = await llm.ask(body.image_id, body.question, max_tokens=max_tokens,
                                temperature=body.temperature, top_p=body.top_p, seed=body.seed)
     if body.stream:
         return StreamingResponse(stream_answer(llm, body.image_id, generation), media_type="text/event-stream",

@@ -93,9 +93,11 @@ class VisionEncoder:
         self._lock = threading.Lock()
 
     # -- model contract -------------------------------------------------------------------------
-    def preprocess(self, data: bytes) -> Patches:
-        """Decode and patchify one upload (runs on a CPU thread; resize on the GPU when there is one)."""
-        image = decode_image(data, self.limits)
+    def preprocess(self, data: bytes, limits: ImageLimits | None = None) -> Patches:
+        """Decode and patchify one upload (runs on a CPU thread; resize on the GPU when there is one).
+
+        ``limits`` (the calling worker's settings) override the encoder's own."""
+        image = decode_image(data, limits or self.limits)
         pixel_values, grid_thw = preprocess(image, self.preprocess_config, self.device)
         t, h, w = (int(x) for x in grid_thw.reshape(-1).tolist())
         return Patches(pixel_values=pixel_values, grid_thw=(t, h, w))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 from concurrent.futures import ThreadPoolExecutor
@@ -20,6 +21,10 @@ from service.vision.encoder import Patches, VisionEncoder
 log = logging.getLogger(__name__)
 
 
+# how long another worker waits on the lock of a worker that died computing the same image
+LOCK_LEASE_S = 3.0
+
+
 def image_id_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -30,12 +35,14 @@ class VisionWorker:
         self.settings = settings
         self.store = store
         self.metrics = metrics
+        # this worker's limits, also when the encoder was handed in (serve all, tests)
+        self.limits = ImageLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels)
         self.encoder = encoder or VisionEncoder(
             settings.model,
             device=settings.resolved_device(),
             dtype=settings.resolved_dtype(),
             use_kernels=settings.use_kernels,
-            limits=ImageLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels),
+            limits=self.limits,
         )
         self.fingerprint = self.encoder.fingerprint
         self.model_name = settings.model
@@ -70,8 +77,20 @@ class VisionWorker:
         await self.batcher.stop()
         self._preprocess_pool.shutdown(wait=False, cancel_futures=True)
 
-    async def lookup(self, image_id: str, *, with_embeds: bool = True) -> ImageRecord:
+    async def _stored(self, image_id: str, *, with_embeds: bool = True) -> ImageRecord | None:
+        """The stored record, checked against this tower; one that does not fit it is dropped (409)."""
         record = await self.store.get(self.fingerprint, image_id, with_embeds=with_embeds)
+        if record is not None:
+            t, h, w = record.grid_thw
+            merge = self.encoder.spatial_merge_size
+            if (h % merge or w % merge or record.num_tokens != t * h * w // merge**2
+                    or record.hidden_size != self.encoder.hidden_size):
+                raise await self.store.drop(record, f"{record.num_tokens}x{record.hidden_size} embeddings do not fit "
+                                                    f"grid {list(record.grid_thw)} of this model")
+        return record
+
+    async def lookup(self, image_id: str, *, with_embeds: bool = True) -> ImageRecord:
+        record = await self._stored(image_id, with_embeds=with_embeds)
         if record is None:
             raise ApiError(404, "image_not_found", f"image {image_id} is not stored (never uploaded, deleted or evicted): upload it again")
         return record
@@ -83,7 +102,12 @@ class VisionWorker:
         if len(data) > self.settings.max_upload_bytes:
             raise ApiError(413, "image_too_large", f"the image is {len(data)} bytes; the limit is {self.settings.max_upload_bytes}")
         image_id = image_id_of(data)
-        record = await self.store.get(self.fingerprint, image_id)
+        try:
+            record = await self._stored(image_id)
+        except ApiError as exc:
+            if exc.code != "corrupt_features":
+                raise
+            record = None  # the damaged copy was dropped: compute it again
         if record is not None:
             self.metrics.cache.labels("features", "hit").inc()
             return record, True
@@ -95,9 +119,9 @@ class VisionWorker:
         future: asyncio.Future[ImageRecord] = asyncio.get_running_loop().create_future()
         self._inflight[image_id] = future
         try:
-            record = await self._compute_once(image_id, data)
+            record, cached = await self._compute_once(image_id, data)
             future.set_result(record)
-            return record, False
+            return record, cached
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()  # mark retrieved: nobody else may be waiting
@@ -105,19 +129,32 @@ class VisionWorker:
         finally:
             del self._inflight[image_id]
 
-    async def _compute_once(self, image_id: str, data: bytes) -> ImageRecord:
+    async def _compute_once(self, image_id: str, data: bytes) -> tuple[ImageRecord, bool]:
+        """The record and whether another worker computed it (we waited on its lock)."""
         timeout = self.settings.request_timeout_s
-        if not await self.store.lock(self.fingerprint, image_id, ttl_s=timeout):
+        # a short lease, renewed while we compute: a worker that dies holding it delays others by one lease
+        lease = min(LOCK_LEASE_S, timeout)
+        held = await self.store.lock(self.fingerprint, image_id, ttl_s=lease)
+        if not held:
             record = await self.store.wait_for(self.fingerprint, image_id, timeout_s=timeout)
             if record is not None:
-                return record
+                return record, True
+        renew = asyncio.create_task(self._renew_lock(image_id, lease)) if held else None
         try:
             loop = asyncio.get_running_loop()
-            patches = await loop.run_in_executor(self._preprocess_pool, self.encoder.preprocess, data)
+            patches = await loop.run_in_executor(self._preprocess_pool, self.encoder.preprocess, data, self.limits)
             embeds = await self.batcher.submit(patches)
             record = ImageRecord(image_id, self.fingerprint, self.model_name, patches.grid_thw, embeds.cpu())
             await self.store.put(record)
             await self.store.register_model(self.encoder.model_key, self.fingerprint)
-            return record
+            return record, False
         finally:
-            await self.store.unlock(self.fingerprint, image_id)
+            if renew is not None:
+                renew.cancel()
+                await self.store.unlock(self.fingerprint, image_id)
+
+    async def _renew_lock(self, image_id: str, lease: float) -> None:
+        while True:
+            await asyncio.sleep(lease / 3)
+            with contextlib.suppress(ApiError):
+                await self.store.extend_lock(self.fingerprint, image_id, lease)

@@ -1,0 +1,203 @@
+"""Helpers for the robustness tests: hostile and unusual images, HTTP checks, subprocess workers.
+
+Everything here talks to 127.0.0.1 only, and every wait has a deadline.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import time
+import zlib
+from pathlib import Path
+
+import httpx
+import numpy as np
+from PIL import Image
+
+# -- images --------------------------------------------------------------------------------------
+
+
+def noise(width: int, height: int, seed: int, mode: str = "RGB") -> Image.Image:
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1, "CMYK": 4}[mode]
+    shape = (height, width) if channels == 1 else (height, width, channels)
+    return Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode=mode)
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **kwargs: object) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+def png(width: int, height: int, seed: int) -> bytes:
+    return encode(noise(width, height, seed))
+
+
+def _png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def raw_png(width: int, height: int, bit_depth: int, color_type: int, rows: bytes) -> bytes:
+    """A PNG written by hand, for layouts Pillow cannot save (16-bit RGB) or sizes it would refuse."""
+    return (b"\x89PNG\r\n\x1a\n"
+            + _png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0))
+            + _png_chunk(b"IDAT", zlib.compress(rows)) + _png_chunk(b"IEND", b""))
+
+
+def png16_rgb(width: int, height: int, seed: int) -> bytes:
+    """16 bits per channel RGB (color type 2, bit depth 16)."""
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 65536, (height, width, 3), dtype=np.uint16).astype(">u2")
+    rows = b"".join(b"\x00" + pixels[y].tobytes() for y in range(height))
+    return raw_png(width, height, 16, 2, rows)
+
+
+def png16_gray(width: int, height: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    pixels = rng.integers(0, 65536, (height, width), dtype=np.uint16).astype(">u2")
+    rows = b"".join(b"\x00" + pixels[y].tobytes() for y in range(height))
+    return raw_png(width, height, 16, 0, rows)
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A few hundred bytes that declare a ``width`` x ``height`` 1-bit image (a decompression bomb)."""
+    rows = b"".join(b"\x00" + b"\x00" * ((width + 7) // 8) for _ in range(16))
+    return raw_png(width, height, 1, 0, rows)
+
+
+def bomb_gif(width: int, height: int) -> bytes:
+    """A GIF whose logical screen and only frame declare ``width`` x ``height``, with almost no data."""
+    header = b"GIF89a" + struct.pack("<HHBBB", width, height, 0x80, 0, 0) + b"\x00\x00\x00\xff\xff\xff"
+    frame = b"\x2c" + struct.pack("<HHHHB", 0, 0, width, height, 0) + b"\x02\x02\x44\x01\x00"
+    return header + frame + b"\x3b"
+
+
+def bomb_jpeg(width: int, height: int) -> bytes:
+    """A real small JPEG whose SOF header is patched to declare ``width`` x ``height``."""
+    data = bytearray(encode(noise(16, 16, 0), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    struct.pack_into(">HH", data, sof + 5, height, width)
+    return bytes(data)
+
+
+def animated_gif(width: int, height: int, frames: int = 3) -> tuple[bytes, Image.Image]:
+    """(GIF bytes, the first frame as Pillow decodes it to RGB)."""
+    images = [noise(width, height, seed=100 + i).convert("P", palette=Image.Palette.ADAPTIVE) for i in range(frames)]
+    data = encode(images[0], "GIF", save_all=True, append_images=images[1:], duration=50, loop=0)
+    first = Image.open(io.BytesIO(data))
+    first.seek(0)
+    return data, first.convert("RGB")
+
+
+def exif_rotated(width: int, height: int, orientation: int = 6) -> tuple[bytes, Image.Image]:
+    """(JPEG stored ``width`` x ``height`` with an EXIF orientation tag, the upright image as decoded)."""
+    image = noise(width, height, seed=7)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    data = encode(image, "JPEG", exif=exif.tobytes(), quality=95)
+    from PIL import ImageOps
+
+    upright = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    return data, upright.convert("RGB")
+
+
+def cmyk_jpeg(width: int, height: int) -> bytes:
+    return encode(noise(width, height, seed=9, mode="CMYK"), "JPEG")
+
+
+# -- HTTP checks -----------------------------------------------------------------------------------
+
+
+def assert_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
+    """The design's error contract: JSON ``{"error": {"code", "message"}}``, Retry-After on 503."""
+    assert response.status_code == status, f"{response.status_code} {response.text[:500]}"
+    body = response.json()
+    assert isinstance(body.get("error"), dict), body
+    assert isinstance(body["error"].get("code"), str) and isinstance(body["error"].get("message"), str), body
+    if code is not None:
+        assert body["error"]["code"] == code, body
+    if status == 503:
+        assert int(response.headers["retry-after"]) >= 1
+    return body["error"]
+
+
+def check_contract(response: httpx.Response) -> None:
+    """No 500; a 5xx is only a 503 with Retry-After; every 4xx/5xx is the JSON error body."""
+    status = response.status_code
+    assert status < 500 or status == 503, f"{status} {response.text[:500]}"
+    if status >= 400:
+        assert_error(response, status)
+
+
+def upload(client: httpx.Client, data: bytes, content_type: str = "image/png", **headers: str) -> httpx.Response:
+    return client.post("/v1/images", content=data, headers={"Content-Type": content_type, **headers})
+
+
+# -- processes -------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServeProcess:
+    """``python -m service.cli serve ROLE ...`` as a child process on a free loopback port."""
+
+    def __init__(self, role: str, model: Path, log: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.log_path = log
+        self._log = log.open("w")
+        cmd = [sys.executable, "-m", "service.cli", "serve", role, "--model", str(model), "--host", "127.0.0.1",
+               "--port", str(self.port), "--device", "cpu", "--log-level", "warning", *args]
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})})
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_ready(self, timeout_s: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server not ready in {timeout_s} s:\n{self.log()}")
+            time.sleep(0.1)
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text()[-4000:]
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._log.close()
+
