@@ -23,11 +23,19 @@ Leaving the loop early, or ``cancel()``, frees the request's slot. An engine fai
 raised from the iteration.
 
 All model work happens on one scheduler thread that owns the model and a static KV cache of
-``max_batch_slots`` slots. Each iteration it admits waiting requests into free slots (prefill),
-then decodes one token for every active slot in a single ``decode_step`` batch, so concurrent
-requests share each decode step. The prompt's per-image prefix (up to ``<|vision_end|>``) has
-its KV computed once per ``image_key`` and kept in a bounded LRU on the device; later questions
-on that image copy it into their slot and prefill only the question and the suffix.
+``max_batch_slots`` slots. Each iteration it admits waiting requests into free slots, then
+decodes one token for every active slot in a single ``decode_step`` batch, so concurrent
+requests share each decode step. Admission prefills in batches: the image prefixes that no
+cache holds (one row per image), then every admitted question (rows padded at the end). The
+prompt's per-image prefix (up to ``<|vision_end|>``) has its KV computed once per ``image_key``
+and kept in a bounded LRU on the device; later questions on that image copy it into their slot
+and prefill only the question and the suffix.
+
+Decoding keeps its state on the device (``cuda_graphs.DecodeRunner``): the last token, cache
+and rope positions of each slot advance inside the step, greedy tokens are picked there, and
+with only greedy requests the next step is launched before the host reads this one's tokens
+(one copy to pinned memory per step). On CUDA the step is replayed from a CUDA graph per batch
+bucket, with the Triton-fused kernels (``gpu_ops``) for bf16/fp16; on the CPU it runs eagerly.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ import threading
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -45,7 +54,17 @@ import torch
 
 from service.checkpoint import load_json, resolve_model_path
 from service.errors import ApiError, unavailable
-from service.llm.model import Qwen2LM, allocate_kv_cache, decode_step, load_model, prefill
+from service.llm.cuda_graphs import DecodeFn, DecodeRunner, Step
+from service.llm.model import (
+    Qwen2LM,
+    allocate_kv_cache,
+    decode_step,
+    decode_step_fused,
+    fused_supported,
+    load_model,
+    prefill,
+    prefill_fused,
+)
 from service.llm.prompt import Prompt, PromptBuilder, StreamDecoder, positions
 
 log = logging.getLogger(__name__)
@@ -165,10 +184,11 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generat
     likely tokens whose mass reaches ``top_p`` (the most likely token is always kept)."""
     if temperature <= 0:
         return int(torch.argmax(logits))
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    probs = torch.softmax((logits.double() - logits.max()) / temperature, dim=-1).float()  # no overflow at t>0
     if top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         keep = (sorted_probs.cumsum(0) - sorted_probs) < top_p  # mass strictly before each token
+        keep[0] = True  # a top_p below float32's smallest value would otherwise keep nothing
         choice = torch.multinomial(sorted_probs * keep, 1, generator=generator)
         return int(order[choice])
     return int(torch.multinomial(probs, 1, generator=generator))
@@ -180,10 +200,10 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generat
 @dataclass
 class _Request:
     prompt: Prompt
-    embeds: torch.Tensor  # [num_image_tokens, hidden] on the device, model dtype
+    embeds: torch.Tensor  # [num_image_tokens, hidden] as given (any device, any dtype)
     grid: tuple[int, int, int]
     image_key: str
-    positions: torch.Tensor  # [3, prompt_len] on the device
+    positions: torch.Tensor  # [3, prompt_len] on the CPU
     rope_delta: int
     max_tokens: int
     temperature: float
@@ -192,7 +212,7 @@ class _Request:
     stream: Generation
     decoder: StreamDecoder
     slot: int = -1
-    cache_len: int = 0  # tokens whose KV is in the slot
+    cache_len: int = 0  # tokens whose KV is in the slot (or will be, once launched steps ran)
     tokens: list[int] = field(default_factory=list)  # generated so far
     text: list[str] = field(default_factory=list)
 
@@ -203,21 +223,37 @@ class _Prefix:
     grid: tuple[int, int, int]
 
 
+@dataclass
+class _Launched:
+    """A decode step on its way: which request each row served when it was launched."""
+
+    rows: dict[int, _Request]  # slot -> request
+    step: Step
+
+
 class LLMEngine:
     """Greedy/sampled answers about one image, streamed; thread-safe ``generate``.
 
     ``max_seq_len`` is the context (prompt + max_tokens) a request may use, ``max_batch_slots``
     how many requests decode together (the rest wait), ``prefix_cache_entries`` how many image
     prefixes stay in device memory (0 turns reuse off: every prompt is prefilled whole).
+
+    The GPU path (defaults on CUDA): ``fused`` Triton kernels for bf16/fp16 (``prefill_fused``,
+    ``decode_step_fused``), decode steps replayed from ``cuda_graphs``, ``attention`` for decode
+    ``"triton"`` (fused only), ``"sdpa"`` or ``"matmul"``. On the CPU all of it is off and the
+    steps are the plain ``prefill`` / ``decode_step``; the decode bookkeeping is the same.
+    ``lm`` hands in a model already built (benchmarks); ``model`` then supplies only the config,
+    tokenizer and chat template.
     """
 
     def __init__(self, model: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  max_batch_slots: int = 8, max_seq_len: int | None = None, prefix_cache_entries: int = 32,
-                 max_waiting: int = 256) -> None:
+                 max_waiting: int = 256, cuda_graphs: bool | None = None, fused: bool | None = None,
+                 attention: str | None = None, lm: Qwen2LM | None = None) -> None:
         path = resolve_model_path(model)
         self.device = torch.device(device)
         self.dtype = dtype
-        self.model: Qwen2LM = load_model(path, device=self.device, dtype=dtype)
+        self.model: Qwen2LM = lm if lm is not None else load_model(path, device=self.device, dtype=dtype)
         self.prompts = PromptBuilder.from_checkpoint(path)
         config = load_json(path, "config.json")
         self.spatial_merge_size = int((config.get("vision_config") or {}).get("spatial_merge_size", 2))
@@ -228,15 +264,28 @@ class LLMEngine:
         self.max_waiting = max_waiting
         self.eos_token_ids = frozenset(self.prompts.eos_token_ids)
         self.kv = allocate_kv_cache(self.model.cfg, max_batch_slots, self.max_seq_len, device=self.device, dtype=dtype)
-        # the two model steps, replaceable by compiled / CUDA-graph versions with the same signatures
-        self.prefill_fn = prefill
-        self.decode_fn = decode_step
+        self.fused = fused_supported(self.device, dtype) if fused is None else fused
+        self.attention = attention or ("triton" if self.fused else "sdpa")
+        if self.attention == "triton" and not self.fused:
+            raise ValueError("attention 'triton' needs the fused path (CUDA, bf16/fp16, Triton)")
+        # the two model steps, replaceable by other versions with the same signatures (a decode_fn
+        # that reads the whole cache window should come with runner.window_buckets = False)
+        self.prefill_fn: Callable[..., torch.Tensor] = prefill_fused if self.fused else prefill
+        self.decode_fn: DecodeFn = partial(decode_step_fused if self.fused else decode_step, attention=self.attention)
+        use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        self.runner = DecodeRunner(self.model, self.kv, use_graphs=use_graphs,
+                                   window_buckets=self.attention != "triton")
+        if self.runner.use_graphs and not self.runner.window_buckets:  # one graph per batch bucket: record now
+            with torch.inference_mode():
+                for batch in self.runner.batch_buckets:
+                    self.runner.capture(self.decode_fn, *self.runner.bucket(batch, 1))
         self._prefixes: OrderedDict[str, _Prefix] = OrderedDict()
         self.counters = {"prefix_hits": 0, "prefix_misses": 0, "prefill_tokens": 0, "decode_steps": 0,
                          "generated_tokens": 0}
         self._cond = threading.Condition()
         self._waiting: deque[_Request] = deque()
         self._active: dict[int, _Request] = {}  # slot -> request
+        self._pending: _Launched | None = None  # launched, tokens not read yet
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="llm-engine", daemon=True)
         self._thread.start()
@@ -281,8 +330,10 @@ class LLMEngine:
             else:
                 generator.manual_seed(seed)
         stream = Generation(total)
-        request = _Request(prompt, image_embeds.to(self.device, self.dtype), grid, image_key, pos.to(self.device),
-                           delta, max_tokens, temperature, top_p, generator, stream, self.prompts.decoder())
+        # tensors reach the device on the scheduler thread, and only when a prefill needs them (a copy
+        # here would wait for the decode step running on the device)
+        request = _Request(prompt, image_embeds, grid, image_key, pos, delta, max_tokens, temperature, top_p,
+                           generator, stream, self.prompts.decoder())
         with self._cond:
             if self._closed:
                 raise unavailable("engine_closed", "the LLM engine is shutting down")
@@ -295,7 +346,7 @@ class LLMEngine:
     def stats(self) -> dict[str, int]:
         with self._cond:
             return {**self.counters, "active": len(self._active), "waiting": len(self._waiting),
-                    "prefix_entries": len(self._prefixes)}
+                    "prefix_entries": len(self._prefixes), "cuda_graphs": self.runner.graphs}
 
     def close(self) -> None:
         """Stop the scheduler; requests still queued or running fail with 503."""
@@ -310,7 +361,7 @@ class LLMEngine:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not self._closed and not self._waiting and not self._active:
+                    while not self._closed and not self._waiting and not self._active and self._pending is None:
                         self._cond.wait()
                     if self._closed:
                         break
@@ -323,11 +374,10 @@ class LLMEngine:
                     for request, slot in zip(admitted, free[: len(admitted)], strict=True):
                         request.slot = slot
                         self._active[slot] = request
-                for request in admitted:
-                    self._guard([request], lambda r=request: self._start(r))
+                if admitted:
+                    self._guard(admitted, lambda a=admitted: self._start(a))
                 self._drop_cancelled()
-                if self._active:
-                    self._guard(list(self._active.values()), self._decode)
+                self._guard(list(self._active.values()), self._decode)
         closing = unavailable("engine_closed", "the LLM engine is shutting down")
         with self._cond:
             for request in [*self._waiting, *self._active.values()]:
@@ -348,6 +398,7 @@ class LLMEngine:
         with self._cond:
             if self._active.get(request.slot) is request:
                 del self._active[request.slot]
+                self.runner.clear_slot(request.slot)
 
     def _drop_cancelled(self) -> None:
         for request in list(self._active.values()):
@@ -356,68 +407,117 @@ class LLMEngine:
         with self._cond:
             self._waiting = deque(r for r in self._waiting if not r.stream.cancelled)
 
-    def _embed(self, request: _Request, ids: list[int], offset: int) -> torch.Tensor:
-        """ids -> [1, T, hidden], the image's rows replaced by its embeddings (ids start at ``offset``)."""
-        x = self.model.embed(torch.tensor(ids, device=self.device))
-        lo = request.prompt.image_start - offset
-        n = request.prompt.num_image_tokens
-        if lo >= 0 and lo + n <= len(ids):
-            x[lo : lo + n] = request.embeds
-        return x[None]
+    # -- prefill ---------------------------------------------------------------------------------
 
-    def _prefill(self, request: _Request, start: int, end: int) -> torch.Tensor:
-        """Prompt tokens [start, end) into the request's slot -> hidden of the last [hidden]"""
-        ids = request.prompt.ids[start:end]
-        slots = torch.tensor([request.slot], device=self.device)
-        hidden = self.prefill_fn(self.model, self.kv, self._embed(request, ids, start),
-                         request.positions[:, None, start:end], slots, start)
-        self.counters["prefill_tokens"] += end - start
-        return hidden[0, -1]
+    def _prefill(self, rows: list[tuple[_Request, int, int]]) -> torch.Tensor:
+        """Prompt tokens ``[start, end)`` of each request into its slot, all in one batch (rows
+        padded at the end to the longest) -> the hidden state of each row's last token [N, hidden]."""
+        length = max(end - start for _, start, end in rows)
+        ids = [r.prompt.ids[start:end] + [0] * (length - end + start) for r, start, end in rows]
+        x = self.model.embed(torch.tensor(ids, device=self.device))  # [N, T, hidden]
+        positions = []
+        for b, (r, start, end) in enumerate(rows):
+            lo, n = r.prompt.image_start - start, r.prompt.num_image_tokens
+            if lo >= 0 and lo + n <= end - start:
+                x[b, lo : lo + n] = r.embeds.to(self.device, self.dtype, non_blocking=True)
+            pos = r.positions[:, start:end].to(self.device)
+            if end - start < length:  # padding continues the positions
+                pad = torch.arange(1, length - end + start + 1, device=self.device)
+                pos = torch.cat([pos, pos[:, -1:] + pad], dim=1)
+            positions.append(pos)
+        slots = torch.tensor([r.slot for r, _, _ in rows], device=self.device)
+        hidden = self.prefill_fn(self.model, self.kv, x, torch.stack(positions, dim=1), slots,
+                                 [start for _, start, _ in rows])
+        self.counters["prefill_tokens"] += sum(end - start for _, start, end in rows)
+        last = torch.tensor([end - start - 1 for _, start, end in rows], device=self.device)
+        return hidden[torch.arange(len(rows), device=self.device), last]
 
-    def _start(self, request: _Request) -> None:
-        prompt, slot = request.prompt, request.slot
-        p, total = prompt.prefix_len, len(prompt.ids)
+    def _start(self, requests: list[_Request]) -> None:
+        """Admit requests: image prefixes (reused, or computed once per image in one batch), then
+        every question in one batch, then each request's first token."""
         if self.prefix_cache_entries <= 0:
-            hidden = self._prefill(request, 0, total)
+            hidden = self._prefill([(r, 0, len(r.prompt.ids)) for r in requests])
         else:
-            entry = self._prefixes.get(request.image_key)
-            if entry is not None and entry.grid == request.grid and entry.kv.shape[3] == p:
-                self._prefixes.move_to_end(request.image_key)
-                self.kv[:, :, slot, :, :p] = entry.kv
-                self.counters["prefix_hits"] += 1
-            else:
-                self._prefill(request, 0, p)
-                self._prefixes[request.image_key] = _Prefix(self.kv[:, :, slot, :, :p].clone(), request.grid)
-                self._prefixes.move_to_end(request.image_key)
+            computing: dict[tuple[str, tuple[int, int, int], int], _Request] = {}
+            copies: list[tuple[_Request, _Request]] = []
+            for r in requests:
+                p = r.prompt.prefix_len
+                entry = self._prefixes.get(r.image_key)
+                source = computing.get((r.image_key, r.grid, p))
+                if entry is not None and entry.grid == r.grid and entry.kv.shape[3] == p:
+                    self._prefixes.move_to_end(r.image_key)
+                    self.kv[:, :, r.slot, :, :p] = entry.kv
+                    self.counters["prefix_hits"] += 1
+                elif source is not None:  # another request of this batch computes it
+                    copies.append((r, source))
+                    self.counters["prefix_hits"] += 1
+                else:
+                    computing[(r.image_key, r.grid, p)] = r
+                    self.counters["prefix_misses"] += 1
+            if computing:
+                self._prefill([(r, 0, r.prompt.prefix_len) for r in computing.values()])
+                for r in computing.values():
+                    p = r.prompt.prefix_len
+                    self._prefixes[r.image_key] = _Prefix(self.kv[:, :, r.slot, :, :p].clone(), r.grid)
+                    self._prefixes.move_to_end(r.image_key)
                 while len(self._prefixes) > self.prefix_cache_entries:
                     self._prefixes.popitem(last=False)
-                self.counters["prefix_misses"] += 1
-            hidden = self._prefill(request, p, total)
-        request.cache_len = total
-        self._emit(request, sample_token(self.model.logits(hidden), request.temperature, request.top_p,
-                                         request.generator))
+            for r, source in copies:
+                p = r.prompt.prefix_len
+                self.kv[:, :, r.slot, :, :p] = self.kv[:, :, source.slot, :, :p]
+            hidden = self._prefill([(r, r.prompt.prefix_len, len(r.prompt.ids)) for r in requests])
+        logits = self.model.logits(hidden)  # [N, vocab]
+        greedy = torch.argmax(logits, dim=-1).tolist()
+        for i, r in enumerate(requests):
+            total = len(r.prompt.ids)
+            r.cache_len = total
+            token = greedy[i] if r.temperature <= 0 else sample_token(logits[i], r.temperature, r.top_p, r.generator)
+            self.runner.set_slot(r.slot, token, total, total + r.rope_delta)
+            self._emit(r, token)
+
+    # -- decode ----------------------------------------------------------------------------------
 
     def _decode(self) -> None:
+        """Launch the next step for every active slot, then hand out the tokens of the step before.
+
+        With only greedy requests the step just launched feeds on the previous step's tokens on
+        the device, so the host reads (and streams) step t while the GPU runs step t+1. A sampled
+        request needs its token before the next step: then the new step is read at once too.
+        """
+        pending, self._pending = self._pending, None  # a failure drops it with every active request
         active = dict(self._active)
-        batch = max(active) + 1  # rows 0..batch-1 are slots 0..batch-1; idle rows compute harmlessly
-        tokens = [0] * batch
-        cache_pos = [0] * batch
-        pos = [0] * batch
-        for slot, request in active.items():
-            tokens[slot] = request.tokens[-1]
-            cache_pos[slot] = request.cache_len
-            pos[slot] = request.cache_len + request.rope_delta
-        length = _bucket(max(cache_pos) + 1, self.max_seq_len)
-        dev = self.device
-        logits = self.decode_fn(self.model, self.kv[:, :, :batch, :, :length], torch.tensor(tokens, device=dev),
-                             torch.tensor(pos, device=dev).expand(3, -1), torch.tensor(cache_pos, device=dev))
-        self.counters["decode_steps"] += 1
-        greedy = torch.argmax(logits, dim=-1).tolist()
-        for slot, request in active.items():
+        launched = self._launch(active) if active else None
+        if pending is not None:
+            self._process(pending)
+        if launched is None:
+            return
+        if all(r.temperature <= 0 for r in launched.rows.values()):
+            self._pending = launched
+        else:
+            self._process(launched)
+
+    def _launch(self, active: dict[int, _Request]) -> _Launched:
+        batch, window = self.runner.bucket(max(active) + 1, max(r.cache_len for r in active.values()) + 1)
+        step = self.runner.launch(self.decode_fn, batch, window)
+        for request in active.values():
             request.cache_len += 1
-            token = greedy[slot] if request.temperature <= 0 else sample_token(
-                logits[slot], request.temperature, request.top_p, request.generator)
+        self.counters["decode_steps"] += 1
+        return _Launched(active, step)
+
+    def _process(self, launched: _Launched) -> None:
+        greedy = launched.step.tokens()
+        sampled_slots, sampled = [], []
+        for slot, request in launched.rows.items():
+            if self._active.get(slot) is not request or request.stream.cancelled:
+                continue  # finished (or left) while this step was on its way
+            token = greedy[slot]
+            if request.temperature > 0:
+                token = sample_token(launched.step.logits[slot], request.temperature, request.top_p,
+                                     request.generator)
+                sampled_slots.append(slot)
+                sampled.append(token)
             self._emit(request, token)
+        self.runner.set_tokens(sampled_slots, sampled)
 
     def _emit(self, request: _Request, token: int) -> None:
         request.tokens.append(token)
@@ -436,10 +536,3 @@ class LLMEngine:
             request.stream._put(Finish("stop" if stop else "length", "".join(request.text), tuple(request.tokens),
                                        len(request.prompt.ids), len(request.tokens)))
 
-
-def _bucket(needed: int, limit: int) -> int:
-    """Cache positions one decode step attends over: a power of two >= needed (few distinct shapes)."""
-    size = 64
-    while size < needed:
-        size *= 2
-    return min(size, limit)

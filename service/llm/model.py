@@ -18,6 +18,7 @@ computed in fp32 and cast to the activation dtype, SDPA attention with grouped K
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,27 +204,62 @@ def _finish_block(block: Block, x: torch.Tensor, attn: torch.Tensor) -> torch.Te
     return x + block.down_proj(F.silu(gate) * up)
 
 
+def _prefill_layout(kv: torch.Tensor, start: int | Sequence[int], b: int, t: int, device: torch.device
+                    ) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Where ``B`` rows of ``T`` tokens go: (end, cache positions [B, T], mask [B, 1, T, end]).
+
+    Row ``b``'s token ``j`` sits at cache position ``starts[b] + j`` (clamped to the cache: padding
+    past a row's real tokens may run over) and attends to positions ``[0, starts[b] + j]``.
+    """
+    max_len = kv.shape[4]
+    starts = [start] * b if isinstance(start, int) else [int(s) for s in start]
+    end = min(max(starts) + t, max_len)
+    at = torch.tensor(starts, device=device)[:, None] + torch.arange(t, device=device)[None, :]  # [B, T]
+    mask = torch.arange(end, device=device)[None, None, :] <= at[:, :, None]  # [B, T, end]
+    return end, at.clamp(max=max_len - 1), mask[:, None]
+
+
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, attention: str
+            ) -> torch.Tensor:
+    """q [B, H, T, D]; keys, values [B, Hkv, L, D]; mask [B, 1, T, L] bool -> [B, H, T, D].
+
+    ``sdpa``: PyTorch's fused attention with grouped KV heads; ``matmul``: the same as two batched
+    matmuls around an fp32 softmax, each KV head serving its group of query heads without a copy.
+    """
+    if attention == "sdpa":
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
+    if attention != "matmul":
+        raise ValueError(f"unknown attention {attention!r}")
+    b, h, t, d = q.shape
+    hkv, length = keys.shape[1], keys.shape[2]
+    g = h // hkv
+    scores = torch.matmul(q.reshape(b, hkv, g * t, d), keys.transpose(-1, -2)).float() * d**-0.5
+    scores = scores.view(b, hkv, g, t, length).masked_fill(~mask[:, :, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1).to(q.dtype).view(b, hkv, g * t, length)
+    return torch.matmul(probs, values).view(b, h, t, d)
+
+
 def prefill(model: Qwen2LM, kv: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor,
-            slots: torch.Tensor, start: int) -> torch.Tensor:
-    """Run ``T`` new tokens per slot, all at cache positions ``start .. start+T-1``.
+            slots: torch.Tensor, start: int | Sequence[int]) -> torch.Tensor:
+    """Run ``T`` new tokens per slot; row ``b``'s tokens go to cache positions ``start[b] ..``.
 
     kv [layers, 2, S, Hkv, max_len, D] (written in place); embeds [B, T, hidden];
-    positions [3, B, T] M-RoPE ids; slots [B] long (which cache slot each row uses).
-    Each token attends to the slot's cache ``[0, start + own index]``.
+    positions [3, B, T] M-RoPE ids; slots [B] long (which cache slot each row uses); ``start`` one
+    int for every row or one per row. Each token attends to the slot's cache ``[0, start + own
+    index]``. Rows shorter than ``T`` are padded at the end: the padding's keys and values land
+    past the row's real tokens, where nothing attends before decoding overwrites them.
     Returns the final-normed hidden states [B, T, hidden].
     """
-    t = embeds.shape[1]
-    end = start + t
+    b, t, _ = embeds.shape
+    end, at, mask = _prefill_layout(kv, start, b, t, embeds.device)
+    slot_rows, at_rows = slots.repeat_interleave(t), at.reshape(-1)
     cos, sin = rope(model, positions, embeds.dtype)
-    rows = torch.arange(t, device=embeds.device)[:, None]
-    cols = torch.arange(end, device=embeds.device)[None, :]
-    mask = cols <= rows + start  # [T, start+T] causal, offset by the cached prefix
     x = embeds
     for i, block in enumerate(model.layers):
         q, k, v = _qkv(model, block, x, cos, sin)
-        kv[i, 0, slots, :, start:end] = k
-        kv[i, 1, slots, :, start:end] = v
-        keys = kv[i, 0, slots, :, :end]  # [B, Hkv, start+T, D]
+        kv[i, 0, slot_rows, :, at_rows] = k.transpose(1, 2).reshape(b * t, k.shape[1], k.shape[3])
+        kv[i, 1, slot_rows, :, at_rows] = v.transpose(1, 2).reshape(b * t, v.shape[1], v.shape[3])
+        keys = kv[i, 0, slots, :, :end]  # [B, Hkv, end, D]
         values = kv[i, 1, slots, :, :end]
         attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
         x = _finish_block(block, x, attn)
@@ -231,13 +267,13 @@ def prefill(model: Qwen2LM, kv: torch.Tensor, embeds: torch.Tensor, positions: t
 
 
 def decode_step(model: Qwen2LM, kv: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
-                cache_pos: torch.Tensor) -> torch.Tensor:
+                cache_pos: torch.Tensor, *, attention: str = "sdpa") -> torch.Tensor:
     """One token for each of ``B`` slots; fixed shapes, no host syncs.
 
     kv [layers, 2, B, Hkv, L, D]: a view of the cache's first B slots (and first L positions),
     written in place; tokens [B] long; positions [3, B] M-RoPE ids of the new tokens;
     cache_pos [B] long, where each new token's key/value goes (it attends to ``[0, cache_pos]``).
-    Returns logits [B, vocab] fp32.
+    ``attention`` is ``sdpa`` or ``matmul`` (see ``_attend``). Returns logits [B, vocab] fp32.
     """
     b = tokens.shape[0]
     length = kv.shape[4]
@@ -249,9 +285,107 @@ def decode_step(model: Qwen2LM, kv: torch.Tensor, tokens: torch.Tensor, position
         q, k, v = _qkv(model, block, x, cos, sin)
         kv[i, 0, batch, :, cache_pos] = k[:, :, 0]  # [B, Hkv, D]
         kv[i, 1, batch, :, cache_pos] = v[:, :, 0]
-        attn = F.scaled_dot_product_attention(q, kv[i, 0], kv[i, 1], attn_mask=mask, enable_gqa=True)
+        attn = _attend(q, kv[i, 0], kv[i, 1], mask, attention)
         x = _finish_block(block, x, attn)
     return model.logits(model.norm(x[:, 0]))
+
+
+# -- the fused GPU path (Triton; bf16 / fp16 on CUDA) ---------------------------------------------
+
+
+def fused_supported(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether ``prefill_fused`` / ``decode_step_fused`` can run: CUDA, half precision, Triton."""
+    if torch.device(device).type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _norm_weights(model: Qwen2LM) -> list[torch.Tensor]:
+    """The RMSNorm weight applied after each residual add: post-attention, then the next input norm."""
+    layers = model.layers
+    return [w for i, block in enumerate(layers) for w in (
+        block.post_attention_layernorm.weight,
+        layers[i + 1].input_layernorm.weight if i + 1 < len(layers) else model.norm.weight)]
+
+
+def _fused_layers(model: Qwen2LM, kv: torch.Tensor, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  slot_rows: torch.Tensor, at_rows: torch.Tensor,
+                  attend: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """h [N, hidden] token rows -> final-normed [N, hidden]; ``attend(layer, q [N, H, D]) -> [N, H * D]``."""
+    from service.llm import gpu_ops as ops
+
+    cfg = model.cfg
+    eps = cfg.rms_norm_eps
+    norms = _norm_weights(model)
+    _, x = ops.rms_norm(h, model.layers[0].input_layernorm.weight, eps)
+    for i, block in enumerate(model.layers):
+        qkv = F.linear(x, block.qkv_proj.weight, block.qkv_proj.bias)
+        q = ops.rope_kv(qkv, cos, sin, kv[i, 0], kv[i, 1], slot_rows, at_rows, cfg.num_heads, cfg.num_kv_heads)
+        h, x = ops.rms_norm(F.linear(attend(i, q), block.o_proj.weight), norms[2 * i], eps, residual=h)
+        mlp = F.linear(ops.silu_mul(F.linear(x, block.gate_up_proj.weight)), block.down_proj.weight)
+        h, x = ops.rms_norm(mlp, norms[2 * i + 1], eps, residual=h)
+    return x
+
+
+def prefill_fused(model: Qwen2LM, kv: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor,
+                  slots: torch.Tensor, start: int | Sequence[int]) -> torch.Tensor:
+    """``prefill`` with the fused kernels (same arguments, same result up to rounding order).
+
+    Attention is PyTorch's SDPA over the rows' gathered cache, KV heads repeated per group so that
+    the flash (whole prompts: causal, no mask) or memory-efficient (masked) kernels apply.
+    """
+    cfg = model.cfg
+    b, t, hidden = embeds.shape
+    end, at, mask = _prefill_layout(kv, start, b, t, embeds.device)
+    from_zero = start == 0 if isinstance(start, int) else not any(start)
+    causal = from_zero and end == t  # every row a whole prompt from position 0
+    cos, sin = rope(model, positions, embeds.dtype)
+    group = cfg.num_heads // cfg.num_kv_heads
+
+    def attend(i: int, q: torch.Tensor) -> torch.Tensor:
+        q = q.view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+        keys = kv[i, 0, :, :, :end].index_select(0, slots).repeat_interleave(group, dim=1)
+        values = kv[i, 1, :, :, :end].index_select(0, slots).repeat_interleave(group, dim=1)
+        if causal:
+            out = F.scaled_dot_product_attention(q, keys, values, is_causal=True)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        return out.transpose(1, 2).reshape(b * t, -1)
+
+    x = _fused_layers(model, kv, embeds.reshape(b * t, hidden), cos.reshape(b * t, -1), sin.reshape(b * t, -1),
+                      slots.repeat_interleave(t), at.reshape(-1), attend)
+    return x.view(b, t, hidden)
+
+
+def decode_step_fused(model: Qwen2LM, kv: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
+                      cache_pos: torch.Tensor, *, attention: str = "triton") -> torch.Tensor:
+    """``decode_step`` with the fused kernels: 9 kernels a layer at batch 1.
+
+    ``attention``: ``triton`` (our decode kernel; it reads only ``[0, cache_pos]``, so the window
+    ``L`` of ``kv`` may be the whole cache), or ``sdpa`` / ``matmul`` over the window ``L``.
+    """
+    from service.llm import gpu_ops as ops
+
+    b = tokens.shape[0]
+    length = kv.shape[4]
+    h = model.embed(tokens)  # [B, hidden]
+    cos, sin = rope(model, positions[:, :, None], h.dtype)
+    rows = torch.arange(b, device=tokens.device)
+    if attention == "triton":
+        def attend(i: int, q: torch.Tensor) -> torch.Tensor:
+            return ops.decode_attention(q, kv[i, 0], kv[i, 1], cache_pos).view(b, -1)
+    else:
+        mask = (torch.arange(length, device=tokens.device)[None, :] <= cache_pos[:, None])[:, None, None, :]
+
+        def attend(i: int, q: torch.Tensor) -> torch.Tensor:
+            return _attend(q[:, :, None], kv[i, 0], kv[i, 1], mask, attention).view(b, -1)
+
+    x = _fused_layers(model, kv, h, cos[:, 0], sin[:, 0], rows, cache_pos, attend)
+    return model.logits(x)
 
 
 # -- loading --------------------------------------------------------------------------------------
@@ -318,6 +452,19 @@ def fuse_hub_tensors(cfg: TextConfig, tensors: dict[str, torch.Tensor]) -> dict[
     return state
 
 
+def model_from_state(cfg: TextConfig, state: dict[str, torch.Tensor], *, device: torch.device | str = "cpu",
+                     dtype: torch.dtype = torch.float32) -> Qwen2LM:
+    """``Qwen2LM`` built on the meta device, then given ``state`` (its own spelling, as
+    ``fuse_hub_tensors`` returns it) on ``device`` in ``dtype``."""
+    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    with torch.device("meta"):
+        lm = Qwen2LM(cfg)
+    lm.load_state_dict(state, strict=True, assign=True)
+    # the buffers were built on meta: build them again on the device (inv_freq stays fp32, like HF's)
+    lm.rope_rows, lm.inv_freq = _rope_buffers(cfg, torch.device(device))
+    return lm.eval().requires_grad_(False)
+
+
 def load_model(model: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
                ) -> Qwen2LM:
     """Build ``Qwen2LM`` from ``config.json`` on the meta device and assign the checkpoint's tensors.
@@ -326,11 +473,23 @@ def load_model(model: str | Path, *, device: torch.device | str = "cpu", dtype: 
     """
     path = resolve_model_path(model)
     cfg = TextConfig.from_dict(load_json(path, "config.json"))
-    state = fuse_hub_tensors(cfg, read_tensors(path, is_language))
-    state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
+    return model_from_state(cfg, fuse_hub_tensors(cfg, read_tensors(path, is_language)), device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def random_model(cfg: TextConfig, *, device: torch.device | str, dtype: torch.dtype, seed: int = 0,
+                 std: float = 0.02) -> Qwen2LM:
+    """Random weights drawn on the device (benchmarks: speed does not depend on the values):
+    matrices ~ N(0, std), norms 1 + N(0, 0.1), biases N(0, 0.05)."""
     with torch.device("meta"):
-        lm = Qwen2LM(cfg)
-    lm.load_state_dict(state, strict=True, assign=True)
-    # the buffers were built on meta: build them again on the device (inv_freq stays fp32, like HF's)
+        lm = Qwen2LM(cfg).to(dtype)
+    lm = lm.to_empty(device=device)
+    gen = torch.Generator(device).manual_seed(seed)
+    for name, p in lm.named_parameters():
+        p.normal_(generator=gen)
+        if p.ndim == 1 and "norm" in name:
+            p.mul_(0.1).add_(1.0)
+        else:
+            p.mul_(0.05 if p.ndim == 1 else std)
     lm.rope_rows, lm.inv_freq = _rope_buffers(cfg, torch.device(device))
     return lm.eval().requires_grad_(False)

@@ -1,0 +1,218 @@
+"""Fused Triton kernels for the language model's GPU path (bf16 / fp16 only).
+
+Each one replaces a chain of small PyTorch ops that would otherwise cost a kernel launch apiece
+(a decode step at batch 1 is launch-bound, not bandwidth-bound, without them):
+
+- ``rms_norm(x, weight, eps, residual)``: optional residual add, then RMSNorm, in one pass;
+- ``rope_kv(qkv, cos, sin, k_cache, v_cache, slots, cache_pos)``: rotates q and k (M-RoPE
+  cos/sin already selected per frequency), writes k and v straight into the static cache, and
+  returns q;
+- ``silu_mul(gate_up)``: SiLU(gate) * up;
+- ``decode_attention(q, k_cache, v_cache, cache_pos)``: one query token per batch row over the
+  row's cache ``[0, cache_pos]`` (the bound is read on the device, so one CUDA graph serves every
+  length), grouped-query heads sharing one pass over their KV head, online softmax in fp32.
+
+The elementwise kernels round to the activation dtype wherever PyTorch's eager ops do (HF's
+numerics: RMSNorm in fp32 cast back before the weight, rope products rounded one by one), so the
+fused path differs from the eager one only by reduction order. Import this module lazily: under
+``TRITON_INTERPRET=1`` (CPU tests) the environment must be set before the kernels are defined.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+# -- RMSNorm (+ residual) -------------------------------------------------------------------------
+
+
+@triton.jit
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr, n_cols, eps,
+                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    m = cols < n_cols
+    x = tl.load(x_ptr + row * n_cols + cols, mask=m, other=0.0)
+    if HAS_RES:
+        r = tl.load(res_ptr + row * n_cols + cols, mask=m, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(res_out_ptr.dtype.element_ty)
+        tl.store(res_out_ptr + row * n_cols + cols, x, mask=m)
+    h = x.to(tl.float32)
+    var = tl.sum(h * h, axis=0) / n_cols
+    normed = (h * tl.rsqrt(var + eps)).to(y_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * n_cols + cols, (w * normed).to(y_ptr.dtype.element_ty), mask=m)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., n] -> (h, y): h = x + residual (x itself without one), y = weight * RMSNorm(h)."""
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n)
+    if not x2.is_contiguous():
+        x2 = x2.contiguous()
+    rows = x2.shape[0]
+    y = torch.empty_like(x2)
+    if residual is not None:
+        r2 = residual.reshape(-1, n)
+        r2 = r2 if r2.is_contiguous() else r2.contiguous()
+        h = torch.empty_like(x2)
+    else:
+        r2, h = x2, x2
+    block = _next_pow2(n)
+    _rms_norm_kernel[(rows,)](x2, r2, weight, y, h, n, eps, HAS_RES=residual is not None, BLOCK=block,
+                              num_warps=max(1, min(8, block // 256)))
+    return h.view(x.shape), y.view(x.shape)
+
+
+# -- rotary embedding + KV-cache write ------------------------------------------------------------
+
+
+@triton.jit
+def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, slot_ptr, pos_ptr,
+                    qkv_stride, cs_stride, q_stride_row, q_stride_head,
+                    c_stride_s, c_stride_h, c_stride_l, max_pos,
+                    H: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    dtype = qkv_ptr.dtype.element_ty
+    offs = tl.arange(0, HALF)
+    src = qkv_ptr + row * qkv_stride + head * (2 * HALF)
+    x1 = tl.load(src + offs)
+    x2 = tl.load(src + HALF + offs)
+    slot = tl.load(slot_ptr + row).to(tl.int64)
+    pos = tl.minimum(tl.load(pos_ptr + row), max_pos - 1).to(tl.int64)
+    if head < H + HKV:
+        c1 = tl.load(cos_ptr + row * cs_stride + offs).to(tl.float32)
+        c2 = tl.load(cos_ptr + row * cs_stride + HALF + offs).to(tl.float32)
+        s1 = tl.load(sin_ptr + row * cs_stride + offs).to(tl.float32)
+        s2 = tl.load(sin_ptr + row * cs_stride + HALF + offs).to(tl.float32)
+        a1 = x1.to(tl.float32)
+        a2 = x2.to(tl.float32)
+        # x * cos + rotate_half(x) * sin, each product rounded as the eager ops round it
+        o1 = ((a1 * c1).to(dtype).to(tl.float32) + (-a2 * s1).to(dtype).to(tl.float32)).to(dtype)
+        o2 = ((a2 * c2).to(dtype).to(tl.float32) + (a1 * s2).to(dtype).to(tl.float32)).to(dtype)
+        if head < H:
+            dst = q_ptr + row * q_stride_row + head * q_stride_head
+        else:
+            dst = k_ptr + slot * c_stride_s + (head - H) * c_stride_h + pos * c_stride_l
+        tl.store(dst + offs, o1)
+        tl.store(dst + HALF + offs, o2)
+    else:
+        dst = v_ptr + slot * c_stride_s + (head - H - HKV) * c_stride_h + pos * c_stride_l
+        tl.store(dst + offs, x1)
+        tl.store(dst + HALF + offs, x2)
+
+
+def rope_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+            slots: torch.Tensor, cache_pos: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """Rotate and scatter one layer's projections of ``N`` tokens.
+
+    qkv [N, (H + 2 Hkv) * D] (q, k, v heads stacked); cos, sin [N, D] in qkv's dtype;
+    k_cache, v_cache [S, Hkv, L, D] (a layer's cache, last dim contiguous, same strides);
+    slots, cache_pos [N] long: where token n's key and value go (positions past L - 1 are clamped).
+    Returns q [N, H, D], rotated.
+    """
+    n = qkv.shape[0]
+    d = k_cache.shape[-1]
+    assert qkv.stride(-1) == 1 and cos.stride(-1) == 1 and sin.stride(-1) == 1 and k_cache.stride(-1) == 1
+    assert k_cache.stride() == v_cache.stride() and cos.stride() == sin.stride()
+    q = torch.empty(n, num_heads, d, device=qkv.device, dtype=qkv.dtype)
+    _rope_kv_kernel[(n, num_heads + 2 * num_kv_heads)](
+        qkv, cos, sin, q, k_cache, v_cache, slots, cache_pos,
+        qkv.stride(0), cos.stride(0), q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.shape[2],
+        H=num_heads, HKV=num_kv_heads, HALF=d // 2, num_warps=1)
+    return q
+
+
+# -- SiLU(gate) * up ------------------------------------------------------------------------------
+
+
+@triton.jit
+def _silu_mul_kernel(gu_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    m = cols < n_cols
+    dtype = out_ptr.dtype.element_ty
+    g = tl.load(gu_ptr + row * 2 * n_cols + cols, mask=m, other=0.0).to(tl.float32)
+    u = tl.load(gu_ptr + row * 2 * n_cols + n_cols + cols, mask=m, other=0.0).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(dtype).to(tl.float32)
+    tl.store(out_ptr + row * n_cols + cols, (act * u).to(dtype), mask=m)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """gate_up [..., 2 I] (gate, then up) -> SiLU(gate) * up [..., I]"""
+    two_i = gate_up.shape[-1]
+    gu = gate_up.reshape(-1, two_i)
+    if not gu.is_contiguous():
+        gu = gu.contiguous()
+    inter = two_i // 2
+    out = torch.empty(gu.shape[0], inter, device=gu.device, dtype=gu.dtype)
+    block = 1024
+    _silu_mul_kernel[(gu.shape[0], triton.cdiv(inter, block))](gu, out, inter, BLOCK=block, num_warps=4)
+    return out.view(*gate_up.shape[:-1], inter)
+
+
+# -- decode attention -----------------------------------------------------------------------------
+
+
+@triton.jit
+def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr,
+                        q_stride_b, q_stride_h, c_stride_s, c_stride_h, c_stride_l,
+                        o_stride_b, o_stride_h, n_max, scale,
+                        G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, D)
+    n = tl.arange(0, BLOCK_N)
+    gm = g < G
+    heads = kvh * G + g
+    q = tl.load(q_ptr + b * q_stride_b + heads[:, None] * q_stride_h + d[None, :], mask=gm[:, None], other=0.0)
+    end = tl.minimum(tl.load(pos_ptr + b) + 1, n_max)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    k_base = k_ptr + b * c_stride_s + kvh * c_stride_h
+    v_base = v_ptr + b * c_stride_s + kvh * c_stride_h
+    for start in range(0, end, BLOCK_N):
+        cols = start + n
+        cm = cols < end
+        k = tl.load(k_base + cols[:, None] * c_stride_l + d[None, :], mask=cm[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale
+        s = tl.where(cm[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + cols[:, None] * c_stride_l + d[None, :], mask=cm[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + b * o_stride_b + heads[:, None] * o_stride_h + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=gm[:, None])
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_pos: torch.Tensor
+                     ) -> torch.Tensor:
+    """q [B, H, D] (one token per row); k_cache, v_cache [>=B, Hkv, L, D] (row b is slot b);
+    cache_pos [B]: row b attends to its cache positions ``[0, min(cache_pos[b], L - 1)]``.
+    Returns [B, H, D]."""
+    b, h, d = q.shape
+    hkv = k_cache.shape[1]
+    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and k_cache.stride() == v_cache.stride()
+    group = h // hkv
+    out = torch.empty_like(q)
+    _decode_attn_kernel[(b, hkv)](
+        q, k_cache, v_cache, cache_pos, out,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        out.stride(0), out.stride(1), k_cache.shape[2], d**-0.5,
+        G=group, BLOCK_G=max(16, _next_pow2(group)), BLOCK_N=64, D=d, num_warps=4, num_stages=3)
+    return out
