@@ -106,8 +106,7 @@ class LLMWorker:
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
-                    raise unavailable("timeout", f"the answer took longer than {self.settings.request_timeout_s:g} s; "
-                                      "retry with a smaller max_tokens or later", 2.0) from None
+                    raise self._timeout() from None
                 yield event
                 if isinstance(event, Finish):
                     return
@@ -115,8 +114,22 @@ class LLMWorker:
             generation.cancel()
             await iterator.aclose()
 
+    def _timeout(self) -> ApiError:
+        return unavailable("timeout", f"the answer took longer than {self.settings.request_timeout_s:g} s; "
+                           "retry with a smaller max_tokens or later", 2.0)
+
     async def answer(self, generation: Generation) -> Finish:
-        async for event in self.events(generation):
-            if isinstance(event, Finish):
-                return event
-        raise ApiError(500, "internal_error", "generation ended without an answer")
+        """The final event only: one timeout for the whole answer, not one per token (~70 us each)."""
+
+        async def final() -> Finish:
+            async for event in generation:
+                if isinstance(event, Finish):
+                    return event
+            raise ApiError(500, "internal_error", "generation ended without an answer")
+
+        try:
+            return await asyncio.wait_for(final(), timeout=self.settings.request_timeout_s)
+        except TimeoutError:
+            raise self._timeout() from None
+        finally:
+            generation.cancel()
