@@ -1,0 +1,350 @@
+"""Qwen2-VL vision tower: our patched tower against every peer, same weights and inputs, one process.
+
+    python bench/vision_bench.py [--model 2b|7b] [--out DIR] [--skip compile,liger,eager]
+    python bench/vision_bench.py --smoke      # CPU, tiny config, Triton interpreter: code paths only
+
+Builds the Qwen2-VL-2B (or 7B: only the merger's output differs) vision tower -- depth 32,
+embed 1280, 16 heads, MLP ratio 4, patch 14, merge 2, temporal 2, QuickGELU -- with random
+(perturbed) weights in bf16 and runs, on three workloads (32 images of 448x448 in one call; one
+448x448 image; 8 mixed sizes from 224x224 to 1288x966 packed in one call):
+
+- HF eager, HF sdpa, HF + Liger-Kernel's LayerNorm (norm1/norm2/ln_q swapped; Liger's own
+  monkey-patch refuses a vision-only model), HF + torch.compile (each block compiled);
+- ours: ``kernels.patch`` with each attention / MLP variant, and the best one under CUDA graphs
+  (``kernels.graphs.VisionGraphs``).
+
+Reports images/s, median ms (CUDA events), TFLOP/s, MFU against a measured bf16 GEMM peak,
+peak activation memory, weights memory, ratios vs each peer, and the relative L2 error of every
+bf16 output vs HF in fp32 on the same weights and inputs. Rows go to vision_bench.jsonl as they
+are measured; the summary table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+if "--smoke" in sys.argv:  # must precede any @triton.jit: kernels run in the interpreter on CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from kernel_bench import gemm_peak_tflops, sync, time_ms, workloads  # noqa: E402
+
+PATCH_IN = 3 * 2 * 14 * 14  # channels * temporal * patch * patch = 1176
+
+
+def vision_config(model: str, smoke: bool) -> Any:
+    from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
+
+    if smoke:
+        kw = {"depth": 2, "embed_dim": 160, "num_heads": 2, "hidden_size": 48}
+    else:
+        kw = {"depth": 32, "embed_dim": 1280, "num_heads": 16, "hidden_size": {"2b": 1536, "7b": 3584}[model]}
+    cfg = Qwen2VLVisionConfig(mlp_ratio=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                              in_channels=3, hidden_act="quick_gelu", **kw)
+    cfg._attn_implementation = "sdpa"
+    return cfg
+
+
+@torch.no_grad()
+def build_tower(cfg: Any, device: str, seed: int = 0) -> torch.nn.Module:
+    """Random tower with every parameter perturbed (norms ~1 +- 0.1, biases ~0.05, W ~ 1/sqrt(fan_in)),
+    as service.tiny.perturb_ does, but drawn on the device (665M values)."""
+    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
+
+    with torch.device(device):
+        model = Qwen2VisionTransformerPretrainedModel(cfg).eval()
+    gen = torch.Generator(device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        noise = torch.randn(p.shape, generator=gen, device=device)
+        if p.ndim == 1 and ("norm" in name or "ln_q" in name):
+            p.copy_(1.0 + 0.1 * noise)
+        elif p.ndim == 1:
+            p.copy_(0.05 * noise)
+        else:
+            p.copy_(noise / p[0].numel() ** 0.5)
+    return model
+
+
+def tower_flops(cfg: Any, grid: list[tuple[int, int, int]]) -> float:
+    """Matrix FLOPs of one forward (2 per multiply-add): GEMMs + attention (QK^T and PV)."""
+    c = cfg.embed_dim
+    hid = int(c * cfg.mlp_ratio)
+    m2 = cfg.spatial_merge_size**2
+    lengths = [h * w for t, h, w in grid for _ in range(t)]
+    s = sum(lengths)
+    per_tok_block = 2 * c * (3 * c + c + 2 * hid)
+    attn_block = 4 * c * sum(n * n for n in lengths)
+    embed = 2 * s * c * PATCH_IN
+    merger = 2 * (s // m2) * (m2 * c) * (m2 * c + cfg.hidden_size)
+    return cfg.depth * (s * per_tok_block + attn_block) + embed + merger
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def set_attn_impl(model: torch.nn.Module, impl: str) -> None:
+    model.config._attn_implementation = impl
+    for blk in model.blocks:
+        blk.attn.config._attn_implementation = impl
+
+
+def swap_liger_norms(model: torch.nn.Module) -> Callable[[], None]:
+    """Replace norm1/norm2/ln_q by Liger's LayerNorm sharing the same Parameters; returns undo."""
+    from liger_kernel.transformers.layer_norm import LigerLayerNorm
+
+    saved: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
+
+    def swap(parent: torch.nn.Module, attr: str) -> None:
+        ln = getattr(parent, attr)
+        new = LigerLayerNorm(ln.normalized_shape[0], eps=ln.eps, bias=True)
+        new.weight, new.bias = ln.weight, ln.bias
+        saved.append((parent, attr, ln))
+        setattr(parent, attr, new)
+
+    for blk in model.blocks:
+        swap(blk, "norm1")
+        swap(blk, "norm2")
+    swap(model.merger, "ln_q")
+
+    def undo() -> None:
+        for parent, attr, ln in saved:
+            setattr(parent, attr, ln)
+
+    return undo
+
+
+def compile_blocks(model: torch.nn.Module) -> Callable[[], None]:
+    """HF + torch.compile: each block (and the merger) compiled; one traced graph serves all 32
+    blocks (same code, parameters as inputs), so the compile takes seconds, not minutes."""
+    mods = [*model.blocks, model.merger]
+    for m in mods:
+        m.compile()
+
+    def undo() -> None:
+        for m in mods:
+            m._compiled_call_impl = None
+
+    return undo
+
+
+def set_ours(model: torch.nn.Module, attention: str, mlp: str, rope_gemm: bool) -> None:
+    """Switch a patched tower between variants (same weights; q/k rows re-ordered if needed)."""
+    for blk in model.blocks:
+        blk.attn.backend = attention
+        blk.attn.gemm = mlp
+        blk.attn.set_rope_gemm(rope_gemm)
+        blk.mlp.mode = mlp
+    model.merger.mode = mlp
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="2b", choices=["2b", "7b"])
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--skip", default="", help="comma list of peers to skip: eager,sdpa,liger,compile,variants")
+    ap.add_argument("--workloads", default="", help="comma list (default all): 32x448,1x448,mixed8")
+    ap.add_argument("--smoke", action="store_true", help="CPU + interpreter, tiny config: checks code paths")
+    args = ap.parse_args()
+    skip = set(filter(None, args.skip.split(",")))
+    smoke = args.smoke
+    device = "cpu" if smoke else "cuda"
+    if not smoke and not torch.cuda.is_available():
+        raise SystemExit("vision_bench needs a CUDA GPU (or --smoke)")
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    jsonl = (out_dir / "vision_bench.jsonl").open("w")
+
+    import kernels
+
+    info: dict[str, Any] = {"model": f"Qwen2-VL-{args.model.upper()} vision tower", "torch": torch.__version__}
+    if not smoke:
+        import triton
+
+        info.update(gpu=torch.cuda.get_device_name(), triton=triton.__version__)
+        info["gemm_peak_tflops"] = gemm_peak_tflops()
+    import transformers
+
+    info["transformers"] = transformers.__version__
+    print(info, flush=True)
+    jsonl.write(json.dumps({"info": info}) + "\n")
+
+    cfg = vision_config(args.model, smoke)
+    dtype = torch.float32 if smoke else torch.bfloat16
+    t0 = time.perf_counter()
+    hf = build_tower(cfg, device).to(dtype)
+    weights_gib = sum(p.numel() * p.element_size() for p in hf.parameters()) / 2**30
+    print(f"built tower in {time.perf_counter() - t0:.1f}s; weights {weights_gib:.3f} GiB ({dtype})", flush=True)
+
+    wls = workloads()
+    if smoke:
+        wls = {"4x": [(1, 4, 4)] * 4, "1x": [(1, 4, 4)], "mixed": [(1, 4, 6), (1, 2, 2), (1, 8, 4)]}
+    if args.workloads:
+        wls = {k: v for k, v in wls.items() if k in args.workloads.split(",")}
+    gen = torch.Generator(device).manual_seed(1)
+    inputs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    hf_grids: dict[str, torch.Tensor] = {}
+    for name, grid in wls.items():
+        s = sum(t * h * w for t, h, w in grid)
+        x = torch.randn(s, PATCH_IN, generator=gen, device=device).to(dtype)
+        inputs[name] = (x, torch.tensor(grid, dtype=torch.int64))  # ours: grid on the CPU, no device sync
+        hf_grids[name] = inputs[name][1].to(device)  # HF builds positions on grid_thw's device
+
+    # fp32 reference on the same weights and the same (bf16-rounded) pixels
+    refs: dict[str, torch.Tensor] = {}
+    ref32 = copy.deepcopy(hf).float()
+    # a true fp32 reference: cuDNN would run HF's Conv3d patch embedding in TF32 (~1e-4 error)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    with torch.no_grad():
+        for name, (x, _grid) in inputs.items():
+            refs[name] = ref32(x.float(), grid_thw=hf_grids[name]).pooler_output
+    del ref32
+    torch.backends.cudnn.allow_tf32 = True  # back to torch's defaults for the timed runs
+    if not smoke:
+        torch.cuda.empty_cache()
+
+    results: list[dict[str, Any]] = []
+
+    def measure(peer: str, wname: str, fn: Callable[[], torch.Tensor]) -> None:
+        grid = wls[wname]
+        try:
+            with torch.no_grad():
+                sync()
+                before = torch.cuda.memory_allocated() if not smoke else 0
+                t_first = time.perf_counter()
+                out = fn()  # first call: compiles / autotunes / captures
+                sync()
+                first_s = time.perf_counter() - t_first
+                err = rel_l2(out, refs[wname])
+                peak = 0.0
+                if not smoke:
+                    # memory a first call leaves allocated (a CUDA graph's pool), or the transient
+                    # peak of a steady-state call above what was allocated before it
+                    kept = torch.cuda.memory_allocated() - before
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                    fn()
+                    sync()
+                    peak = max(kept, torch.cuda.max_memory_allocated() - base) / 2**30
+                t = time_ms(fn, budget_ms=1000.0)
+        except Exception as exc:  # noqa: BLE001  (one broken peer must not stop the comparison)
+            print(f"{wname:>8s} {peer:<28s} FAILED: {repr(exc)[:300]}", flush=True)
+            results.append({"peer": peer, "workload": wname, "error": repr(exc)[:500]})
+            jsonl.write(json.dumps(results[-1]) + "\n")
+            jsonl.flush()
+            return
+        ms = t["median_ms"]
+        fl = tower_flops(cfg, grid)
+        row = {
+            "peer": peer, "workload": wname, "images": len(grid), "patches": sum(t * h * w for t, h, w in grid),
+            "ms": ms, "min_ms": t["min_ms"], "p90_ms": t["p90_ms"], "reps": t["reps"],
+            "img_per_s": len(grid) / ms * 1e3, "tflops": fl / ms / 1e9, "peak_act_gib": peak,
+            "rel_l2_vs_fp32": err, "first_call_s": first_s,
+        }
+        if "gemm_peak_tflops" in info:
+            row["mfu"] = row["tflops"] / info["gemm_peak_tflops"]
+        results.append(row)
+        jsonl.write(json.dumps(row) + "\n")
+        jsonl.flush()
+        print(f"{wname:>8s} {peer:<28s} {ms:9.3f} ms  {row['img_per_s']:8.1f} img/s  {row['tflops']:6.1f} TFLOP/s"
+              f"  peak {peak:6.3f} GiB  relL2 {err:.2e}  (first {first_s:.1f}s, {t['reps']} reps)", flush=True)
+
+    # ---- ours first (on a copy, patched in place), so a slow peer cannot starve it of time
+    ours: torch.nn.Module | None = copy.deepcopy(hf)
+    replaced = kernels.patch(ours)
+    print(f"patched {len(replaced)} modules, e.g. {next(iter(replaced.items()))}", flush=True)
+    # (attention, mlp/GEMM mode, rotary in the qkv GEMM epilogue); the first is patch()'s default
+    variants = [("auto", "auto", False), ("auto", "cublas", False), ("auto", "auto", True),
+                ("cudnn", "auto", False), ("fa2", "auto", False), ("triton", "cublas", False)]
+    if smoke:
+        variants = [v for v in variants if v[0] != "fa2"]
+    if "variants" in skip:
+        variants = variants[:1]
+
+    def vname(v: tuple[str, str, bool]) -> str:
+        return f"{v[0]},{v[1]}{',rope-gemm' if v[2] else ''}"
+
+    for wname, (x, grid) in inputs.items():
+        for v in variants:
+            set_ours(ours, *v)
+            measure(f"ours[{vname(v)}]", wname, lambda x=x, grid=grid: ours(x, grid_thw=grid).pooler_output)
+    if not smoke and "graphs" not in skip:
+        from kernels.graphs import VisionGraphs
+
+        # launch gaps dominate small inputs: replay a captured graph (eager ranking does not
+        # carry over, so the main variants are all captured)
+        for wname, (x, grid) in inputs.items():
+            for v in variants[:4]:
+                set_ours(ours, *v)
+                graphs = VisionGraphs(ours, max_graphs=1)
+                measure(f"ours+graphs[{vname(v)}]", wname, lambda x=x, grid=grid, g=graphs: g(x, grid))
+                del graphs
+                torch.cuda.empty_cache()
+    ours = None  # free its weights before the peers run
+    if not smoke:
+        torch.cuda.empty_cache()
+
+    # ---- peers on the unpatched tower
+    def hf_run(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        return hf(x, grid_thw=grid).pooler_output
+
+    inputs_hf = {name: (x, hf_grids[name]) for name, (x, _) in inputs.items()}
+
+    for impl in ("eager", "sdpa"):
+        if impl in skip:
+            continue
+        set_attn_impl(hf, impl)
+        for wname, (x, grid) in inputs_hf.items():
+            measure(f"HF {impl}", wname, lambda x=x, grid=grid: hf_run(x, grid))
+    set_attn_impl(hf, "sdpa")
+    if "liger" not in skip:
+        try:
+            undo = swap_liger_norms(hf)
+        except ImportError as exc:
+            print(f"liger-kernel not importable ({exc}); skipping that peer", flush=True)
+        else:
+            for wname, (x, grid) in inputs_hf.items():
+                measure("HF sdpa + Liger LayerNorm", wname, lambda x=x, grid=grid: hf_run(x, grid))
+            undo()
+    if "compile" not in skip and not smoke:
+        undo = compile_blocks(hf)
+        for wname, (x, grid) in inputs_hf.items():
+            measure("HF sdpa + torch.compile", wname, lambda x=x, grid=grid: hf_run(x, grid))
+        undo()
+
+    # ---- summary
+    print("\n== vision_bench summary ==")
+    print(f"{info}  weights {weights_gib:.3f} GiB")
+    for wname in inputs:
+        rows = [r for r in results if r["workload"] == wname and "ms" in r]
+        if not rows:
+            continue
+        ours_best = min((r for r in rows if r["peer"].startswith("ours")), key=lambda r: r["ms"], default=None)
+        print(f"\n[{wname}] {len(wls[wname])} images, {rows[0]['patches']} patches, "
+              f"{tower_flops(cfg, wls[wname]) / 1e12:.2f} TFLOP")
+        print(f"  {'peer':<30s} {'ms':>9s} {'img/s':>8s} {'TFLOP/s':>8s} {'MFU':>6s} {'peakGiB':>8s} "
+              f"{'relL2':>9s} {'ours x':>7s}")
+        for r in sorted(rows, key=lambda r: r["ms"]):
+            ratio = r["ms"] / ours_best["ms"] if ours_best else float("nan")
+            print(f"  {r['peer']:<30s} {r['ms']:9.3f} {r['img_per_s']:8.1f} {r['tflops']:8.1f} "
+                  f"{r.get('mfu', 0.0):6.1%} {r['peak_act_gib']:8.3f} {r['rel_l2_vs_fp32']:9.2e} {ratio:7.2f}")
+    (out_dir / "vision_bench.json").write_text(json.dumps({"info": info, "weights_gib": weights_gib,
+                                                           "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Small helpers shared by the kernel files (no triton import here: ``import kernels`` must work without it)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+
+def interpreting() -> bool:
+    """True under ``TRITON_INTERPRET=1`` (CPU tests): host functions then pick small fixed tiles and skip autotune,
+    which would otherwise time every config in the slow interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def next_pow2(n: int) -> int:
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def prev_pow2(n: int) -> int:
+    return 1 << (n.bit_length() - 1) if n >= 1 else 0
+
+
+def check_device(*tensors: torch.Tensor) -> None:
+    """Triton kernels run on CUDA tensors, or on CPU tensors only under the interpreter."""
+    for t in tensors:
+        if t.device.type != "cuda" and not interpreting():
+            raise ValueError(f"triton kernel got a {t.device.type} tensor; set TRITON_INTERPRET=1 for CPU")
+
+
+def row_warps(block: int, elem_bytes: int = 2) -> int:
+    """Warps for a one-row-per-program kernel: enough that each thread moves ~16 B per load."""
+    per_thread = max(1, 16 // elem_bytes)
+    warps = block // (32 * per_thread)
+    return max(1, min(16, next_pow2(warps)))
+
+
+def install_interpreter_fix() -> None:
+    """Make ``range(0, tensor_bound)`` work in Triton 3.6's interpreter with numpy >= 2.4.
+
+    The interpreter keeps scalars as 1-element arrays and converts them with ``int(array)``, which
+    numpy 2.4 rejects for ndim > 0. Loop bounds read from memory (our per-image lengths) hit that.
+    We wrap the interpreter's tensor patcher to convert through ``.reshape(-1)[0]``; the patch is
+    scoped to each interpreted call like the interpreter's own. No effect on compiled kernels.
+    """
+    if not interpreting():
+        return
+    try:
+        import triton.runtime.interpreter as interp
+    except ImportError:
+        return
+    orig = getattr(interp, "_patch_lang_tensor", None)
+    if orig is None or getattr(orig, "_splitvl_fixed", False):
+        return
+
+    def patched(tensor, scope):  # type: ignore[no-untyped-def]
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._splitvl_fixed = True  # type: ignore[attr-defined]
+    interp._patch_lang_tensor = patched

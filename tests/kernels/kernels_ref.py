@@ -1,0 +1,74 @@
+"""fp64 PyTorch references for the kernel tests (imported by the test files in this folder)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+on_gpu = torch.cuda.is_available()
+interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+# relative L2 tolerance by dtype (METHOD.md: fp32 far under 1e-3; bf16 operands 1e-3..1e-2)
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    assert torch.isfinite(a).all(), "non-finite output"
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def poison(shape: tuple[int, ...], dtype: torch.dtype, device: str) -> torch.Tensor:
+    """An output buffer full of NaN: any element the kernel forgets to write fails the check."""
+    return torch.full(shape, float("nan"), dtype=dtype, device=device)
+
+
+def layer_norm(x: torch.Tensor, w: torch.Tensor | None, b: torch.Tensor | None, eps: float) -> torch.Tensor:
+    x = x.double()
+    y = (x - x.mean(-1, keepdim=True)) / torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + eps)
+    if w is not None:
+        y = y * w.double()
+    if b is not None:
+        y = y + b.double()
+    return y
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor | None, eps: float) -> torch.Tensor:
+    x = x.double()
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return y * w.double() if w is not None else y
+
+
+def quick_gelu(x: torch.Tensor) -> torch.Tensor:
+    x = x.double()
+    return x * torch.sigmoid(1.702 * x)
+
+
+def gelu(x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.gelu(x.double())
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [S, H, D], cos/sin [S, D/2]: HF's rotate_half rotation in fp64."""
+    x = x.double()
+    half = x.shape[-1] // 2
+    c = torch.cat([cos, cos], -1).double()[:, None]
+    s = torch.cat([sin, sin], -1).double()[:, None]
+    rot = torch.cat([-x[..., half:], x[..., :half]], -1)
+    return x * c + rot * s
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """Block-diagonal softmax attention in fp64; q, k, v [S, H, D] -> [S, H, D]."""
+    d = q.shape[-1]
+    outs = []
+    o = 0
+    for n in lengths:
+        qi, ki, vi = (t[o : o + n].double().transpose(0, 1) for t in (q, k, v))
+        p = torch.softmax(qi @ ki.transpose(-1, -2) / d**0.5, -1)
+        outs.append((p @ vi).transpose(0, 1))
+        o += n
+    return torch.cat(outs, 0)

@@ -1,0 +1,91 @@
+"""bias + QuickGELU / exact GELU / SwiGLU kernels against fp64 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+import kernels_ref as ref  # noqa: E402
+
+from kernels.activations import TritonBiasAct, bias_act, bias_gelu, bias_quick_gelu  # noqa: E402
+from kernels.swiglu import TritonSwiGLUMLP, swiglu  # noqa: E402
+
+SHAPES = [(1, 32), (7, 80), (129, 1280), (2, 3, 48)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_bias_quick_gelu(shape: tuple[int, ...], with_bias: bool, device: str) -> None:
+    x = torch.randn(shape, device=device) * 3
+    b = torch.randn(shape[-1], device=device) if with_bias else None
+    y = bias_quick_gelu(x, b, out=ref.poison(shape, torch.float32, device))
+    assert ref.rel(y, ref.quick_gelu(x + b if b is not None else x)) < 1e-6
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bias_gelu_exact(shape: tuple[int, ...], device: str) -> None:
+    x = torch.randn(shape, device=device) * 3
+    b = torch.randn(shape[-1], device=device)
+    assert ref.rel(bias_gelu(x, b), ref.gelu(x + b)) < 1e-6
+
+
+def test_other_acts_and_in_place(device: str) -> None:
+    x = torch.randn(7, 80, device=device)
+    assert ref.rel(bias_act(x, None, "silu"), torch.nn.functional.silu(x.double())) < 1e-6
+    want = torch.nn.functional.gelu(x.double(), approximate="tanh")
+    assert ref.rel(bias_act(x, None, "gelu_pytorch_tanh"), want) < 1e-6
+    assert ref.rel(TritonBiasAct("quick_gelu")(x), ref.quick_gelu(x)) < 1e-6
+    want = ref.quick_gelu(x)
+    y = bias_quick_gelu(x, None, out=x)
+    assert y.data_ptr() == x.data_ptr() and ref.rel(y, want) < 1e-6
+    with pytest.raises(ValueError):
+        bias_act(x, None, "relu6")
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_swiglu(shape: tuple[int, ...], with_bias: bool, device: str) -> None:
+    g, u = torch.randn(shape, device=device) * 2, torch.randn(shape, device=device)
+    n = shape[-1]
+    bg, bu = (torch.randn(n, device=device), torch.randn(n, device=device)) if with_bias else (None, None)
+    y = swiglu(g, u, bg, bu, out=ref.poison(shape, torch.float32, device))
+    gg = g.double() + (bg.double() if bg is not None else 0)
+    uu = u.double() + (bu.double() if bu is not None else 0)
+    assert ref.rel(y, torch.nn.functional.silu(gg) * uu) < 1e-6
+
+
+def test_swiglu_strided_halves(device: str) -> None:
+    """gate and up as column slices of one fused [M, 2N] GEMM output."""
+    gu = torch.randn(7, 160, device=device)
+    g, u = gu[:, :80], gu[:, 80:]
+    assert ref.rel(swiglu(g, u), torch.nn.functional.silu(g.double()) * u.double()) < 1e-6
+
+
+def test_swiglu_mlp_matches_hf(device: str) -> None:
+    from transformers import Qwen2_5_VLConfig
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP
+
+    cfg = Qwen2_5_VLConfig(vision_config={"hidden_size": 48, "intermediate_size": 80, "hidden_act": "silu"})
+    hf = Qwen2_5_VLMLP(cfg.vision_config, bias=True).to(device)
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.3)
+    ours = TritonSwiGLUMLP.from_module(hf)
+    x = torch.randn(7, 48, device=device)
+    with torch.no_grad():
+        assert ref.rel(ours(x), hf(x)) < 1e-5
+
+
+@ref.requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("rows", [1, 1024, 32768])
+def test_activations_gpu(dtype: torch.dtype, rows: int) -> None:
+    x = torch.randn(rows, 5120, device="cuda", dtype=dtype)
+    b = torch.randn(5120, device="cuda", dtype=dtype)
+    tol = ref.TOL[dtype]
+    xb = x.double() + b.double()
+    assert ref.rel(bias_quick_gelu(x, b, out=ref.poison(x.shape, dtype, "cuda")), ref.quick_gelu(xb)) < tol
+    assert ref.rel(bias_gelu(x, b), ref.gelu(xb)) < tol
+    assert ref.rel(swiglu(x, x, b, b), torch.nn.functional.silu(xb) * xb) < tol
