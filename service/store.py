@@ -81,6 +81,11 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
     return t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
 
 
+def _serialize(t: torch.Tensor) -> tuple[bytes, str]:
+    data = tensor_bytes(t)
+    return data, checksum(data)
+
+
 def tensor_from_bytes(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape)
 
@@ -114,20 +119,26 @@ class FeatureStore:
         except (RedisError, OSError) as exc:
             raise unavailable("redis_unavailable", f"the feature store (Redis) is unreachable: {exc}", 2.0) from exc
 
-    async def put(self, record: ImageRecord) -> None:
-        data = tensor_bytes(record.embeds)
+    async def put(self, record: ImageRecord, *, model_key: str | None = None) -> None:
+        """Store the record (and, with ``model_key``, register its fingerprint) in one round trip."""
+        # hashing ~1 MB takes milliseconds: a thread, not the event loop (hashlib releases the GIL)
+        data, digest = await asyncio.to_thread(_serialize, record.embeds)
         mapping = {
             "embeds": data,
             "dtype": dtype_name(record.embeds.dtype),
             "shape": json.dumps(list(record.embeds.shape)),
             "grid_thw": json.dumps(list(record.grid_thw)),
-            "checksum": checksum(data),
+            "checksum": digest,
             "model": record.model,
             "created": str(time.time()),
         }
         key = self.key(record.fingerprint, record.image_id)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(key, mapping=mapping)
+        if model_key is not None:
+            from service.fingerprint import REGISTRY
+
+            pipe.hset(REGISTRY, model_key, record.fingerprint)
         pipe.set(f"{PREFIX}:id:{record.image_id}", record.fingerprint)
         if self.ttl_s:
             pipe.expire(key, self.ttl_s)
@@ -159,7 +170,8 @@ class FeatureStore:
             model = got["model"].decode()
             if with_embeds:
                 data = got["embeds"] or b""
-                if checksum(data) != got["checksum"].decode():
+                digest = await asyncio.to_thread(checksum, data) if len(data) > 65536 else checksum(data)
+                if digest != got["checksum"].decode():
                     raise ValueError("checksum mismatch")
                 embeds = tensor_from_bytes(data, dtype, shape)
             else:

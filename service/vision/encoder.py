@@ -11,8 +11,12 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from kernels.graphs import VisionGraphs
 
 from service.checkpoint import (
     CheckpointError,
@@ -23,7 +27,7 @@ from service.checkpoint import (
     resolve_model_path,
 )
 from service.fingerprint import model_fingerprint, model_key, weights_digest
-from service.preprocess import ImageLimits, PreprocessConfig, decode_image, preprocess
+from service.preprocess import ImageLimits, PreprocessConfig, decode_image, preprocess, target_size
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +56,7 @@ class VisionEncoder:
     """Qwen2-VL's vision tower on ``device`` in ``dtype``; Triton-patched on CUDA when asked."""
 
     def __init__(self, model: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 use_kernels: bool = True, limits: ImageLimits | None = None) -> None:
+                 use_kernels: bool = True, limits: ImageLimits | None = None, graph_cache: int = 16) -> None:
         from transformers import Qwen2VLConfig
         from transformers.models.qwen2_vl.modeling_qwen2_vl import (
             Qwen2VisionTransformerPretrainedModel,
@@ -84,13 +88,18 @@ class VisionEncoder:
         self.spatial_merge_size: int = config.spatial_merge_size
         self.hidden_size: int = config.hidden_size
         self.patched: dict[str, str] | list[str] | None = None
+        self.graphs: VisionGraphs | None = None
         if use_kernels and self.device.type == "cuda":
             import kernels
+            from kernels.graphs import VisionGraphs
 
             self.patched = kernels.patch(self.tower)
             log.info("vision tower patched with splitvl kernels: %s", self.patched)
+            # One CUDA graph per image grid: removes the launch gaps that dominate a lone image.
+            self.graphs = VisionGraphs(self.tower, max_graphs=graph_cache)
         # One forward at a time: the batcher already serialises, this guards direct callers.
         self._lock = threading.Lock()
+        self._streams = threading.local()  # one CUDA stream per preprocessing thread
 
     # -- model contract -------------------------------------------------------------------------
     def preprocess(self, data: bytes, limits: ImageLimits | None = None) -> Patches:
@@ -98,19 +107,42 @@ class VisionEncoder:
 
         ``limits`` (the calling worker's settings) override the encoder's own."""
         image = decode_image(data, limits or self.limits)
-        pixel_values, grid_thw = preprocess(image, self.preprocess_config, self.device)
-        t, h, w = (int(x) for x in grid_thw.reshape(-1).tolist())
-        return Patches(pixel_values=pixel_values, grid_thw=(t, h, w))
+        cfg = self.preprocess_config
+        if self.device.type != "cuda":
+            pixel_values, grid_thw = preprocess(image, cfg, self.device)
+            t, h, w = (int(x) for x in grid_thw.reshape(-1).tolist())
+            return Patches(pixel_values=pixel_values, grid_thw=(t, h, w))
+        # On its own stream, so a preprocessing thread never waits for a forward in flight (nor the
+        # forward for it); the grid comes from host arithmetic, not from a device read.
+        stream = getattr(self._streams, "stream", None)
+        if stream is None:
+            stream = self._streams.stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(stream):
+            pixel_values, _ = preprocess(image, cfg, self.device)
+        height, width = target_size(image.height, image.width, cfg)
+        stream.synchronize()
+        return Patches(pixel_values=pixel_values, grid_thw=(1, height // cfg.patch_size, width // cfg.patch_size))
 
     @torch.inference_mode()
     def forward(self, batch: list[Patches]) -> list[torch.Tensor]:
         """Several images packed into one forward (block-diagonal attention by cu_seqlens)."""
+        if self.device.type == "cuda":
+            current = torch.cuda.current_stream(self.device)
+            for p in batch:  # made on a preprocessing stream: keep their memory until this stream is done
+                if p.pixel_values.is_cuda:
+                    p.pixel_values.record_stream(current)
         pixel_values = torch.cat([p.pixel_values.to(self.device, non_blocking=True) for p in batch])
-        grid_thw = torch.tensor([p.grid_thw for p in batch], dtype=torch.long, device=self.device)
+        # the patched tower reads grid_thw on the host (no device sync); HF's wants it on the device
+        grid_device = "cpu" if self.patched else self.device
+        grid_thw = torch.tensor([p.grid_thw for p in batch], dtype=torch.long, device=grid_device)
         with self._lock:
-            out = self.tower(pixel_values.to(self.dtype), grid_thw=grid_thw)
-        merged = out.pooler_output  # [sum(tokens), hidden_size]
-        return self.postprocess(merged, batch)
+            if self.graphs is not None and len(batch) == 1:
+                # the graph's output is a reused buffer: postprocess copies it out
+                merged = self.graphs(pixel_values, grid_thw).clone()
+            else:
+                merged = self.tower(pixel_values.to(self.dtype), grid_thw=grid_thw).pooler_output
+        # one device-to-host copy per batch, on this (the device) thread, never on the event loop
+        return self.postprocess(merged.cpu(), batch)  # merged: [sum(tokens), hidden_size]
 
     def postprocess(self, merged: torch.Tensor, batch: list[Patches]) -> list[torch.Tensor]:
         sizes = [p.num_patches // self.spatial_merge_size**2 for p in batch]
@@ -119,11 +151,17 @@ class VisionEncoder:
     def num_tokens(self, patches: Patches) -> int:
         return patches.num_patches // self.spatial_merge_size**2
 
-    def warmup(self) -> None:
-        """Run the smallest image once so the first request pays no lazy initialisation."""
-        side = self.preprocess_config.patch_size * self.preprocess_config.merge_size
-        t = self.preprocess_config.temporal_patch_size
-        dim = 3 * t * self.preprocess_config.patch_size**2
-        n = (side // self.preprocess_config.patch_size) ** 2
-        grid = (1, side // self.preprocess_config.patch_size, side // self.preprocess_config.patch_size)
-        self.forward([Patches(torch.zeros(n, dim), grid)])
+    def warmup(self, max_patches: int = 16384) -> None:
+        """Pay lazy initialisation before serving: on CUDA, every patch-count bucket the kernels tune
+        for (powers of two) and the one-image graph of the common grids; on CPU, one small forward."""
+        cfg = self.preprocess_config
+        dim = 3 * cfg.temporal_patch_size * cfg.patch_size**2
+        side = cfg.merge_size  # the smallest grid: one merge window
+        plan = [((1, side, side), 1)]
+        if self.patched:
+            plan = [((1, 16, 16), n) for n in (1, 2)] + [((1, 32, 32), n) for n in (1, 2, 4, 8, 16)]
+        for grid, count in plan:
+            patches = grid[0] * grid[1] * grid[2]
+            if patches * count > max_patches and count > 1:
+                continue
+            self.forward([Patches(torch.randn(patches, dim), grid) for _ in range(count)])

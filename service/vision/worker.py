@@ -65,7 +65,7 @@ class VisionWorker:
         self.metrics.queue_depth.labels("vision").set(self.batcher.depth)
 
     async def start(self) -> None:
-        await asyncio.get_running_loop().run_in_executor(None, self.encoder.warmup)
+        await asyncio.get_running_loop().run_in_executor(None, self.encoder.warmup, self.settings.max_batch_patches)
         self.batcher.start()
         try:
             await self.store.register_model(self.encoder.model_key, self.fingerprint)
@@ -145,8 +145,7 @@ class VisionWorker:
             patches = await loop.run_in_executor(self._preprocess_pool, self.encoder.preprocess, data, self.limits)
             embeds = await self.batcher.submit(patches)
             record = ImageRecord(image_id, self.fingerprint, self.model_name, patches.grid_thw, embeds.cpu())
-            await self.store.put(record)
-            await self.store.register_model(self.encoder.model_key, self.fingerprint)
+            await self.store.put(record, model_key=self.encoder.model_key)
             return record, False
         finally:
             if renew is not None:
