@@ -1,6 +1,6 @@
 """LLM decode: HF generate against our engine (eager, fused, CUDA graphs), one process, one GPU.
 
-    python bench/llm_bench.py [--out DIR] [--skip hf,agree,attn,7b,http] [--budget-s 420]
+    python bench/llm_bench.py [--out DIR] [--skip hf,agree,attn,prefill,7b,http,eager,fused] [--budget-s 420]
     python bench/llm_bench.py --smoke      # CPU, tiny config: code paths only (no graphs, no Triton)
 
 Qwen2-VL-2B config (language model: hidden 1536, 28 layers, 12 heads / 2 KV heads, MLP 8960,
@@ -11,12 +11,16 @@ embeddings HF's tower makes. Engines:
 
 - ``eager``: the plain PyTorch steps, no graphs (the engine before issue 5);
 - ``fused``: the Triton-fused steps, no graphs;
-- ``graphs``: fused steps, decode replayed from CUDA graphs, Triton decode attention.
+- ``graphs``: fused steps, decode replayed from CUDA graphs, Triton decode attention, and the
+  prefills replayed from CUDA graphs too (padded to buckets; ``prefill_graphs``, the default);
+- ``graphs_eager_prefill``: the same with eager prefills (``prefill_graphs=False``), the engine
+  before prefill graphs.
 
 Scenarios: first token on an unseen image (prefix computed) and a seen one (prefix KV reused),
 ms/token at batch 1, 8 concurrent questions on one image vs one question (32 new tokens each),
 32 concurrent questions over 8 images (tokens/s vs a pure decode loop at batch 32), decode
-attention variants (SDPA / masked matmul / Triton) in graphs, greedy agreement over 50
+attention variants (SDPA / masked matmul / Triton) in graphs, prefill alone (eager against
+graph replay: 16 question tokens after a 271-token prefix, a 271-token prefix), greedy agreement over 50
 question/image pairs, the 7B language model, and the HTTP overhead of /v1/questions.
 Every scenario is guarded: a failure prints and the rest runs. Rows go to llm_bench.json.
 """
@@ -47,7 +51,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from service.llm.cuda_graphs import DecodeRunner  # noqa: E402
+from service.llm.cuda_graphs import DecodeRunner, PrefillRow, PrefillRunner  # noqa: E402
 from service.llm.engine import Delta, Finish, LLMEngine  # noqa: E402
 from service.llm.model import (  # noqa: E402
     Qwen2LM,
@@ -57,6 +61,8 @@ from service.llm.model import (  # noqa: E402
     decode_step_fused,
     fuse_hub_tensors,
     model_from_state,
+    prefill_at,
+    prefill_fused_at,
     random_model,
 )
 
@@ -251,6 +257,8 @@ def engine_scenarios(name: str, engine: LLMEngine, images: list[Image], *, reps:
     ms_per_token(engine, img, 8)
     concurrent(engine, [(img, fresh(img), QUESTIONS[i % 5]) for i in range(8)], 4)
     concurrent(engine, [(images[i % 8], fresh(images[i % 8]), QUESTIONS[i % 5]) for i in range(32)], 4)
+    for question in QUESTIONS:  # every question's prefill bucket (a graph each, with prefill graphs)
+        first_token_ms(engine, img, img.key, question)
 
     unseen = [first_token_ms(engine, img, fresh(img), QUESTIONS[1]) for _ in range(reps)]
     first_token_ms(engine, img, img.key, QUESTIONS[0])
@@ -278,6 +286,8 @@ def engine_scenarios(name: str, engine: LLMEngine, images: list[Image], *, reps:
     if torch.cuda.is_available():
         record(f"{name}.peak_memory_gib", round(torch.cuda.max_memory_allocated() / 2**30, 2))
     record(f"{name}.stats", engine.stats())
+    if engine.prefiller is not None:
+        record(f"{name}.prefill_runs", engine.prefiller.counters)
 
 
 # -- main -----------------------------------------------------------------------------------------
@@ -389,10 +399,14 @@ def bench_2b(tmp: Path, device: torch.device, dtype: torch.dtype, smoke: bool, g
 
     modes = {"eager": {"fused": False, "cuda_graphs": False},
              "fused": {"fused": True, "cuda_graphs": False},
-             "graphs": {"fused": True, "cuda_graphs": True, "attention": "triton"},
+             "graphs": {"fused": True, "cuda_graphs": True, "attention": "triton", "prefill_graphs": True},
+             "graphs_eager_prefill": {"fused": True, "cuda_graphs": True, "attention": "triton",
+                                      "prefill_graphs": False},
              "graphs_plain": {"fused": False, "cuda_graphs": True, "attention": "sdpa"}}  # fallback
-    if smoke:
-        modes = {"eager": {"fused": False, "cuda_graphs": False}, "graphs": {"fused": False}}
+    if smoke:  # CPU: no graphs; the bucketed prefill runs eagerly
+        modes = {"eager": {"fused": False, "cuda_graphs": False},
+                 "graphs": {"fused": False, "prefill_graphs": True},
+                 "graphs_eager_prefill": {"fused": False, "prefill_graphs": False}}
     reps = 3 if smoke else 7
 
     def engine(name: str) -> LLMEngine:
@@ -427,6 +441,8 @@ def bench_2b(tmp: Path, device: torch.device, dtype: torch.dtype, smoke: bool, g
     if not run_engine("graphs"):
         engines.pop("graphs", None)
         run_engine("graphs_plain")
+    if run_engine("graphs_eager_prefill"):  # the baseline: the same engine with eager prefills
+        engines.pop("graphs_eager_prefill").close()
     run_engine("eager")
 
     @guard("pure decode loops")
@@ -454,25 +470,48 @@ def bench_2b(tmp: Path, device: torch.device, dtype: torch.dtype, smoke: bool, g
                         row[vname + "_eager"] = round(pure_decode_ms(lm, fn, batch=1, window=512, max_len=max_len,
                                                                      graphs=False, window_buckets=wb, steps=20), 4)
             record(f"pure_decode_ms.b{batch}_ctx300", row)
-        # prefill alone (eager): the question part after a cached prefix, and a whole image prefix
+
+    @guard("prefill alone")
+    def _prefill_alone() -> None:
+        """Prefill alone, batch 1, the LM head and one host sync included: eager (plain and fused
+        steps) against the bucketed prefill replayed from a CUDA graph (16 question tokens pad to
+        16, the 271-token prefix to 320; ``*_graph_*``; on the CPU the bucketed prefill runs eagerly)."""
+        if not want("prefill"):
+            return
         from service.llm.model import prefill, prefill_fused
 
+        fused_ok = device.type == "cuda"
         kv = allocate_kv_cache(lm.cfg, 2, max_len, device=device, dtype=dtype)
         slots = torch.tensor([1], device=device)
         fns = {"plain": prefill} | ({"fused": prefill_fused} if fused_ok else {})
+        graph_fns = {"plain": prefill_at} | ({"fused": prefill_fused_at} if fused_ok else {})
+        runner = PrefillRunner(lm, kv, use_graphs=True)
+        image = torch.randn(256, lm.cfg.hidden_size, dtype=dtype)  # from Redis: on the CPU
         row = {}
+
+        def timed(call: Callable[[], Any]) -> float:
+            times = []
+            for _ in range(8):
+                sync()
+                t0 = time.perf_counter()
+                call()
+                times.append((time.perf_counter() - t0) * 1e3)
+            return med(times[3:])
+
         with torch.inference_mode():
-            for fname, fn in fns.items():
-                for label, start, t in (("question16_after271", 271, 16), ("prefix271", 0, 271)):
-                    x = torch.randn(1, t, lm.cfg.hidden_size, device=device, dtype=dtype)
-                    pos = (torch.arange(t, device=device) + start).expand(3, 1, t)
-                    times = []
-                    for _ in range(6):
-                        sync()
-                        t0 = time.perf_counter()
-                        lm.logits(fn(lm, kv, x, pos, slots, start)[:, -1]).argmax(-1).tolist()
-                        times.append((time.perf_counter() - t0) * 1e3)
-                    row[f"{fname}_{label}"] = med(times[2:])
+            for label, start, t in (("question16_after271", 271, 16), ("prefix271", 0, 271)):
+                x = torch.randn(1, t, lm.cfg.hidden_size, device=device, dtype=dtype)
+                pos = (torch.arange(t, device=device) + start).expand(3, 1, t)
+                for fname, fn in fns.items():
+                    row[f"{fname}_{label}"] = timed(
+                        lambda fn=fn, x=x, pos=pos, start=start: lm.logits(
+                            fn(lm, kv, x, pos, slots, start)[:, -1]).argmax(-1).tolist())
+                prow = PrefillRow(list(range(100, 100 + t)), torch.arange(start, start + t).expand(3, t), 1, start,
+                                  (15, image) if start == 0 else None)
+                for fname, fn in graph_fns.items():
+                    row[f"{fname}_graph_{label}"] = timed(
+                        lambda fn=fn, prow=prow: runner.run(fn, [prow])[1].tolist())  # type: ignore[union-attr]
+        row["graphs"] = runner.graphs
         record("prefill_ms_b1", row)
 
     @guard("hf")
@@ -694,19 +733,22 @@ def summary(r: dict[str, Any]) -> None:
         return f"{x / y:.1f}x" if isinstance(x, int | float) and isinstance(y, int | float) and y else "-"
 
     graphs = "graphs" if "graphs.ms_per_token_b1" in r or "graphs_plain.ms_per_token_b1" not in r else "graphs_plain"
+    base = "graphs_eager_prefill"
     print("\n==== LLM decode (issue 5) ====", r["env"])
-    print(f"(ours graphs = {graphs})")
-    print(f"{'':34}{'HF generate':>14}{'ours eager':>14}{'ours fused':>14}{'ours graphs':>14}{'HF/graphs':>11}")
+    print(f"(ours graphs = {graphs}; 'eager prefill' = graphs with prefill_graphs=False)")
+    print(f"{'':34}{'HF generate':>14}{'ours eager':>14}{'ours fused':>14}{'eager prefill':>14}{'ours graphs':>14}"
+          f"{'HF/graphs':>11}")
     for label, suffix, hf_key in [("first token, unseen image (ms)", "first_token_unseen_ms", "hf.first_token_ms"),
                                   ("first token, seen image (ms)", "first_token_seen_ms", "hf.first_token_ms"),
                                   ("decode, batch 1 (ms/token)", "ms_per_token_b1", "hf.ms_per_token_b1")]:
         print(f"{label:34}{g(hf_key)!s:>14}{g('eager.' + suffix)!s:>14}{g('fused.' + suffix)!s:>14}"
-              f"{g(graphs + '.' + suffix)!s:>14}{ratio(hf_key, graphs + '.' + suffix):>11}")
+              f"{g(base + '.' + suffix)!s:>14}{g(graphs + '.' + suffix)!s:>14}{ratio(hf_key, graphs + '.' + suffix):>11}")
     for key in ("one_question_32tok_unseen_ms", "eight_questions_32tok_unseen_ms", "eight_over_one",
-                "b32_over_8_images_unseen", "b32_over_8_images_seen", "peak_memory_gib"):
-        print(f"  {key}: eager {g('eager.' + key)} | fused {g('fused.' + key)} | {graphs} {g(graphs + '.' + key)}")
+                "b32_over_8_images_unseen", "b32_over_8_images_seen", "peak_memory_gib", "stats"):
+        print(f"  {key}: eager {g('eager.' + key)} | fused {g('fused.' + key)} | eager prefill {g(base + '.' + key)}"
+              f" | {graphs} {g(graphs + '.' + key)}")
     for key, value in r.items():
-        if key.startswith(("pure_decode", "agree.", "7b.", "http.", "hf.", "lm_")):
+        if key.startswith(("pure_decode", "prefill_ms", "agree.", "7b.", "http.", "hf.", "lm_")):
             print(f"  {key}: {value}")
     if "errors" in r:
         print("ERRORS:", json.dumps(r["errors"], indent=1))

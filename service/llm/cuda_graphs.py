@@ -15,18 +15,35 @@ On CUDA each (batch bucket, window bucket) is captured once in a ``torch.cuda.CU
 replayed; on the CPU (and with ``use_graphs=False``) the same step runs eagerly, so the CPU tests
 exercise the same bookkeeping. Rows past the active slots, and finished rows, compute harmlessly:
 their cache positions are clamped to the window, and their outputs are ignored.
+
+``PrefillRunner`` does the same for prefills: rows of prompt tokens are padded to a bucket (rows to
+a power of two, tokens to 16 / 32 / 64 / 128, then multiples of 64), their per-token rope
+positions, cache positions and slots travel to the device in one copy, and on CUDA each bucket's
+prefill (embedding, the layers, the LM head and the argmax at each row's real last token) is
+replayed from a CUDA graph. Padding tokens write keys and values past their row's real tokens,
+where no real token attends and decoding overwrites them; padding rows write only the cache's last
+position, which no request reaches (a prompt plus its answer fit in ``max_len``), and attention
+never reads past each token's own cache position.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from service.llm.model import Qwen2LM
 
 DecodeFn = Callable[[Qwen2LM, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class PrefillFn(Protocol):
+    """``prefill_at`` / ``prefill_fused_at``: (model, kv, embeds, positions, slots, at, window, causal)."""
+
+    def __call__(self, model: Qwen2LM, kv: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor,
+                 slots: torch.Tensor, at: torch.Tensor, window: int, *, causal: bool = False) -> torch.Tensor: ...
 
 TOKEN, CACHE_POS, ROPE_POS, ACTIVE = range(4)
 
@@ -167,3 +184,219 @@ class DecodeRunner:
         else:
             host.copy_(nxt)
         return Step(batch, logits, host, event)
+
+
+# -- prefill ---------------------------------------------------------------------------------------
+
+
+def token_bucket(n: int, small: Sequence[int] = (16, 32, 64, 128), step: int = 64) -> int:
+    """The padded length of ``n`` prompt tokens: the first of ``small`` that holds them, else the
+    next multiple of ``step``."""
+    for size in small:
+        if n <= size:
+            return size
+    return -(-n // step) * step
+
+
+def window_bucket(end: int, max_len: int, smallest: int = 64) -> int:
+    """The attention window for cache positions ``[0, end)``: a power of two from ``smallest``,
+    at most ``max_len``."""
+    size = smallest
+    while size < end:
+        size *= 2
+    return min(size, max_len)
+
+
+@dataclass
+class PrefillRow:
+    """One row of a prefill: prompt tokens ``ids`` going to cache positions ``start ..`` of ``slot``."""
+
+    ids: Sequence[int]
+    positions: torch.Tensor  # [3, len(ids)] M-RoPE ids, on the CPU
+    slot: int
+    start: int
+    image: tuple[int, torch.Tensor] | None = None  # (index in ids, embeddings [n, hidden]) replacing ids
+
+
+@dataclass(frozen=True)
+class PrefillShape:
+    """What one prefill graph is recorded for."""
+
+    rows: int
+    tokens: int
+    window: int
+    causal: bool  # all real rows start at 0 and window == tokens
+    images: bool  # some row has image embeddings
+    logits: bool  # compute the LM head and argmax at each row's last token
+
+
+class PrefillRunner:
+    """Prefills of padded, bucketed rows, replayed from CUDA graphs on CUDA (eager elsewhere).
+
+    ``run(fn, rows, logits=...)`` -> (logits [N, vocab] fp32, greedy tokens [N]) at each row's real
+    last token (None, None when ``logits`` is False: a prefix only fills the cache). The tensors
+    are the graph's outputs: valid until the next ``run``.
+
+    ``bucketed=False`` (or a batch of more than ``max_graph_tokens`` padded tokens) runs the rows
+    as they are, eagerly: rows padded at the end to the longest, the window exactly as long as the
+    longest row's end (the plain engine's layout). Graphs are recorded on first use of a shape, at
+    most ``max_graphs`` of them (later shapes run eagerly, padded), and share one memory pool: only
+    one of them runs at a time, and its outputs are read before the next one runs.
+    """
+
+    def __init__(self, model: Qwen2LM, kv: torch.Tensor, *, use_graphs: bool, bucketed: bool = True,
+                 row_buckets: Sequence[int] | None = None, max_graph_tokens: int = 8192,
+                 max_graphs: int = 64) -> None:
+        self.model = model
+        self.kv = kv
+        self.slots = kv.shape[2]
+        self.max_len = kv.shape[4]
+        self.device = kv.device
+        self.use_graphs = use_graphs and self.device.type == "cuda"
+        self.bucketed = bucketed
+        self.row_buckets = sorted(set(row_buckets or pow2_buckets(self.slots)))
+        self.max_graph_tokens = max_graph_tokens
+        self.max_graphs = max_graphs
+        self._max_rows = max(self.row_buckets[-1], self.slots)
+        self._graphs: dict[tuple[int, PrefillShape], tuple[torch.cuda.CUDAGraph, torch.Tensor | None,
+                                                           torch.Tensor | None]] = {}
+        self._pool = None
+        self._meta: torch.Tensor | None = None  # static inputs of the graphs (lazily, on first capture)
+        self._images: torch.Tensor | None = None
+        self.counters = {"graph_runs": 0, "eager_runs": 0}
+
+    @property
+    def graphs(self) -> int:
+        return len(self._graphs)
+
+    # -- layout -----------------------------------------------------------------------------------
+
+    def shape(self, rows: Sequence[PrefillRow], *, logits: bool) -> PrefillShape:
+        """The (padded) shape ``rows`` run at."""
+        n = len(rows)
+        longest = max(len(r.ids) for r in rows)
+        end = max(r.start + len(r.ids) for r in rows)
+        from_zero = all(r.start == 0 for r in rows)
+        images = any(r.image is not None for r in rows)
+        if self.bucketed:
+            b = next((s for s in self.row_buckets if s >= n), n)
+            t = min(token_bucket(longest), self.max_len)
+            if b * t <= self.max_graph_tokens:
+                window = t if from_zero else window_bucket(end, self.max_len)
+                return PrefillShape(b, t, window, from_zero, images, logits)
+        return PrefillShape(n, longest, end, from_zero and end == longest, images, logits)
+
+    @staticmethod
+    def _meta_size(rows: int, tokens: int) -> int:
+        return 6 * rows * tokens + 2 * rows
+
+    @staticmethod
+    def _split(meta: torch.Tensor, rows: int, tokens: int) -> tuple[torch.Tensor, ...]:
+        """ids [R, T], positions [3, R, T], at [R, T], image mask [R, T], slots [R], last [R]."""
+        rt = rows * tokens
+        return (meta[:rt].view(rows, tokens), meta[rt : 4 * rt].view(3, rows, tokens),
+                meta[4 * rt : 5 * rt].view(rows, tokens), meta[5 * rt : 6 * rt].view(rows, tokens),
+                meta[6 * rt : 6 * rt + rows], meta[6 * rt + rows : 6 * rt + 2 * rows])
+
+    def _host_meta(self, rows: Sequence[PrefillRow], shape: PrefillShape) -> torch.Tensor:
+        """The inputs on the host, in ``_split``'s layout. Padding tokens continue their row's
+        positions and cache positions; padding rows (slot of row 0) write only the last position."""
+        r, t = shape.rows, shape.tokens
+        host = torch.zeros(self._meta_size(r, t), dtype=torch.long, pin_memory=self.device.type == "cuda")
+        ids, pos, at, image, slots, last = self._split(host, r, t)
+        at.fill_(self.max_len - 1)
+        slots.fill_(rows[0].slot)
+        steps = torch.arange(t)
+        for b, row in enumerate(rows):
+            n = len(row.ids)
+            ids[b, :n] = torch.as_tensor(row.ids, dtype=torch.long)
+            pos[:, b, :n] = row.positions
+            if n < t:
+                pos[:, b, n:] = row.positions[:, -1:] + steps[1 : t - n + 1]
+            at[b] = steps + row.start
+            slots[b] = row.slot
+            last[b] = n - 1
+            if row.image is not None:
+                lo, embeds = row.image
+                image[b, lo : lo + embeds.shape[0]] = 1
+        return host
+
+    # -- running ----------------------------------------------------------------------------------
+
+    def _body(self, fn: PrefillFn, shape: PrefillShape, meta: torch.Tensor, images: torch.Tensor | None
+              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        r, t = shape.rows, shape.tokens
+        ids, pos, at, image, slots, last = self._split(meta, r, t)
+        x = self.model.embed(ids)  # [R, T, hidden]
+        if shape.images:
+            assert images is not None
+            x = torch.where(image[:, :, None] != 0, images, x)
+        hidden = fn(self.model, self.kv, x, pos, slots, at, shape.window, causal=shape.causal)
+        if not shape.logits:
+            return None, None
+        logits = self.model.logits(hidden[torch.arange(r, device=hidden.device), last])
+        return logits, torch.argmax(logits, dim=-1)
+
+    def _static(self, shape: PrefillShape) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Views of the graphs' static inputs for ``shape`` (allocated once, at the largest size)."""
+        if self._meta is None:
+            self._meta = torch.zeros(6 * self.max_graph_tokens + 2 * self._max_rows, dtype=torch.long,
+                                     device=self.device)
+            self._images = torch.zeros(self.max_graph_tokens, self.model.cfg.hidden_size, dtype=self.model.dtype,
+                                       device=self.device)
+        assert self._images is not None
+        meta = self._meta[: self._meta_size(shape.rows, shape.tokens)]
+        images = self._images[: shape.rows * shape.tokens].view(shape.rows, shape.tokens, -1)
+        return meta, images if shape.images else None
+
+    def _capture(self, fn: PrefillFn, shape: PrefillShape, meta: torch.Tensor, images: torch.Tensor | None
+                 ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor | None, torch.Tensor | None]:
+        """Record ``shape``'s prefill. The warm-up runs (Triton compiles, cuBLAS picks algorithms)
+        really run this call's prefill: they write the same keys and values the replay writes."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self._body(fn, shape, meta, images)
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            logits, tokens = self._body(fn, shape, meta, images)
+        return graph, logits, tokens
+
+    def run(self, fn: PrefillFn, rows: Sequence[PrefillRow], *, logits: bool = True
+            ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Prefill ``rows`` (one per slot) without waiting for the device; see the class doc."""
+        shape = self.shape(rows, logits=logits)
+        key = (id(fn), shape)
+        graphed = (self.use_graphs and shape.rows * shape.tokens <= self.max_graph_tokens
+                   and shape.rows <= self._max_rows and (key in self._graphs or len(self._graphs) < self.max_graphs))
+        host = self._host_meta(rows, shape)
+        if graphed:
+            meta, images = self._static(shape)
+            meta.copy_(host, non_blocking=True)  # pinned: the host allocator keeps it until the copy ran
+        else:
+            meta = host.to(self.device, non_blocking=True)
+            images = None
+            if shape.images:
+                images = torch.zeros(shape.rows, shape.tokens, self.model.cfg.hidden_size, dtype=self.model.dtype,
+                                     device=self.device)
+        if images is not None:
+            for b, row in enumerate(rows):
+                if row.image is not None:
+                    lo, embeds = row.image
+                    images[b, lo : lo + embeds.shape[0]].copy_(embeds, non_blocking=True)
+        if graphed:
+            self.counters["graph_runs"] += 1
+            if key not in self._graphs:
+                self._graphs[key] = self._capture(fn, shape, meta, images)
+            graph, out, tokens = self._graphs[key]
+            graph.replay()
+        else:
+            self.counters["eager_runs"] += 1
+            out, tokens = self._body(fn, shape, meta, images)
+        if out is None or tokens is None:
+            return None, None
+        return out[: len(rows)], tokens[: len(rows)]

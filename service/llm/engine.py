@@ -36,6 +36,9 @@ and rope positions of each slot advance inside the step, greedy tokens are picke
 with only greedy requests the next step is launched before the host reads this one's tokens
 (one copy to pinned memory per step). On CUDA the step is replayed from a CUDA graph per batch
 bucket, with the Triton-fused kernels (``gpu_ops``) for bf16/fp16; on the CPU it runs eagerly.
+Prefills go through ``cuda_graphs.PrefillRunner`` there too (``prefill_graphs``): rows and tokens
+padded to buckets, one CUDA graph per (rows, tokens, attention window) bucket, the first token's
+logits and argmax inside the graph; on the CPU the plain batched prefill runs.
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ import torch
 
 from service.checkpoint import load_json, resolve_model_path
 from service.errors import ApiError, unavailable
-from service.llm.cuda_graphs import DecodeFn, DecodeRunner, Step
+from service.llm.cuda_graphs import DecodeFn, DecodeRunner, PrefillFn, PrefillRow, PrefillRunner, Step
 from service.llm.model import (
     Qwen2LM,
     allocate_kv_cache,
@@ -63,7 +66,9 @@ from service.llm.model import (
     fused_supported,
     load_model,
     prefill,
+    prefill_at,
     prefill_fused,
+    prefill_fused_at,
 )
 from service.llm.prompt import Prompt, PromptBuilder, StreamDecoder, positions
 
@@ -240,8 +245,11 @@ class LLMEngine:
 
     The GPU path (defaults on CUDA): ``fused`` Triton kernels for bf16/fp16 (``prefill_fused``,
     ``decode_step_fused``), decode steps replayed from ``cuda_graphs``, ``attention`` for decode
-    ``"triton"`` (fused only), ``"sdpa"`` or ``"matmul"``. On the CPU all of it is off and the
-    steps are the plain ``prefill`` / ``decode_step``; the decode bookkeeping is the same.
+    ``"triton"`` (fused only), ``"sdpa"`` or ``"matmul"``, and ``prefill_graphs`` (default: on
+    when decode uses CUDA graphs): prefills padded to buckets and replayed from CUDA graphs (on the
+    CPU, or without ``cuda_graphs``, ``prefill_graphs=True`` runs the same padded prefills
+    eagerly). On the CPU all of it is off and the steps are the plain ``prefill`` /
+    ``decode_step``; the decode bookkeeping is the same.
     ``lm`` hands in a model already built (benchmarks); ``model`` then supplies only the config,
     tokenizer and chat template.
     """
@@ -249,7 +257,7 @@ class LLMEngine:
     def __init__(self, model: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  max_batch_slots: int = 8, max_seq_len: int | None = None, prefix_cache_entries: int = 32,
                  max_waiting: int = 256, cuda_graphs: bool | None = None, fused: bool | None = None,
-                 attention: str | None = None, lm: Qwen2LM | None = None) -> None:
+                 attention: str | None = None, lm: Qwen2LM | None = None, prefill_graphs: bool | None = None) -> None:
         path = resolve_model_path(model)
         self.device = torch.device(device)
         self.dtype = dtype
@@ -271,6 +279,7 @@ class LLMEngine:
         # the two model steps, replaceable by other versions with the same signatures (a decode_fn
         # that reads the whole cache window should come with runner.window_buckets = False)
         self.prefill_fn: Callable[..., torch.Tensor] = prefill_fused if self.fused else prefill
+        self.prefill_at_fn: PrefillFn = prefill_fused_at if self.fused else prefill_at  # the bucketed form
         self.decode_fn: DecodeFn = partial(decode_step_fused if self.fused else decode_step, attention=self.attention)
         use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.runner = DecodeRunner(self.model, self.kv, use_graphs=use_graphs,
@@ -279,6 +288,10 @@ class LLMEngine:
             with torch.inference_mode():
                 for batch in self.runner.batch_buckets:
                     self.runner.capture(self.decode_fn, *self.runner.bucket(batch, 1))
+        if prefill_graphs is None:
+            prefill_graphs = self.runner.use_graphs
+        # prefill graphs are recorded on first use of each bucket
+        self.prefiller = PrefillRunner(self.model, self.kv, use_graphs=self.runner.use_graphs) if prefill_graphs else None
         self._prefixes: OrderedDict[str, _Prefix] = OrderedDict()
         self.counters = {"prefix_hits": 0, "prefix_misses": 0, "prefill_tokens": 0, "decode_steps": 0,
                          "generated_tokens": 0}
@@ -346,7 +359,8 @@ class LLMEngine:
     def stats(self) -> dict[str, int]:
         with self._cond:
             return {**self.counters, "active": len(self._active), "waiting": len(self._waiting),
-                    "prefix_entries": len(self._prefixes), "cuda_graphs": self.runner.graphs}
+                    "prefix_entries": len(self._prefixes), "cuda_graphs": self.runner.graphs,
+                    "prefill_graphs": self.prefiller.graphs if self.prefiller is not None else 0}
 
     def close(self) -> None:
         """Stop the scheduler; requests still queued or running fail with 503."""
@@ -409,9 +423,21 @@ class LLMEngine:
 
     # -- prefill ---------------------------------------------------------------------------------
 
-    def _prefill(self, rows: list[tuple[_Request, int, int]]) -> torch.Tensor:
-        """Prompt tokens ``[start, end)`` of each request into its slot, all in one batch (rows
-        padded at the end to the longest) -> the hidden state of each row's last token [N, hidden]."""
+    def _prefill(self, rows: list[tuple[_Request, int, int]], *, logits: bool = True
+                 ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Prompt tokens ``[start, end)`` of each request into its slot, all in one batch -> the
+        logits [N, vocab] fp32 and greedy tokens [N] at each row's last token (None without
+        ``logits``: a prefix only fills the cache)."""
+        if self.prefiller is not None:  # padded to a bucket; a CUDA graph replay on CUDA
+            prefill_rows = []
+            for r, start, end in rows:
+                lo, n = r.prompt.image_start - start, r.prompt.num_image_tokens
+                image = (lo, r.embeds) if lo >= 0 and lo + n <= end - start else None
+                prefill_rows.append(PrefillRow(r.prompt.ids[start:end], r.positions[:, start:end], r.slot, start, image))
+            out, greedy = self.prefiller.run(self.prefill_at_fn, prefill_rows, logits=logits)
+            self.counters["prefill_tokens"] += sum(end - start for _, start, end in rows)
+            return None if out is None or greedy is None else (out, greedy)
+        # rows padded at the end to the longest
         length = max(end - start for _, start, end in rows)
         ids = [r.prompt.ids[start:end] + [0] * (length - end + start) for r, start, end in rows]
         x = self.model.embed(torch.tensor(ids, device=self.device))  # [N, T, hidden]
@@ -429,14 +455,17 @@ class LLMEngine:
         hidden = self.prefill_fn(self.model, self.kv, x, torch.stack(positions, dim=1), slots,
                                  [start for _, start, _ in rows])
         self.counters["prefill_tokens"] += sum(end - start for _, start, end in rows)
+        if not logits:
+            return None
         last = torch.tensor([end - start - 1 for _, start, end in rows], device=self.device)
-        return hidden[torch.arange(len(rows), device=self.device), last]
+        out = self.model.logits(hidden[torch.arange(len(rows), device=self.device), last])  # [N, vocab]
+        return out, torch.argmax(out, dim=-1)
 
     def _start(self, requests: list[_Request]) -> None:
         """Admit requests: image prefixes (reused, or computed once per image in one batch), then
         every question in one batch, then each request's first token."""
         if self.prefix_cache_entries <= 0:
-            hidden = self._prefill([(r, 0, len(r.prompt.ids)) for r in requests])
+            first = self._prefill([(r, 0, len(r.prompt.ids)) for r in requests])
         else:
             computing: dict[tuple[str, tuple[int, int, int], int], _Request] = {}
             copies: list[tuple[_Request, _Request]] = []
@@ -455,7 +484,7 @@ class LLMEngine:
                     computing[(r.image_key, r.grid, p)] = r
                     self.counters["prefix_misses"] += 1
             if computing:
-                self._prefill([(r, 0, r.prompt.prefix_len) for r in computing.values()])
+                self._prefill([(r, 0, r.prompt.prefix_len) for r in computing.values()], logits=False)
                 for r in computing.values():
                     p = r.prompt.prefix_len
                     self._prefixes[r.image_key] = _Prefix(self.kv[:, :, r.slot, :, :p].clone(), r.grid)
@@ -465,9 +494,10 @@ class LLMEngine:
             for r, source in copies:
                 p = r.prompt.prefix_len
                 self.kv[:, :, r.slot, :, :p] = self.kv[:, :, source.slot, :, :p]
-            hidden = self._prefill([(r, r.prompt.prefix_len, len(r.prompt.ids)) for r in requests])
-        logits = self.model.logits(hidden)  # [N, vocab]
-        greedy = torch.argmax(logits, dim=-1).tolist()
+            first = self._prefill([(r, r.prompt.prefix_len, len(r.prompt.ids)) for r in requests])
+        assert first is not None
+        logits, greedy_tokens = first  # [N, vocab], [N]
+        greedy = greedy_tokens.tolist()
         for i, r in enumerate(requests):
             total = len(r.prompt.ids)
             r.cache_len = total

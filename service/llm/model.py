@@ -8,6 +8,10 @@ capture in CUDA graphs:
 - ``decode_step(model, kv, tokens, positions, cache_pos)`` runs one token for each of ``B`` slots
   with fixed-shape tensors only (no Python value depends on the data), and returns logits.
 
+``prefill_at`` is ``prefill`` with the layout as tensors (each token's cache position) and a fixed
+attention window, so that a padded prefill can be replayed from a CUDA graph; ``prefill_fused`` /
+``prefill_fused_at`` and ``decode_step_fused`` are the Triton-fused GPU versions.
+
 The KV cache is one preallocated tensor ``[layers, 2, slots, kv_heads, max_len, head_dim]``
 (2 = keys, values). ``decode_step`` takes a view of its first ``B`` slots (and, optionally, of
 its first ``L`` positions): batch row ``b`` is slot ``b``.
@@ -205,18 +209,21 @@ def _finish_block(block: Block, x: torch.Tensor, attn: torch.Tensor) -> torch.Te
 
 
 def _prefill_layout(kv: torch.Tensor, start: int | Sequence[int], b: int, t: int, device: torch.device
-                    ) -> tuple[int, torch.Tensor, torch.Tensor]:
-    """Where ``B`` rows of ``T`` tokens go: (end, cache positions [B, T], mask [B, 1, T, end]).
+                    ) -> tuple[int, torch.Tensor]:
+    """Where ``B`` rows of ``T`` tokens go: (end, cache positions [B, T]).
 
-    Row ``b``'s token ``j`` sits at cache position ``starts[b] + j`` (clamped to the cache: padding
-    past a row's real tokens may run over) and attends to positions ``[0, starts[b] + j]``.
+    Row ``b``'s token ``j`` sits at cache position ``starts[b] + j`` (``prefill_at`` clamps it to
+    the cache: padding past a row's real tokens may run over) and attends to ``[0, starts[b] + j]``.
     """
-    max_len = kv.shape[4]
     starts = [start] * b if isinstance(start, int) else [int(s) for s in start]
-    end = min(max(starts) + t, max_len)
+    end = min(max(starts) + t, kv.shape[4])
     at = torch.tensor(starts, device=device)[:, None] + torch.arange(t, device=device)[None, :]  # [B, T]
-    mask = torch.arange(end, device=device)[None, None, :] <= at[:, :, None]  # [B, T, end]
-    return end, at.clamp(max=max_len - 1), mask[:, None]
+    return end, at
+
+
+def _prefill_mask(at: torch.Tensor, window: int) -> torch.Tensor:
+    """at [B, T] cache positions -> mask [B, 1, T, window]: token (b, j) sees ``[0, at[b, j]]``."""
+    return (torch.arange(window, device=at.device)[None, None, :] <= at[:, :, None])[:, None]
 
 
 def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, attention: str
@@ -251,16 +258,30 @@ def prefill(model: Qwen2LM, kv: torch.Tensor, embeds: torch.Tensor, positions: t
     Returns the final-normed hidden states [B, T, hidden].
     """
     b, t, _ = embeds.shape
-    end, at, mask = _prefill_layout(kv, start, b, t, embeds.device)
-    slot_rows, at_rows = slots.repeat_interleave(t), at.reshape(-1)
+    end, at = _prefill_layout(kv, start, b, t, embeds.device)
+    return prefill_at(model, kv, embeds, positions, slots, at, end)
+
+
+def prefill_at(model: Qwen2LM, kv: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor,
+               slots: torch.Tensor, at: torch.Tensor, window: int, *, causal: bool = False) -> torch.Tensor:
+    """``prefill`` with the layout given as tensors: fixed shapes, no host syncs (CUDA-graph safe).
+
+    at [B, T] long: the cache position of each token (its key and value go there, clamped to the
+    cache's last position; it attends to ``[0, at]`` of its slot); ``window``: how many cache
+    positions attention reads (at least every real token's ``at + 1``). ``causal`` is a hint for
+    the fused path (every real row starts at 0 and ``window == T``); here the mask serves.
+    """
+    b, t, _ = embeds.shape
+    mask = _prefill_mask(at, window)
+    slot_rows, at_rows = slots[:, None].expand(b, t).reshape(-1), at.clamp(max=kv.shape[4] - 1).reshape(-1)
     cos, sin = rope(model, positions, embeds.dtype)
     x = embeds
     for i, block in enumerate(model.layers):
         q, k, v = _qkv(model, block, x, cos, sin)
         kv[i, 0, slot_rows, :, at_rows] = k.transpose(1, 2).reshape(b * t, k.shape[1], k.shape[3])
         kv[i, 1, slot_rows, :, at_rows] = v.transpose(1, 2).reshape(b * t, v.shape[1], v.shape[3])
-        keys = kv[i, 0, slots, :, :end]  # [B, Hkv, end, D]
-        values = kv[i, 1, slots, :, :end]
+        keys = kv[i, 0, slots, :, :window]  # [B, Hkv, window, D]
+        values = kv[i, 1, slots, :, :window]
         attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
         x = _finish_block(block, x, attn)
     return model.norm(x)
@@ -338,18 +359,35 @@ def prefill_fused(model: Qwen2LM, kv: torch.Tensor, embeds: torch.Tensor, positi
     Attention is PyTorch's SDPA over the rows' gathered cache, KV heads repeated per group so that
     the flash (whole prompts: causal, no mask) or memory-efficient (masked) kernels apply.
     """
-    cfg = model.cfg
-    b, t, hidden = embeds.shape
-    end, at, mask = _prefill_layout(kv, start, b, t, embeds.device)
+    b, t, _ = embeds.shape
+    end, at = _prefill_layout(kv, start, b, t, embeds.device)
     from_zero = start == 0 if isinstance(start, int) else not any(start)
     causal = from_zero and end == t  # every row a whole prompt from position 0
+    return prefill_fused_at(model, kv, embeds, positions, slots, at, end, causal=causal)
+
+
+def prefill_fused_at(model: Qwen2LM, kv: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor,
+                     slots: torch.Tensor, at: torch.Tensor, window: int, *, causal: bool = False) -> torch.Tensor:
+    """``prefill_at`` with the fused kernels: fixed shapes, no host syncs (CUDA-graph safe).
+
+    ``causal``: every real row starts at cache position 0 and ``window == T``, so attention is
+    causal over ``[0, T)`` (flash, no mask); rows past the real ones, and padding tokens, get
+    whatever the causal rule gives them (their outputs are ignored).
+    """
+    cfg = model.cfg
+    b, t, hidden = embeds.shape
+    h, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    if causal and window != t:
+        raise ValueError(f"causal prefill needs window == T, got {window} and {t}")
+    mask = None if causal else _prefill_mask(at, window)
     cos, sin = rope(model, positions, embeds.dtype)
-    group = cfg.num_heads // cfg.num_kv_heads
 
     def attend(i: int, q: torch.Tensor) -> torch.Tensor:
-        q = q.view(b, t, cfg.num_heads, cfg.head_dim).transpose(1, 2)
-        keys = kv[i, 0, :, :, :end].index_select(0, slots).repeat_interleave(group, dim=1)
-        values = kv[i, 1, :, :, :end].index_select(0, slots).repeat_interleave(group, dim=1)
+        q = q.view(b, t, h, d).transpose(1, 2)
+        # each KV head repeated for its group of query heads (repeat_interleave on dim 1, as a copy)
+        keys = kv[i, 0, :, :, :window].index_select(0, slots)[:, :, None].expand(b, hkv, h // hkv, window, d)
+        values = kv[i, 1, :, :, :window].index_select(0, slots)[:, :, None].expand(b, hkv, h // hkv, window, d)
+        keys, values = keys.reshape(b, h, window, d), values.reshape(b, h, window, d)
         if causal:
             out = F.scaled_dot_product_attention(q, keys, values, is_causal=True)
         else:
@@ -357,7 +395,7 @@ def prefill_fused(model: Qwen2LM, kv: torch.Tensor, embeds: torch.Tensor, positi
         return out.transpose(1, 2).reshape(b * t, -1)
 
     x = _fused_layers(model, kv, embeds.reshape(b * t, hidden), cos.reshape(b * t, -1), sin.reshape(b * t, -1),
-                      slots.repeat_interleave(t), at.reshape(-1), attend)
+                      slots[:, None].expand(b, t).contiguous().view(-1), at.contiguous().view(-1), attend)
     return x.view(b, t, hidden)
 
 
