@@ -107,6 +107,9 @@ class FeatureStore:
     def key(self, fingerprint: str, image_id: str) -> str:
         return f"{PREFIX}:{fingerprint}:{image_id}"
 
+    def _lock_key(self, fingerprint: str, image_id: str) -> str:
+        return f"{PREFIX}:lock:{fingerprint}:{image_id}"
+
     async def ping(self) -> bool:
         try:
             return bool(await self.redis.ping())
@@ -119,8 +122,9 @@ class FeatureStore:
         except (RedisError, OSError) as exc:
             raise unavailable("redis_unavailable", f"the feature store (Redis) is unreachable: {exc}", 2.0) from exc
 
-    async def put(self, record: ImageRecord, *, model_key: str | None = None) -> None:
-        """Store the record (and, with ``model_key``, register its fingerprint) in one round trip."""
+    async def put(self, record: ImageRecord, *, model_key: str | None = None, release_lock: bool = False) -> None:
+        """Store the record in one round trip, there also registering its fingerprint under ``model_key``
+        and releasing this image's compute lock when asked."""
         # hashing ~1 MB takes milliseconds: a thread, not the event loop (hashlib releases the GIL)
         data, digest = await asyncio.to_thread(_serialize, record.embeds)
         mapping = {
@@ -139,6 +143,8 @@ class FeatureStore:
             from service.fingerprint import REGISTRY
 
             pipe.hset(REGISTRY, model_key, record.fingerprint)
+        if release_lock:
+            pipe.delete(self._lock_key(record.fingerprint, record.image_id))
         pipe.set(f"{PREFIX}:id:{record.image_id}", record.fingerprint)
         if self.ttl_s:
             pipe.expire(key, self.ttl_s)
@@ -220,20 +226,20 @@ class FeatureStore:
         return value.decode() if value is not None else None
 
     async def lock(self, fingerprint: str, image_id: str, ttl_s: float) -> bool:
-        key = f"{PREFIX}:lock:{fingerprint}:{image_id}"
+        key = self._lock_key(fingerprint, image_id)
         return bool(await self._call(self.redis.set(key, b"1", nx=True, px=int(ttl_s * 1000))))
 
     async def extend_lock(self, fingerprint: str, image_id: str, ttl_s: float) -> None:
-        await self._call(self.redis.pexpire(f"{PREFIX}:lock:{fingerprint}:{image_id}", int(ttl_s * 1000)))
+        await self._call(self.redis.pexpire(self._lock_key(fingerprint, image_id), int(ttl_s * 1000)))
 
     async def unlock(self, fingerprint: str, image_id: str) -> None:
-        await self._call(self.redis.delete(f"{PREFIX}:lock:{fingerprint}:{image_id}"))
+        await self._call(self.redis.delete(self._lock_key(fingerprint, image_id)))
 
     async def wait_for(self, fingerprint: str, image_id: str, timeout_s: float) -> ImageRecord | None:
         """Wait while another worker holds the lock for this image; None when it gave up or it expired."""
         deadline = time.monotonic() + timeout_s
         delay = 0.01
-        lock_key = f"{PREFIX}:lock:{fingerprint}:{image_id}"
+        lock_key = self._lock_key(fingerprint, image_id)
         while time.monotonic() < deadline:
             record = await self.get(fingerprint, image_id)
             if record is not None:

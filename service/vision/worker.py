@@ -140,17 +140,22 @@ class VisionWorker:
             if record is not None:
                 return record, True
         renew = asyncio.create_task(self._renew_lock(image_id, lease)) if held else None
+        stored = False
         try:
             loop = asyncio.get_running_loop()
             patches = await loop.run_in_executor(self._preprocess_pool, self.encoder.preprocess, data, self.limits)
             embeds = await self.batcher.submit(patches)
             record = ImageRecord(image_id, self.fingerprint, self.model_name, patches.grid_thw, embeds.cpu())
-            await self.store.put(record, model_key=self.encoder.model_key)
+            if renew is not None:
+                renew.cancel()
+            await self.store.put(record, model_key=self.encoder.model_key, release_lock=held)
+            stored = True
             return record, False
         finally:
             if renew is not None:
                 renew.cancel()
-                await self.store.unlock(self.fingerprint, image_id)
+                if not stored:
+                    await self.store.unlock(self.fingerprint, image_id)
 
     async def _renew_lock(self, image_id: str, lease: float) -> None:
         while True:
