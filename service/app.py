@@ -8,7 +8,6 @@ import inspect
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
@@ -35,9 +34,6 @@ def require_api_key(request: Request) -> None:
     if not ok:
         raise ApiError(401, "unauthorized", "send a valid API key as 'Authorization: Bearer <key>'",
                        headers={"WWW-Authenticate": 'Bearer realm="splitvl"'})
-
-
-Authorized = Annotated[None, Depends(require_api_key)]
 
 
 def create_app(settings: Settings, role: Role, *, workers: dict | None = None) -> FastAPI:
@@ -113,9 +109,8 @@ def create_app(settings: Settings, role: Role, *, workers: dict | None = None) -
         if state.ready and hasattr(state, "vision"):
             body["fingerprint"] = state.vision.fingerprint
         if not body["ready"]:
-            err = ApiError(503, "not_ready", "model loading or Redis unreachable", retry_after=2)
-            return JSONResponse({**body, "error": {"code": err.code, "message": err.message}}, status_code=503,
-                                headers={"Retry-After": "2"})
+            error = {"code": "not_ready", "message": "model loading or Redis unreachable"}
+            return JSONResponse({**body, "error": error}, status_code=503, headers={"Retry-After": "2"})
         return JSONResponse(body)
 
     if settings.api_keys:

@@ -133,7 +133,10 @@ class BatchQueue(Generic[T, R]):
             if not batch:
                 continue
             if self._on_batch:
-                self._on_batch(len(batch), sum(j.cost for j in batch))
+                try:
+                    self._on_batch(len(batch), sum(j.cost for j in batch))
+                except Exception:  # noqa: BLE001 - an observer must not stop the loop (every job would hang)
+                    log.exception("%s on_batch hook failed", self.name)
             try:
                 results = await loop.run_in_executor(self._executor, self._run_batch, [j.item for j in batch])
                 if len(results) != len(batch):

@@ -25,6 +25,7 @@ import torch
 from redis.exceptions import RedisError, ResponseError
 
 from service.errors import ApiError, unavailable
+from service.fingerprint import REGISTRY
 
 PREFIX = "splitvl"
 
@@ -140,8 +141,6 @@ class FeatureStore:
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(key, mapping=mapping)
         if model_key is not None:
-            from service.fingerprint import REGISTRY
-
             pipe.hset(REGISTRY, model_key, record.fingerprint)
         if release_lock:
             pipe.delete(self._lock_key(record.fingerprint, record.image_id))
@@ -215,13 +214,9 @@ class FeatureStore:
         return other_fp
 
     async def register_model(self, model_key: str, fingerprint: str) -> None:
-        from service.fingerprint import REGISTRY
-
         await self._call(self.redis.hset(REGISTRY, model_key, fingerprint))
 
     async def registered_fingerprint(self, model_key: str) -> str | None:
-        from service.fingerprint import REGISTRY
-
         value = await self._call(self.redis.hget(REGISTRY, model_key))
         return value.decode() if value is not None else None
 

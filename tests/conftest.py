@@ -6,7 +6,7 @@ import os
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -15,6 +15,24 @@ from service.embedded_redis import redis_binary
 from service.tiny import make_tiny_checkpoint
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def random_image_bytes(width: int, height: int, seed: int, fmt: str = "PNG") -> bytes:
+    """An image file of random RGB noise: the same bytes for the same arguments."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, fmt)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def image_bytes() -> Callable[..., bytes]:
+    """``image_bytes(width, height, seed, fmt="PNG")``: the bytes of a random-noise image file."""
+    return random_image_bytes
 
 
 @pytest.fixture(scope="session")

@@ -419,7 +419,8 @@ class LLMEngine:
             if request.stream.cancelled:
                 self._release(request)
         with self._cond:
-            self._waiting = deque(r for r in self._waiting if not r.stream.cancelled)
+            if any(r.stream.cancelled for r in self._waiting):  # runs every step: rebuild only when needed
+                self._waiting = deque(r for r in self._waiting if not r.stream.cancelled)
 
     # -- prefill ---------------------------------------------------------------------------------
 

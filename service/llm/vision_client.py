@@ -3,6 +3,7 @@ worker (``serve all``), or a remote one at ``settings.vision_url`` (a vision wor
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import httpx
@@ -37,14 +38,30 @@ class RemoteVision:
             raise unavailable("vision_unavailable",
                               f"no vision worker reachable at {self.url} to encode the image ({exc})", 2.0) from None
         if r.status_code == 200:
-            return r.json()
+            try:
+                meta = r.json()
+            except ValueError:
+                meta = None
+            if not isinstance(meta, dict):  # e.g. a gateway's HTML page: their fault, not the caller's
+                raise unavailable("vision_unavailable", f"the vision worker at {self.url} answered 200 without "
+                                  "the image's JSON metadata", 5.0)
+            return meta
         code, message = _error_of(r)
         if r.status_code in (400, 413, 415, 422):  # the image itself is bad: the caller's mistake
             raise ApiError(r.status_code, code, message)
         if r.status_code == 503:
-            raise unavailable(code, f"vision worker: {message}", float(r.headers.get("retry-after", "2") or 2))
+            raise unavailable(code, f"vision worker: {message}", _retry_after(r))
         raise unavailable("vision_unavailable", f"the vision worker at {self.url} answered {r.status_code} "
                           f"({code}: {message})", 5.0)
+
+
+def _retry_after(r: httpx.Response, default: float = 2.0) -> float:
+    """Retry-After in seconds; an HTTP-date or garbage (a gateway's) counts as ``default``."""
+    try:
+        value = float(r.headers.get("retry-after", default))
+    except ValueError:
+        return default
+    return min(max(value, 0.0), 3600.0) if math.isfinite(value) else default
 
 
 def _error_of(r: httpx.Response) -> tuple[str, str]:

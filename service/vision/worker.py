@@ -6,13 +6,14 @@ import asyncio
 import contextlib
 import hashlib
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from service.batching import BatchQueue
 from service.config import Settings
-from service.errors import ApiError
+from service.errors import ApiError, unavailable
 from service.metrics import Metrics
 from service.preprocess import ImageLimits
 from service.store import FeatureStore, ImageRecord
@@ -101,7 +102,8 @@ class VisionWorker:
             raise ApiError(400, "empty_image", "the request carried no image bytes: send the image as multipart field 'file' or as the raw body")
         if len(data) > self.settings.max_upload_bytes:
             raise ApiError(413, "image_too_large", f"the image is {len(data)} bytes; the limit is {self.settings.max_upload_bytes}")
-        image_id = image_id_of(data)
+        # hashing a large upload takes milliseconds: a thread, not the event loop (hashlib releases the GIL)
+        image_id = await asyncio.to_thread(image_id_of, data) if len(data) > 1 << 20 else image_id_of(data)
         try:
             record = await self._stored(image_id)
         except ApiError as exc:
@@ -123,7 +125,9 @@ class VisionWorker:
             future.set_result(record)
             return record, cached
         except BaseException as exc:
-            future.set_exception(exc)
+            # our cancellation is not theirs: uploads of the same image waiting on us get a 503 to retry
+            future.set_exception(exc if isinstance(exc, Exception) else unavailable(
+                "interrupted", "encoding this image was interrupted; retry shortly"))
             future.exception()  # mark retrieved: nobody else may be waiting
             raise
         finally:
@@ -136,9 +140,13 @@ class VisionWorker:
         lease = min(LOCK_LEASE_S, timeout)
         held = await self.store.lock(self.fingerprint, image_id, ttl_s=lease)
         if not held:
+            started = time.monotonic()
             record = await self.store.wait_for(self.fingerprint, image_id, timeout_s=timeout)
             if record is not None:
                 return record, True
+            if time.monotonic() - started >= timeout:  # still computing elsewhere: don't start a second wait
+                raise unavailable("timeout", f"the image was still being encoded by another worker after "
+                                  f"{timeout:g} s; retry shortly", 2.0)
         renew = asyncio.create_task(self._renew_lock(image_id, lease)) if held else None
         stored = False
         try:

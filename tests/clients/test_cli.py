@@ -2,25 +2,23 @@
 
 from __future__ import annotations
 
-import io
-
 import httpx
-import numpy as np
-from PIL import Image
+import pytest
 from safetensors.torch import load_file
 
 from service.cli import main
 
 
-def write_png(path, seed: int) -> str:
-    pixels = np.random.default_rng(seed).integers(0, 256, (48, 64, 3), dtype=np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    path.write_bytes(buf.getvalue())
-    return str(path)
+@pytest.fixture
+def write_png(image_bytes):
+    def write(path, seed: int) -> str:
+        path.write_bytes(image_bytes(64, 48, seed))
+        return str(path)
+
+    return write
 
 
-def test_embed_then_ask(server, tmp_path, capsys, monkeypatch):
+def test_embed_then_ask(server, tmp_path, capsys, monkeypatch, write_png):
     monkeypatch.setenv("SPLITVL_API_KEY", "sekret")
     image = write_png(tmp_path / "cat.png", seed=21)
     assert main(["embed", image, "--url", server.url]) == 0
@@ -44,7 +42,7 @@ def test_embed_then_ask(server, tmp_path, capsys, monkeypatch):
     assert capsys.readouterr().out.endswith("\n")
 
 
-def test_errors_go_to_stderr(server, tmp_path, capsys, monkeypatch):
+def test_errors_go_to_stderr(server, tmp_path, capsys, monkeypatch, write_png):
     monkeypatch.setenv("SPLITVL_URL", server.url)
     monkeypatch.setenv("SPLITVL_API_KEY", "sekret")
     assert main(["ask", "f" * 64, "What?", "--max-tokens", "3"]) == 1

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-
 import httpx
 import numpy as np
 import pytest
@@ -20,12 +18,6 @@ def pil(seed: int, size: tuple[int, int] = (72, 60)) -> Image.Image:
     return Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
 
 
-def png(seed: int) -> bytes:
-    buf = io.BytesIO()
-    pil(seed).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 @pytest.fixture
 def client(server):
     with SplitVL(server.url, api_key="sekret", timeout=60) as c:
@@ -38,9 +30,9 @@ def raw_answer(server, image_id: str, question: str, max_tokens: int) -> dict:
     return r.json()
 
 
-def test_images(client, tmp_path):
+def test_images(client, tmp_path, image_bytes):
     path = tmp_path / "a.png"
-    path.write_bytes(png(1))
+    path.write_bytes(image_bytes(72, 60, 1))
     info = client.upload(path)
     assert isinstance(info, ImageInfo) and len(info.image_id) == 64 and info.cached is False
     assert client.upload(path.read_bytes()).cached is True
@@ -68,8 +60,8 @@ def test_images(client, tmp_path):
     assert client.readyz()["ready"] is True
 
 
-def test_ask_and_chat(client, server):
-    data = png(3)
+def test_ask_and_chat(client, server, image_bytes):
+    data = image_bytes(72, 60, 3)
     info = client.upload(data)
     expected = raw_answer(server, info.image_id, "What is it?", 8)
     answer = client.ask(info, "What is it?", max_tokens=8)
@@ -90,9 +82,9 @@ def test_ask_and_chat(client, server):
     assert err.value.status == 422
 
 
-def test_reuploads_evicted_images(client, server, redis_server, tmp_path):
+def test_reuploads_evicted_images(client, server, redis_server, tmp_path, image_bytes):
     path = tmp_path / "b.png"
-    path.write_bytes(png(4))
+    path.write_bytes(image_bytes(72, 60, 4))
     first = client.ask(path, "Describe it.", max_tokens=6)  # never uploaded: 404, upload, retry
     redis.Redis.from_url(redis_server.url).flushall()  # evicted
     assert client.ask(first.image_id, "Describe it.", max_tokens=6) == first
@@ -129,8 +121,8 @@ def test_errors(server, monkeypatch):
     assert err.value.status is None and err.value.code == "connection_error"
 
 
-async def test_async_client(server, redis_server):
-    data = png(5)
+async def test_async_client(server, redis_server, image_bytes):
+    data = image_bytes(72, 60, 5)
     async with AsyncSplitVL(server.url, api_key="sekret", timeout=60) as client:
         info = await client.upload(data)
         assert (await client.get(info.image_id)).image_id == info.image_id

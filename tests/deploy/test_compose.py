@@ -5,7 +5,6 @@ from the gateway template) on a tiny generated checkpoint."""
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import re
@@ -20,9 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
-from PIL import Image
 
 from service.embedded_redis import redis_binary
 
@@ -35,12 +32,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def png(seed: int) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (56, 84, 3), dtype=np.uint8)).save(buf, "PNG")
-    return buf.getvalue()
 
 
 # -- compose.yaml ---------------------------------------------------------------------------------
@@ -241,8 +232,8 @@ def gw(topology: Topology) -> Iterator[httpx.Client]:
         yield client
 
 
-def test_gateway_routes_to_every_worker(topology: Topology, gw: httpx.Client):
-    data = png(1)
+def test_gateway_routes_to_every_worker(topology: Topology, gw: httpx.Client, image_bytes):
+    data = image_bytes(84, 56, 1)
     r = gw.post("/v1/images", content=data, headers={"Content-Type": "image/png", "X-Request-Id": "upload-1"})
     assert r.status_code == 200, r.text
     image_id = r.json()["image_id"]
@@ -267,10 +258,10 @@ def test_gateway_routes_to_every_worker(topology: Topology, gw: httpx.Client):
     assert events[-1] == "data: [DONE]" and json.loads(events[-2][6:])["answer"] == direct[0]["answer"]
 
 
-def test_chat_completions_through_the_gateway(topology: Topology, gw: httpx.Client):
+def test_chat_completions_through_the_gateway(topology: Topology, gw: httpx.Client, image_bytes):
     import openai
 
-    data = png(2)  # never uploaded: the LLM worker has a vision worker encode it, through the gateway
+    data = image_bytes(84, 56, 2)  # never uploaded: the LLM worker has a vision worker encode it, through the gateway
     url = "data:image/png;base64," + base64.b64encode(data).decode()
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                              {"type": "text", "text": "Describe it."}]}]

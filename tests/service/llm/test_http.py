@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 import redis
 import torch
@@ -18,13 +17,6 @@ from service.app import create_app
 from service.config import Settings
 from service.llm.engine import LLMEngine
 from service.vision.encoder import VisionEncoder
-
-
-def image_bytes(width: int, height: int, seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +59,7 @@ def hf_answer(checkpoint: Path, data: bytes, question: str, max_new_tokens: int)
     return out[0, ids.shape[1]:].tolist()
 
 
-def test_image_then_questions_match_hf(server, tiny_checkpoint, parts):
+def test_image_then_questions_match_hf(server, tiny_checkpoint, parts, image_bytes):
     _, engine = parts
     data = image_bytes(150, 110, seed=5)
     questions = ["What is in this picture?", "How many people are there?", "Is it day or night?"]
@@ -84,7 +76,7 @@ def test_image_then_questions_match_hf(server, tiny_checkpoint, parts):
     assert engine.stats()["prefix_hits"] >= len(questions) - 1
 
 
-def test_streaming_equals_plain(server):
+def test_streaming_equals_plain(server, image_bytes):
     data = image_bytes(90, 120, seed=6)
     with httpx.Client(base_url=server.url, timeout=120) as client:
         image_id = client.post("/v1/images", content=data, headers={"Content-Type": "image/png"}).json()["image_id"]
@@ -100,7 +92,7 @@ def test_streaming_equals_plain(server):
     assert final["finish_reason"] == plain["finish_reason"]
 
 
-def test_question_errors(server, redis_url):
+def test_question_errors(server, redis_url, image_bytes):
     data = image_bytes(64, 64, seed=7)
     with httpx.Client(base_url=server.url, timeout=60) as client:
         image_id = client.post("/v1/images", content=data, headers={"Content-Type": "image/png"}).json()["image_id"]
@@ -133,7 +125,7 @@ def test_question_errors(server, redis_url):
         assert r.status_code == 409 and r.json()["error"]["code"] == "fingerprint_mismatch"
 
 
-async def test_concurrent_questions(server):
+async def test_concurrent_questions(server, image_bytes):
     data = image_bytes(100, 100, seed=9)
     async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
         r = await client.post("/v1/images", content=data, headers={"Content-Type": "image/png"})

@@ -3,27 +3,17 @@
 from __future__ import annotations
 
 import base64
-import io
 from pathlib import Path
 
 import httpx
-import numpy as np
 import openai
 import pytest
 import redis
-from PIL import Image
 
 from service.app import create_app
 from service.config import Settings
 from service.llm.engine import LLMEngine
 from service.vision.encoder import VisionEncoder
-
-
-def png(width: int, height: int, seed: int) -> bytes:
-    buf = io.BytesIO()
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def data_url(data: bytes) -> str:
@@ -74,8 +64,8 @@ def questions_answer(base: str, image_id: str, question: str, max_tokens: int = 
     return r.json()
 
 
-def test_greedy_answers_equal_questions(server, oai):
-    data = png(96, 80, seed=11)
+def test_greedy_answers_equal_questions(server, oai, image_bytes):
+    data = image_bytes(96, 80, seed=11)
     image_id = httpx.post(server.url + "/v1/images", content=data, headers={"Content-Type": "image/png"},
                           timeout=60).json()["image_id"]
     question = "What is in this picture?"
@@ -111,8 +101,8 @@ def test_greedy_answers_equal_questions(server, oai):
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == expected["usage"]["completion_tokens"]
 
 
-def test_inline_image_is_encoded_when_missing(server, oai):
-    data = png(70, 90, seed=12)
+def test_inline_image_is_encoded_when_missing(server, oai, image_bytes):
+    data = image_bytes(70, 90, seed=12)
     out = oai.chat.completions.create(model="m", messages=user(image_url(data_url(data)), "Describe it."),
                                       max_tokens=8, temperature=0)
     image_id = out.model_extra["image_id"]
@@ -120,8 +110,8 @@ def test_inline_image_is_encoded_when_missing(server, oai):
     assert out.choices[0].message.content == questions_answer(server.url, image_id, "Describe it.", 8)["answer"]
 
 
-def test_unsupported_requests_are_clear_4xx(server, oai):
-    data = png(64, 64, seed=13)
+def test_unsupported_requests_are_clear_4xx(server, oai, image_bytes):
+    data = image_bytes(64, 64, seed=13)
     ref = image_url(data_url(data))
 
     def create(**kw):
@@ -169,9 +159,9 @@ def test_unsupported_requests_are_clear_4xx(server, oai):
     assert r.status_code == 413
 
 
-def test_llm_worker_asks_a_remote_vision_worker(tiny_checkpoint, redis_url, parts, live_server):
+def test_llm_worker_asks_a_remote_vision_worker(tiny_checkpoint, redis_url, parts, live_server, image_bytes):
     encoder, engine = parts
-    data = png(80, 64, seed=14)
+    data = image_bytes(80, 64, seed=14)
     vision_app = create_app(settings(tiny_checkpoint, redis_url), "vision", workers={"vision_encoder": encoder})
     with live_server(vision_app) as vision:
         # no features stored yet, not even the model's fingerprint: the LLM worker learns both after encoding
@@ -188,7 +178,7 @@ def test_llm_worker_asks_a_remote_vision_worker(tiny_checkpoint, redis_url, part
             assert "".join(c.choices[0].delta.content or "" for c in stream) == out.choices[0].message.content
             assert "splitvl_cache_total{cache=\"prefix\",result=\"hit\"}" in httpx.get(llm.url + "/metrics").text
 
-    fresh = user(image_url(data_url(png(50, 50, seed=15))), "hi")
+    fresh = user(image_url(data_url(image_bytes(50, 50, seed=15))), "hi")
     for vision_url in (None, vision.url):  # none configured; configured but gone
         app = create_app(settings(tiny_checkpoint, redis_url, vision_url=vision_url), "llm",
                          workers={"llm_engine": engine})
@@ -198,8 +188,8 @@ def test_llm_worker_asks_a_remote_vision_worker(tiny_checkpoint, redis_url, part
             assert r.json()["error"]["code"] == "vision_unavailable"
 
 
-def test_errors_after_the_stream_started_reach_the_client(server, tiny_checkpoint, redis_server, parts, live_server):
-    data = png(40, 40, seed=16)
+def test_errors_after_the_stream_started_reach_the_client(server, tiny_checkpoint, redis_server, parts, live_server, image_bytes):
+    data = image_bytes(40, 40, seed=16)
     image_id = httpx.post(server.url + "/v1/images", content=data, headers={"Content-Type": "image/png"}).json()[
         "image_id"]
     app = create_app(settings(tiny_checkpoint, redis_server.url, request_timeout_s=0.001), "llm",

@@ -7,7 +7,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -15,14 +14,6 @@ from safetensors.torch import load_file, save_file
 
 from service.checkpoint import CheckpointError
 from service.vision.encoder import VisionEncoder
-
-
-def png_bytes(width: int, height: int, seed: int) -> bytes:
-    rng = np.random.default_rng(seed)
-    img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +44,8 @@ def hf_embeds(model, processor, data: bytes) -> tuple[torch.Tensor, list[int]]:
 
 
 @pytest.mark.parametrize("size", [(56, 56), (97, 61), (224, 160), (333, 517), (640, 90)])
-def test_embeddings_match_hf(encoder, hf_model, hf_processor, size):
-    data = png_bytes(*size, seed=size[0])
+def test_embeddings_match_hf(encoder, hf_model, hf_processor, size, image_bytes):
+    data = image_bytes(*size, seed=size[0])
     patches = encoder.preprocess(data)
     (ours,) = encoder.forward([patches])
     ref, ref_grid = hf_embeds(hf_model, hf_processor, data)
@@ -63,17 +54,17 @@ def test_embeddings_match_hf(encoder, hf_model, hf_processor, size):
     assert (ours - ref).abs().max().item() <= 1e-4
 
 
-def test_packed_batch_equals_one_at_a_time(encoder):
-    batch = [encoder.preprocess(png_bytes(w, h, seed=i)) for i, (w, h) in enumerate([(56, 56), (200, 120), (90, 300)])]
+def test_packed_batch_equals_one_at_a_time(encoder, image_bytes):
+    batch = [encoder.preprocess(image_bytes(w, h, seed=i)) for i, (w, h) in enumerate([(56, 56), (200, 120), (90, 300)])]
     packed = encoder.forward(batch)
     for patches, row in zip(batch, packed, strict=True):
         (alone,) = encoder.forward([patches])
         torch.testing.assert_close(row, alone, atol=1e-5, rtol=1e-5)
 
 
-def test_every_visual_tensor_matters(tiny_checkpoint, tmp_path, encoder):
+def test_every_visual_tensor_matters(tiny_checkpoint, tmp_path, encoder, image_bytes):
     """Zeroing any one visual tensor in the checkpoint changes the embeddings: nothing is skipped."""
-    data = png_bytes(120, 88, seed=7)
+    data = image_bytes(120, 88, seed=7)
     (base,) = encoder.forward([encoder.preprocess(data)])
     tensors = load_file(tiny_checkpoint / "model.safetensors")
     visual = sorted(k for k in tensors if k.startswith("visual."))
@@ -90,7 +81,7 @@ def test_every_visual_tensor_matters(tiny_checkpoint, tmp_path, encoder):
         assert other.fingerprint != encoder.fingerprint
 
 
-def test_sharded_checkpoint_without_language_shards(sharded_checkpoint, tmp_path):
+def test_sharded_checkpoint_without_language_shards(sharded_checkpoint, tmp_path, image_bytes):
     index = json.loads((sharded_checkpoint / "model.safetensors.index.json").read_text())["weight_map"]
     visual_files = {f for k, f in index.items() if k.startswith("visual.")}
     lm_only = {f for f in index.values()} - visual_files
@@ -101,27 +92,27 @@ def test_sharded_checkpoint_without_language_shards(sharded_checkpoint, tmp_path
         (copy / name).unlink()
     full = VisionEncoder(sharded_checkpoint, device="cpu")
     partial = VisionEncoder(copy, device="cpu")
-    data = png_bytes(150, 100, seed=3)
+    data = image_bytes(150, 100, seed=3)
     (a,) = full.forward([full.preprocess(data)])
     (b,) = partial.forward([partial.preprocess(data)])
     torch.testing.assert_close(a, b, atol=0, rtol=0)
     assert full.fingerprint == partial.fingerprint
 
 
-def test_sharded_matches_hf(sharded_checkpoint):
+def test_sharded_matches_hf(sharded_checkpoint, image_bytes):
     from transformers import Qwen2VLForConditionalGeneration
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
     model = Qwen2VLForConditionalGeneration.from_pretrained(sharded_checkpoint, dtype=torch.float32).eval()
     processor = Qwen2VLImageProcessorPil.from_pretrained(sharded_checkpoint)
     enc = VisionEncoder(sharded_checkpoint, device="cpu")
-    data = png_bytes(210, 140, seed=11)
+    data = image_bytes(210, 140, seed=11)
     (ours,) = enc.forward([enc.preprocess(data)])
     ref, _ = hf_embeds(model, processor, data)
     assert (ours - ref).abs().max().item() <= 1e-4
 
 
-def test_internal_key_names_load(tiny_checkpoint, tmp_path, encoder):
+def test_internal_key_names_load(tiny_checkpoint, tmp_path, encoder, image_bytes):
     """transformers' internal spelling (model.visual.*) loads like the hub's (visual.*)."""
     tensors = load_file(tiny_checkpoint / "model.safetensors")
     renamed = {("model." + k if k.startswith("visual.") else k): v for k, v in tensors.items()}
@@ -129,7 +120,7 @@ def test_internal_key_names_load(tiny_checkpoint, tmp_path, encoder):
     shutil.copytree(tiny_checkpoint, copy)
     save_file(renamed, copy / "model.safetensors", metadata={"format": "pt"})
     other = VisionEncoder(copy, device="cpu")
-    data = png_bytes(64, 64, seed=1)
+    data = image_bytes(64, 64, seed=1)
     torch.testing.assert_close(other.forward([other.preprocess(data)])[0], encoder.forward([encoder.preprocess(data)])[0])
 
 

@@ -4,28 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import io
 import struct
 import zlib
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load as load_safetensors
 
 from service.app import create_app
 from service.config import Settings
 from service.vision.encoder import VisionEncoder
-
-
-def image_bytes(width: int, height: int, seed: int, fmt: str = "PNG") -> bytes:
-    rng = np.random.default_rng(seed)
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(buf, format=fmt)
-    return buf.getvalue()
 
 
 def bomb_png(width: int, height: int) -> bytes:
@@ -51,7 +41,7 @@ def server(tiny_checkpoint, redis_url, encoder, live_server):
         yield live
 
 
-def test_upload_get_embeddings_delete(server, encoder):
+def test_upload_get_embeddings_delete(server, encoder, image_bytes):
     data = image_bytes(150, 100, seed=1)
     image_id = hashlib.sha256(data).hexdigest()
     with httpx.Client(base_url=server.url, timeout=30) as client:
@@ -82,7 +72,7 @@ def test_upload_get_embeddings_delete(server, encoder):
         assert client.delete(f"/v1/images/{image_id}").status_code == 404
 
 
-def test_one_round_trip_to_embeddings(server):
+def test_one_round_trip_to_embeddings(server, image_bytes):
     data = image_bytes(90, 90, seed=2, fmt="JPEG")
     with httpx.Client(base_url=server.url, timeout=30) as client:
         r = client.post("/v1/images", content=data,
@@ -104,7 +94,7 @@ def test_one_round_trip_to_embeddings(server):
         (b"{}", "application/json", 415, "unsupported_media_type"),
     ],
 )
-def test_bad_uploads_get_clear_4xx(server, body, content_type, status, code):
+def test_bad_uploads_get_clear_4xx(server, body, content_type, status, code, image_bytes):
     if body is None:
         body = image_bytes(200, 200, seed=3)[:400]
     with httpx.Client(base_url=server.url, timeout=30) as client:
@@ -122,7 +112,7 @@ def test_unknown_and_malformed_ids(server):
         assert r.status_code == 422 and r.json()["error"]["code"] == "missing_file"
 
 
-def test_ops_endpoints(server):
+def test_ops_endpoints(server, image_bytes):
     with httpx.Client(base_url=server.url, timeout=30) as client:
         client.post("/v1/images", content=image_bytes(60, 60, seed=4), headers={"Content-Type": "image/png"})
         assert client.get("/healthz").json() == {"status": "ok"}
@@ -133,7 +123,7 @@ def test_ops_endpoints(server):
         assert "splitvl_batch_size_bucket" in metrics
 
 
-async def test_concurrent_uploads_are_batched_and_computed_once(server, encoder, monkeypatch):
+async def test_concurrent_uploads_are_batched_and_computed_once(server, encoder, monkeypatch, image_bytes):
     calls: list[int] = []
     real = encoder.forward
 
