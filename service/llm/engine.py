@@ -307,14 +307,15 @@ class LLMEngine:
 
     def generate(self, image_embeds: torch.Tensor, grid_thw: Sequence[int] | torch.Tensor, image_key: str,
                  question: str, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None) -> Generation:
+                 seed: int | None = None, max_question_tokens: int | None = None) -> Generation:
         """Queue one question about one image; returns its event stream at once.
 
         image_embeds [num_tokens, hidden] as the vision worker stored them (any dtype, any device);
         grid_thw the image's patch grid (t, h, w); image_key names the image's features (the
         caller makes it from fingerprint + image id) and keys the prefix-KV cache.
         Raises ``ApiError`` 422 for an empty question, parameters out of range or a prompt that
-        with ``max_tokens`` exceeds ``max_seq_len`` (code ``context_length_exceeded``), 409 when the
+        with ``max_tokens`` exceeds ``max_seq_len`` (code ``context_length_exceeded``) or whose question
+        part (question + closing template) is over ``max_question_tokens`` (``question_too_long``), 409 when the
         embeddings do not fit this model, 503 when the queue is full or the engine is closed.
         """
         if not question.strip():
@@ -329,8 +330,11 @@ class LLMEngine:
         if tuple(image_embeds.shape) != (num_tokens, self.hidden_size):
             raise ApiError(409, "feature_mismatch", f"image embeddings {tuple(image_embeds.shape)} do not fit this "
                            f"model: grid {list(grid)} needs ({num_tokens}, {self.hidden_size})")
-        prompt = self.prompts.build(question, num_tokens)
+        prompt = self.prompts.build(question, num_tokens)  # the only tokenization of the question
         total = len(prompt.ids)
+        if max_question_tokens is not None and total - prompt.prefix_len > max_question_tokens:
+            raise ApiError(422, "question_too_long", f"the question is {total - prompt.prefix_len} tokens; "
+                           f"the limit is {max_question_tokens}")
         if total + max_tokens > self.max_seq_len:
             raise ApiError(422, "context_length_exceeded", f"the prompt has {total} tokens; with max_tokens "
                            f"{max_tokens} it exceeds the context length of {self.max_seq_len}")
