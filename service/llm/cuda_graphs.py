@@ -73,7 +73,20 @@ class Step:
         return self._host.tolist()
 
 
-class DecodeRunner:
+class _CacheRunner:
+    """What both runners hold: the model, its KV cache [layers, 2, slots, kv_heads, max_len, head_dim]
+    and whether graphs are on (CUDA only)."""
+
+    def __init__(self, model: Qwen2LM, kv: torch.Tensor, *, use_graphs: bool) -> None:
+        self.model = model
+        self.kv = kv
+        self.slots = kv.shape[2]
+        self.max_len = kv.shape[4]
+        self.device = kv.device
+        self.use_graphs = use_graphs and self.device.type == "cuda"
+
+
+class DecodeRunner(_CacheRunner):
     """Device-side decode state for ``slots`` cache slots and the per-bucket step functions.
 
     ``window_buckets``: whether the attention window ``L`` follows the longest active context
@@ -83,12 +96,7 @@ class DecodeRunner:
 
     def __init__(self, model: Qwen2LM, kv: torch.Tensor, *, use_graphs: bool, window_buckets: bool = True,
                  batch_buckets: Sequence[int] | None = None) -> None:
-        self.model = model
-        self.kv = kv
-        self.slots = kv.shape[2]
-        self.max_len = kv.shape[4]
-        self.device = kv.device
-        self.use_graphs = use_graphs and self.device.type == "cuda"
+        super().__init__(model, kv, use_graphs=use_graphs)
         self.window_buckets = window_buckets
         self.batch_buckets = sorted(set(batch_buckets or pow2_buckets(self.slots)))
         if self.batch_buckets[-1] < self.slots:
@@ -230,7 +238,7 @@ class PrefillShape:
     logits: bool  # compute the LM head and argmax at each row's last token
 
 
-class PrefillRunner:
+class PrefillRunner(_CacheRunner):
     """Prefills of padded, bucketed rows, replayed from CUDA graphs on CUDA (eager elsewhere).
 
     ``run(fn, rows, logits=...)`` -> (logits [N, vocab] fp32, greedy tokens [N]) at each row's real
@@ -247,12 +255,7 @@ class PrefillRunner:
     def __init__(self, model: Qwen2LM, kv: torch.Tensor, *, use_graphs: bool, bucketed: bool = True,
                  row_buckets: Sequence[int] | None = None, max_graph_tokens: int = 8192,
                  max_graphs: int = 64) -> None:
-        self.model = model
-        self.kv = kv
-        self.slots = kv.shape[2]
-        self.max_len = kv.shape[4]
-        self.device = kv.device
-        self.use_graphs = use_graphs and self.device.type == "cuda"
+        super().__init__(model, kv, use_graphs=use_graphs)
         self.bucketed = bucketed
         self.row_buckets = sorted(set(row_buckets or pow2_buckets(self.slots)))
         self.max_graph_tokens = max_graph_tokens
