@@ -33,7 +33,6 @@ import faulthandler
 import json
 import os
 import platform
-import socket
 import statistics
 import sys
 import tempfile
@@ -65,6 +64,7 @@ from service.llm.model import (  # noqa: E402
     prefill_fused_at,
     random_model,
 )
+from service.ports import free_port  # noqa: E402
 
 QUESTIONS = ["What is in this picture?", "How many people are there?", "Is it day or night? Answer briefly.",
              "Describe the image in detail.", "What colour is the car?"]
@@ -650,11 +650,6 @@ def bench_7b(tmp: Path, device: torch.device, dtype: torch.dtype, smoke: bool, g
                     row[vname] = f"{type(exc).__name__}: {exc}"[:200]
             record(f"7b.pure_decode_ms.b{batch}_ctx300", row)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_overhead(engine: LLMEngine, ckpt: Path, image: Image, device: torch.device) -> None:

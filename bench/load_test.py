@@ -22,7 +22,6 @@ import json
 import os
 import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,11 +41,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # -- the server ---------------------------------------------------------------------------------------
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def rss_bytes(pid: int) -> int:
@@ -72,6 +66,8 @@ class Server:
     """``splitvl serve all`` as a child process; stopped with SIGINT (so its embedded Redis goes too)."""
 
     def __init__(self, model: Path, log: Path, *extra: str) -> None:
+        from service.ports import free_port
+
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log

@@ -15,7 +15,6 @@ import asyncio
 import io
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -170,11 +169,6 @@ def profile_worker(path: Path, images: list[bytes], clients: int, out_dir: Path 
     return result
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 async def drive(url: str, images: list[bytes], clients: int) -> tuple[float, list[float], dict[int, int]]:
     import httpx
@@ -220,6 +214,7 @@ def main() -> None:
         return
 
     from service.embedded_redis import EmbeddedRedis
+    from service.ports import free_port
 
     port = free_port()
     with EmbeddedRedis() as redis:

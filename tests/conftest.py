@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from service.embedded_redis import redis_binary
+from service.ports import free_port
 from service.tiny import make_tiny_checkpoint
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -48,11 +49,6 @@ def sharded_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
         tmp_path_factory.mktemp("tiny-sharded"), seed=1, shard_size="40KB", tie_word_embeddings=True
     )
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:

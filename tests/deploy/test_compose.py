@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -22,16 +21,12 @@ import httpx
 import pytest
 
 from service.embedded_redis import redis_binary
+from service.ports import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "docker" / "gateway.conf.template"
 PASSWORD = "s3cret-pw"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- compose.yaml ---------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -19,6 +18,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 from PIL import Image
+
+from service.ports import free_port
 
 # -- images --------------------------------------------------------------------------------------
 
@@ -142,11 +143,6 @@ def upload(client: httpx.Client, data: bytes, content_type: str = "image/png", *
 
 # -- processes -------------------------------------------------------------------------------------
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ServeProcess:
