@@ -24,6 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels._utils import install_interpreter_fix
+
+install_interpreter_fix()  # loop bounds read from memory, under TRITON_INTERPRET=1 (CPU tests)
+
 
 def _next_pow2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()

@@ -34,26 +34,6 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float16, torch.bfloat16] if DEVICE == "cuda" else [torch.float16]
 
 
-@pytest.fixture(autouse=True)
-def _interpreter_loop_bounds() -> None:
-    """Triton 3.6's interpreter turns a loop bound read from memory into an int with ``int(array)``,
-    which numpy >= 2.4 refuses for 1-element arrays; convert through ``reshape(-1)[0]``."""
-    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
-        return
-    import triton.runtime.interpreter as interp
-
-    orig = interp._patch_lang_tensor
-    if getattr(orig, "_llm_fixed", False):
-        return
-
-    def patched(tensor, scope):  # type: ignore[no-untyped-def]
-        orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._llm_fixed = True  # type: ignore[attr-defined]
-    interp._patch_lang_tensor = patched
-
-
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
