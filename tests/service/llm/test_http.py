@@ -15,16 +15,6 @@ from PIL import Image
 
 from service.app import create_app
 from service.config import Settings
-from service.llm.engine import LLMEngine
-from service.vision.encoder import VisionEncoder
-
-
-@pytest.fixture(scope="module")
-def parts(tiny_checkpoint: Path):
-    encoder = VisionEncoder(tiny_checkpoint, device="cpu")
-    engine = LLMEngine(tiny_checkpoint, device="cpu", max_batch_slots=4, prefix_cache_entries=4)
-    yield encoder, engine
-    engine.close()
 
 
 @pytest.fixture

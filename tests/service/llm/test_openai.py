@@ -12,8 +12,6 @@ import redis
 
 from service.app import create_app
 from service.config import Settings
-from service.llm.engine import LLMEngine
-from service.vision.encoder import VisionEncoder
 
 
 def data_url(data: bytes) -> str:
@@ -26,14 +24,6 @@ def user(image: dict, text: str) -> list[dict]:
 
 def image_url(url: str) -> dict:
     return {"type": "image_url", "image_url": {"url": url}}
-
-
-@pytest.fixture(scope="module")
-def parts(tiny_checkpoint: Path):
-    encoder = VisionEncoder(tiny_checkpoint, device="cpu")
-    engine = LLMEngine(tiny_checkpoint, device="cpu", max_batch_slots=4, prefix_cache_entries=4)
-    yield encoder, engine
-    engine.close()
 
 
 def settings(checkpoint: Path, redis_url: str, **kw) -> Settings:
