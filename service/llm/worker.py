@@ -88,7 +88,6 @@ class LLMWorker:
         key = f"{record.fingerprint}:{image_id}"
         generation = self.engine.generate(record.embeds, record.grid_thw, key, question, max_tokens,
                                           temperature, top_p, seed, self.settings.max_question_tokens)
-        self.metrics.queue_depth.labels("llm").set(self.engine.stats()["waiting"])
         return generation
 
     async def events(self, generation: Generation) -> AsyncIterator[Delta | Finish]:

@@ -63,7 +63,6 @@ class VisionWorker:
     def _observe_batch(self, jobs: int, patches: int) -> None:
         self.metrics.batch_size.labels("vision").observe(jobs)
         self.metrics.batch_cost.labels("vision").observe(patches)
-        self.metrics.queue_depth.labels("vision").set(self.batcher.depth)
 
     async def start(self) -> None:
         await asyncio.get_running_loop().run_in_executor(None, self.encoder.warmup, self.settings.max_batch_patches)
