@@ -240,7 +240,9 @@ class FeatureStore:
             if record is not None:
                 return record
             if not await self._call(self.redis.exists(lock_key)):
-                return None
+                # the holder stores the record and drops the lock in one transaction: look once more,
+                # or a record written between the two reads would be computed again
+                return await self.get(fingerprint, image_id)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 0.2)
         return None
