@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -114,6 +115,7 @@ class Generation:
         self._cond = threading.Condition()
         self._events: deque[Event | BaseException] = deque()
         self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
+        self._final_waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
         self._done = False  # Finish or an error was delivered
         self.cancelled = False
 
@@ -125,11 +127,14 @@ class Generation:
             self._events.append(event)
             self._done = self._done or not isinstance(event, Delta)
             self._cond.notify_all()
-            waiter, self._waiter = self._waiter, None
-        if waiter is not None:
-            loop, fut = waiter
+            waiters = [self._waiter] if self._waiter is not None else []
+            self._waiter = None
+            if self._done and self._final_waiter is not None:
+                waiters.append(self._final_waiter)
+                self._final_waiter = None
+        for loop, fut in waiters:
             try:
-                loop.call_soon_threadsafe(lambda: fut.done() or fut.set_result(None))
+                loop.call_soon_threadsafe(lambda f=fut: f.done() or f.set_result(None))
             except RuntimeError:  # the consumer's loop is closed: nobody is listening
                 self.cancelled = True
 
@@ -172,12 +177,36 @@ class Generation:
         finally:
             self.cancel()
 
+    async def final(self) -> Finish:
+        """The Finish event, awaited without waking the event loop for every token (the deltas are
+        skipped; their text is in ``Finish.text``). An engine failure is raised here."""
+        loop = asyncio.get_running_loop()
+        try:
+            with self._cond:
+                fut = None if self._done else loop.create_future()
+                self._final_waiter = None if fut is None else (loop, fut)
+            if fut is not None:
+                await fut
+            with self._cond:
+                events, self._events = self._events, deque()
+            for event in events:
+                if not isinstance(self._deliver(event), Delta):
+                    return event  # type: ignore[return-value]
+            raise RuntimeError("generation ended without a Finish event")
+        finally:
+            self.cancel()  # a no-op once finished
+
     def result(self) -> Finish:
         """Block until the answer is complete."""
         for event in self:
             if isinstance(event, Finish):
                 return event
         raise RuntimeError("generation ended without a Finish event")
+
+
+class PrefixNotCached(LookupError):
+    """``generate`` got shape-only (meta) embeddings for an image whose prefix KV the engine no
+    longer holds: call it again with the embeddings."""
 
 
 # -- sampling -------------------------------------------------------------------------------------
@@ -203,6 +232,12 @@ def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generat
 
 
 @dataclass
+class _Prefix:
+    kv: torch.Tensor  # [layers, 2, kv_heads, prefix_len, head_dim]
+    grid: tuple[int, int, int]
+
+
+@dataclass
 class _Request:
     prompt: Prompt
     embeds: torch.Tensor  # [num_image_tokens, hidden] as given (any device, any dtype)
@@ -216,16 +251,11 @@ class _Request:
     generator: torch.Generator | None
     stream: Generation
     decoder: StreamDecoder
+    prefix: _Prefix | None = None  # pinned at submission when the caller sent no embeddings
     slot: int = -1
     cache_len: int = 0  # tokens whose KV is in the slot (or will be, once launched steps ran)
     tokens: list[int] = field(default_factory=list)  # generated so far
     text: list[str] = field(default_factory=list)
-
-
-@dataclass
-class _Prefix:
-    kv: torch.Tensor  # [layers, 2, kv_heads, prefix_len, head_dim]
-    grid: tuple[int, int, int]
 
 
 @dataclass
@@ -294,7 +324,9 @@ class LLMEngine:
         self.prefiller = PrefillRunner(self.model, self.kv, use_graphs=self.runner.use_graphs) if prefill_graphs else None
         self._prefixes: OrderedDict[str, _Prefix] = OrderedDict()
         self.counters = {"prefix_hits": 0, "prefix_misses": 0, "prefill_tokens": 0, "decode_steps": 0,
-                         "generated_tokens": 0}
+                         "generated_tokens": 0, "admissions": 0}
+        # the latest admissions (perf_counter at start, requests, seconds): how bursts were admitted
+        self.admissions: deque[tuple[float, int, float]] = deque(maxlen=256)
         self._cond = threading.Condition()
         self._waiting: deque[_Request] = deque()
         self._active: dict[int, _Request] = {}  # slot -> request
@@ -331,6 +363,11 @@ class LLMEngine:
             raise ApiError(409, "feature_mismatch", f"image embeddings {tuple(image_embeds.shape)} do not fit this "
                            f"model: grid {list(grid)} needs ({num_tokens}, {self.hidden_size})")
         prompt = self.prompts.build(question, num_tokens)  # the only tokenization of the question
+        prefix = None
+        if image_embeds.is_meta:  # the caller skipped fetching the embeddings: pin the cached prefix now
+            prefix = self._prefixes.get(image_key)
+            if prefix is None or prefix.grid != grid or prefix.kv.shape[3] != prompt.prefix_len:
+                raise PrefixNotCached(image_key)
         total = len(prompt.ids)
         if max_question_tokens is not None and total - prompt.prefix_len > max_question_tokens:
             raise ApiError(422, "question_too_long", f"the question is {total - prompt.prefix_len} tokens; "
@@ -350,7 +387,7 @@ class LLMEngine:
         # tensors reach the device on the scheduler thread, and only when a prefill needs them (a copy
         # here would wait for the decode step running on the device)
         request = _Request(prompt, image_embeds, grid, image_key, pos, delta, max_tokens, temperature, top_p,
-                           generator, stream, self.prompts.decoder())
+                           generator, stream, self.prompts.decoder(), prefix)
         with self._cond:
             if self._closed:
                 raise unavailable("engine_closed", "the LLM engine is shutting down")
@@ -359,6 +396,12 @@ class LLMEngine:
             self._waiting.append(request)
             self._cond.notify()
         return stream
+
+    def has_prefix(self, image_key: str) -> bool:
+        """Whether the image's prefix KV is cached now: then ``generate`` may get shape-only (meta)
+        embeddings, and the fetch of the real ones can be skipped (it may still raise
+        ``PrefixNotCached`` if the entry is evicted in between)."""
+        return image_key in self._prefixes
 
     def stats(self) -> dict[str, int]:
         with self._cond:
@@ -393,7 +436,10 @@ class LLMEngine:
                         request.slot = slot
                         self._active[slot] = request
                 if admitted:
+                    started = time.perf_counter()
                     self._guard(admitted, lambda a=admitted: self._start(a))
+                    self.admissions.append((started, len(admitted), time.perf_counter() - started))
+                    self.counters["admissions"] += 1
                 self._drop_cancelled()
                 self._guard(list(self._active.values()), self._decode)
         closing = unavailable("engine_closed", "the LLM engine is shutting down")
@@ -477,6 +523,9 @@ class LLMEngine:
             for r in requests:
                 p = r.prompt.prefix_len
                 entry = self._prefixes.get(r.image_key)
+                if r.prefix is not None and entry is not r.prefix:  # evicted since submission: pinned copy
+                    entry = self._prefixes[r.image_key] = r.prefix
+                r.prefix = None
                 source = computing.get((r.image_key, r.grid, p))
                 if entry is not None and entry.grid == r.grid and entry.kv.shape[3] == p:
                     self._prefixes.move_to_end(r.image_key)
@@ -494,8 +543,8 @@ class LLMEngine:
                     p = r.prompt.prefix_len
                     self._prefixes[r.image_key] = _Prefix(self.kv[:, :, r.slot, :, :p].clone(), r.grid)
                     self._prefixes.move_to_end(r.image_key)
-                while len(self._prefixes) > self.prefix_cache_entries:
-                    self._prefixes.popitem(last=False)
+            while len(self._prefixes) > self.prefix_cache_entries:  # computed or pinned entries came in
+                self._prefixes.popitem(last=False)
             for r, source in copies:
                 p = r.prompt.prefix_len
                 self.kv[:, :, r.slot, :, :p] = self.kv[:, :, source.slot, :, :p]

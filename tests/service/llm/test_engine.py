@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from service.errors import ApiError
-from service.llm.engine import Delta, Finish, LLMEngine, sample_token
+from service.llm.engine import Delta, Finish, LLMEngine, PrefixNotCached, sample_token
 
 from . import Features, copy_checkpoint, oracle, random_image
 
@@ -224,3 +224,37 @@ def test_leaving_a_stream_frees_its_slot(engines: dict[str, LLMEngine], tiny_che
         time.sleep(0.01)
     assert engine.stats()["active"] == 0
     assert _ask(engine, feats, "c", "Go on.", max_tokens=2).completion_tokens == 2
+
+
+def test_final_awaits_only_the_finish(engines: dict[str, LLMEngine], tiny_checkpoint: Path) -> None:
+    engine = engines["tiny_checkpoint"]
+    feats = _features(tiny_checkpoint)[1]
+
+    async def main() -> Finish:
+        return await engine.generate(feats.embeds, feats.grid[0], "final", QUESTIONS[0], MAX_NEW).final()
+
+    final = asyncio.run(main())
+    assert list(final.token_ids) == oracle(tiny_checkpoint).generate(feats, QUESTIONS[0], MAX_NEW)
+    assert final.text == _ask(engine, feats, "final", QUESTIONS[0]).text
+
+
+def test_shape_only_embeddings_use_the_cached_prefix(engines: dict[str, LLMEngine], tiny_checkpoint: Path) -> None:
+    engine = engines["tiny_checkpoint"]
+    feats = _features(tiny_checkpoint)[3]
+    shape_only = torch.empty(feats.embeds.shape, dtype=feats.embeds.dtype, device="meta")
+    with pytest.raises(PrefixNotCached):  # nothing cached yet: the caller must send the embeddings
+        engine.generate(shape_only, feats.grid[0], "meta", QUESTIONS[1], 4)
+    expected = oracle(tiny_checkpoint).generate(feats, QUESTIONS[1], MAX_NEW)
+    _ask(engine, feats, "meta", QUESTIONS[0])  # computes and caches the prefix
+    assert engine.has_prefix("meta")
+    got = engine.generate(shape_only, feats.grid[0], "meta", QUESTIONS[1], MAX_NEW).result()
+    assert list(got.token_ids) == expected
+    # evicted after submission, before admission: the request pinned the prefix when it was queued
+    with engine._cond:  # the scheduler cannot admit while we hold it
+        stream = engine.generate(shape_only, feats.grid[0], "meta", QUESTIONS[1], MAX_NEW)
+        engine._prefixes.clear()
+    assert list(stream.result().token_ids) == expected
+    assert engine.has_prefix("meta")  # back in the cache
+    other_grid = torch.tensor([1, 2, 2])
+    with pytest.raises(ApiError):  # a grid that does not fit the embeddings' shape is refused first
+        engine.generate(shape_only, other_grid, "meta", QUESTIONS[1], 4)

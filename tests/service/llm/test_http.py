@@ -126,3 +126,29 @@ async def test_concurrent_questions(server, image_bytes):
         alone = [(await client.post("/v1/questions", json={"image_id": image_id, "question": q,
                                                             "max_tokens": 8})).json()["answer"] for q in qs]
     assert [r.json()["answer"] for r in rs] == alone
+
+
+def test_a_cached_prefix_spares_reading_the_embeddings(server, redis_url, image_bytes):
+    """Once the engine holds an image's prefix KV, a question reads only the record's metadata from
+    Redis (it must still exist), not its embeddings; the answer stays the same."""
+    data = image_bytes(224, 224, seed=8)  # 64 image tokens: 4 KB of float32 embeddings at hidden 16
+    r = redis.Redis.from_url(redis_url)
+
+    def sent_by_redis() -> int:
+        return int(r.info("stats")["total_net_output_bytes"])
+
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        meta = client.post("/v1/images", content=data, headers={"Content-Type": "image/png"}).json()
+        embeds_bytes = len(r.hget(f"splitvl:{meta['fingerprint']}:{meta['image_id']}", "embeds"))
+        req = {"image_id": meta["image_id"], "question": "What is in this picture?", "max_tokens": 8}
+        before = sent_by_redis()
+        first = client.post("/v1/questions", json=req)
+        first_cost = sent_by_redis() - before
+        before = sent_by_redis()
+        second = client.post("/v1/questions", json=req)
+        second_cost = sent_by_redis() - before
+    r.close()
+    assert first.status_code == second.status_code == 200
+    assert first.json() == second.json()
+    assert first_cost > embeds_bytes  # the prefix was computed from the stored embeddings
+    assert second_cost < embeds_bytes // 2, (first_cost, second_cost, embeds_bytes)
