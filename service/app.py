@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import inspect
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import get_args
 
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
-from service.config import Role, Settings
+from service.config import ROLE_ENV, Role, Settings
 from service.errors import ApiError, install_error_handlers
+from service.logs import configure_logging
 from service.metrics import Metrics, RequestMetricsMiddleware
 from service.store import FeatureStore
 
@@ -49,6 +53,7 @@ def create_app(settings: Settings, role: Role, *, workers: dict | None = None) -
         loop = asyncio.get_running_loop()
         given = workers or {}
         started = []
+        refresher = None
         try:
             if role in ("vision", "all"):
                 from service.vision.worker import VisionWorker
@@ -74,16 +79,23 @@ def create_app(settings: Settings, role: Role, *, workers: dict | None = None) -
                     from service.llm.vision_client import RemoteVision
 
                     app.state.remote_vision = RemoteVision(settings.vision_url, timeout_s=settings.request_timeout_s)
+            if metrics.multiprocess_dir:
+                refresher = asyncio.create_task(metrics.refresh_forever(), name="metrics-refresh")
             app.state.ready = True
             yield
         finally:
             app.state.ready = False
+            if refresher is not None:
+                refresher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await refresher
             for worker in reversed(started):
                 await worker.stop()
             remote = getattr(app.state, "remote_vision", None)
             if remote is not None:
                 await remote.aclose()
             await store.close()
+            metrics.close()
 
     # with API keys, the schema is behind the key like every endpoint but /healthz (and the docs
     # pages, which could not fetch it, are off)
@@ -137,3 +149,20 @@ def create_app(settings: Settings, role: Role, *, workers: dict | None = None) -
             limit = {}
         app.include_router(openai_router, dependencies=[Depends(require_api_key)], **limit)
     return app
+
+
+def create_app_from_env() -> FastAPI:
+    """The app of each process of ``splitvl serve vision --workers N`` (uvicorn ``factory=True``).
+
+    uvicorn's supervisor spawns fresh interpreters that receive nothing from the CLI but the
+    environment: the settings come from ``SPLITVL_*`` (the CLI exported its effective ones), the
+    role from ``SPLITVL_ROLE``, both read here in the worker process, never at import time. A
+    spawned process starts with no logging set up either, so it is set up here, each line tagged
+    with the process id.
+    """
+    role = os.environ.get(ROLE_ENV, "")
+    if role not in get_args(Role):
+        raise RuntimeError(f"{ROLE_ENV} must be one of {', '.join(get_args(Role))}, not {role!r}")
+    settings = Settings()
+    configure_logging(settings.log_level, settings.log_format, show_pid=True)
+    return create_app(settings, role)

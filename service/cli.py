@@ -3,21 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator, Mapping
 
 from pydantic import ValidationError
 
-from service.config import Settings
+from service.config import ROLE_ENV, Settings
 from service.logs import configure_logging
 
 
 def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from service.app import create_app
-    from service.embedded_redis import EmbeddedRedis
-
     overrides = {k: v for k, v in vars(args).items()
                  if k in Settings.model_fields and v is not None}
     try:
@@ -25,24 +25,95 @@ def _serve(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    configure_logging(args.log_level, settings.log_format)
+    if settings.workers > 1 and args.role != "vision":
+        print(f"error: --workers {settings.workers}: only `serve vision` runs several processes. The LLM engine "
+              "owns one KV cache per GPU and `serve all` embeds Redis and an engine: run more replicas "
+              "(one GPU each) instead", file=sys.stderr)
+        return 2
+    configure_logging(settings.log_level, settings.log_format, show_pid=settings.workers > 1)
+    if settings.redis_url is None and args.role != "all":
+        print("error: --redis-url is required for `serve vision` and `serve llm`", file=sys.stderr)
+        return 2
+    if settings.workers > 1:
+        return _serve_processes(settings, args.role)
+
+    import uvicorn
+
+    from service.app import create_app
+    from service.embedded_redis import EmbeddedRedis
+
     embedded = None
     if settings.redis_url is None:
-        if args.role != "all":
-            print("error: --redis-url is required for `serve vision` and `serve llm`", file=sys.stderr)
-            return 2
         embedded = EmbeddedRedis()
         settings = settings.model_copy(update={"redis_url": embedded.start()})
         logging.getLogger("splitvl").info("embedded Redis at %s", settings.redis_url)
     try:
         app = create_app(settings, args.role)
         # our handler formats uvicorn's lines too; the access line is ours (with the request id)
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level=args.log_level, log_config=None,
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None,
                     access_log=False, timeout_graceful_shutdown=10)
     finally:
         if embedded is not None:
             embedded.stop()
     return 0
+
+
+@contextlib.contextmanager
+def _environ(updates: Mapping[str, str | None]) -> Iterator[None]:
+    """``os.environ`` with these variables set (``None``: unset) for the duration, then as before."""
+    saved = {key: os.environ.get(key) for key in updates}
+    try:
+        for key, value in updates.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class _ErrorSeen(logging.Handler):
+    """Notes whether uvicorn's supervisor logged an error (a process that failed to start, a port
+    in use): ``uvicorn.run`` with several workers returns normally then, and the CLI should not."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.seen = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.seen = True
+
+
+def _serve_processes(settings: Settings, role: str) -> int:
+    """``settings.workers`` processes on one listening socket under uvicorn's supervisor (which
+    restarts a process that dies), each loading its own copy of the model.
+
+    The processes are spawned, not forked: they get the settings, role and metrics directory from
+    the environment set here before they start, and build their app in
+    ``service.app.create_app_from_env``. The metrics directory is fresh (files left by an earlier
+    run would be summed in) and removed at exit.
+    """
+    import uvicorn
+
+    metrics_dir = tempfile.mkdtemp(prefix="splitvl-metrics-")
+    env = {**settings.to_env(), ROLE_ENV: role, "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+    supervisor_log = logging.getLogger("uvicorn.error")  # in this process: the supervisor's lines only
+    errors = _ErrorSeen()
+    supervisor_log.addHandler(errors)
+    try:
+        with _environ(env):
+            uvicorn.run("service.app:create_app_from_env", factory=True, workers=settings.workers,
+                        host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None,
+                        access_log=False, timeout_graceful_shutdown=10)
+    finally:
+        supervisor_log.removeHandler(errors)
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 1 if errors.seen else 0
 
 
 def _make_tiny(args: argparse.Namespace) -> int:
@@ -63,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--redis-url", dest="redis_url")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=int,
+                       help="vision only: processes serving the port, each with its own copy of the tower, so "
+                       "uploads' host work runs in parallel on one GPU (env SPLITVL_WORKERS; default 1)")
     serve.add_argument("--device", choices=["cpu", "cuda"])
     serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"])
     serve.add_argument("--feature-ttl-s", dest="feature_ttl_s", type=int)
@@ -76,7 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--no-kernels", dest="use_kernels", action="store_const", const=False)
     serve.add_argument("--vision-url", dest="vision_url",
                        help="llm: vision worker or gateway that encodes images sent inline to /v1/chat/completions")
-    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--log-level", dest="log_level", type=str.lower,
+                       choices=["critical", "error", "warning", "info", "debug", "trace"],
+                       help="default info (env SPLITVL_LOG_LEVEL)")
     serve.add_argument("--log-format", dest="log_format", choices=["text", "json"],
                        help="json: one JSON object per line, with request ids (env SPLITVL_LOG_FORMAT)")
     serve.set_defaults(func=_serve)

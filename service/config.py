@@ -5,6 +5,7 @@ Built in the app factory, never at import time, so tests and the CLI can make as
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 import torch
@@ -12,6 +13,8 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Role = Literal["vision", "llm", "all"]
+# the role of the app that ``create_app_from_env`` builds in each of ``serve vision --workers N``'s processes
+ROLE_ENV = "SPLITVL_ROLE"
 
 
 class Settings(BaseSettings):
@@ -21,6 +24,9 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(None, description="Redis URL; `serve all` starts an embedded Redis without one")
     host: str = "127.0.0.1"
     port: int = 8000
+    workers: int = Field(
+        1, ge=1, description="vision: processes serving one port, each with its own copy of the tower "
+        "(host work in parallel on one GPU); llm and all take 1")
     device: str | None = Field(None, description="cpu or cuda; default cuda when a GPU is present")
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="default bfloat16 on cuda, float32 on cpu"
@@ -51,6 +57,7 @@ class Settings(BaseSettings):
         "for (chat completions with a data URL); `serve all` uses its own vision worker")
 
     # logging
+    log_level: Literal["critical", "error", "warning", "info", "debug", "trace"] = "info"
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per log line")
 
     @field_validator("api_keys")
@@ -61,6 +68,11 @@ class Settings(BaseSettings):
             if not key or key != key.strip() or not key.isascii() or not key.isprintable():
                 raise ValueError("API keys must be non-empty printable ASCII without surrounding spaces")
         return v
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _log_level(cls, v: object) -> object:
+        return v.lower() if isinstance(v, str) else v
 
     @field_validator("device")
     @classmethod
@@ -75,6 +87,16 @@ class Settings(BaseSettings):
         if v is not None and not v.startswith(("http://", "https://")):
             raise ValueError("vision_url must be an http:// or https:// URL")
         return v.rstrip("/") if v else None
+
+    def to_env(self) -> dict[str, str | None]:
+        """``SPLITVL_*`` variables from which ``Settings()`` in another process rebuilds these settings.
+
+        pydantic-settings parses complex fields (the ``api_keys`` list) from JSON and the others from
+        plain strings, so only non-strings are JSON-encoded (JSON's ``true``/``5.0`` also parse as
+        bool/float). ``None`` means "leave the variable unset": an unset optional field is not a string.
+        """
+        return {f"SPLITVL_{name.upper()}": value if isinstance(value, str) or value is None else json.dumps(value)
+                for name, value in self.model_dump(mode="json").items()}
 
     def resolved_device(self) -> str:
         if self.device:

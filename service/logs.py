@@ -30,7 +30,12 @@ class RequestIdFilter(logging.Filter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: ts, level, logger, message, request_id, and any ``extra=`` fields."""
+    """One JSON object per line: ts, level, logger, message, request_id, and any ``extra=`` fields;
+    with ``show_pid`` also the process id (several worker processes share one log stream)."""
+
+    def __init__(self, show_pid: bool = False) -> None:
+        super().__init__()
+        self.show_pid = show_pid
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -39,6 +44,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self.show_pid:
+            out["pid"] = record.process
         for key, value in record.__dict__.items():
             if key not in _STANDARD and not key.startswith("_") and value is not None:
                 out[key] = value
@@ -48,8 +55,9 @@ class JsonFormatter(logging.Formatter):
 
 
 class TextFormatter(logging.Formatter):
-    def __init__(self) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+    def __init__(self, show_pid: bool = False) -> None:
+        pid = "[%(process)d]" if show_pid else ""
+        super().__init__(f"%(asctime)s %(levelname)s %(name)s{pid}: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
@@ -57,10 +65,11 @@ class TextFormatter(logging.Formatter):
         return f"{line} [request_id={rid}]" if rid and record.name != "splitvl.access" else line
 
 
-def configure_logging(level: str = "info", fmt: str = "text") -> None:
-    """Root handler on stderr in ``fmt`` ("text" or "json"); uvicorn's loggers propagate to it."""
+def configure_logging(level: str = "info", fmt: str = "text", *, show_pid: bool = False) -> None:
+    """Root handler on stderr in ``fmt`` ("text" or "json"); uvicorn's loggers propagate to it.
+    ``show_pid`` tags every line with its process id (``serve vision --workers N``)."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.setFormatter(JsonFormatter(show_pid) if fmt == "json" else TextFormatter(show_pid))
     handler.addFilter(RequestIdFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

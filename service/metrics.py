@@ -1,13 +1,23 @@
-"""Prometheus metrics, one registry per app (so several apps can live in one process)."""
+"""Prometheus metrics, one registry per app (so several apps can live in one process).
+
+Under ``splitvl serve vision --workers N`` the CLI points ``PROMETHEUS_MULTIPROC_DIR`` at a fresh
+directory before the worker processes start; prometheus_client then keeps every process's samples
+in files there, and a scrape of any process reports counters and histograms summed over all of
+them, and gauges summed over the live ones.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import time
 import uuid
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
+from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.logs import request_id_var
@@ -17,8 +27,40 @@ log = logging.getLogger(__name__)
 _PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
+def multiprocess_dir() -> str | None:
+    """The directory this process writes its samples to, in prometheus_client's multiprocess mode.
+
+    prometheus_client chooses file-backed values once, when it is first imported, from
+    ``PROMETHEUS_MULTIPROC_DIR``: a process that sets the variable later keeps its samples in memory.
+    """
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    return path if path and values.ValueClass is not values.MutexValue else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, under another user
+    return True
+
+
+def forget_dead_processes(path: str) -> None:
+    """Drop the live gauges of worker processes that died without cleaning up (killed): uvicorn's
+    supervisor replaces them under a new pid, and their last queue depth would otherwise count forever."""
+    for file in Path(path).glob("gauge_live*_*.db"):
+        pid = file.stem.rsplit("_", 1)[-1]
+        if pid.isdigit() and not _alive(int(pid)):
+            mark_process_dead(int(pid), path)
+
+
 class Metrics:
     def __init__(self) -> None:
+        self.multiprocess_dir = multiprocess_dir()
+        if self.multiprocess_dir:
+            forget_dead_processes(self.multiprocess_dir)
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("splitvl_requests", "HTTP requests", ["method", "route", "status"], registry=r)
@@ -35,13 +77,19 @@ class Metrics:
             buckets=(64, 256, 1024, 4096, 16384, 65536),
         )
         self.cache = Counter("splitvl_cache", "feature/prefix cache lookups", ["cache", "result"], registry=r)
-        self.queue_depth = Gauge("splitvl_queue_depth", "jobs waiting", ["worker"], registry=r)
-        self.gpu_memory = Gauge("splitvl_gpu_memory_bytes", "GPU memory allocated by torch", registry=r)
+        # Gauges with several processes: the sum over the live ones (jobs waiting in all queues, memory
+        # all processes hold on the GPU); a process that stopped no longer counts. One process: as ever.
+        live = "livesum"
+        self.queue_depth = Gauge("splitvl_queue_depth", "jobs waiting", ["worker"], registry=r,
+                                 multiprocess_mode=live)
+        self.gpu_memory = Gauge("splitvl_gpu_memory_bytes", "GPU memory allocated by torch", registry=r,
+                                multiprocess_mode=live)
         self.llm_tokens = Counter("splitvl_llm_tokens", "LLM tokens computed", ["kind"], registry=r)
         self.llm_decode_steps = Counter("splitvl_llm_decode_steps", "batched LLM decode steps", registry=r)
-        self.llm_active = Gauge("splitvl_llm_active_requests", "questions holding a decode slot", registry=r)
+        self.llm_active = Gauge("splitvl_llm_active_requests", "questions holding a decode slot", registry=r,
+                                multiprocess_mode=live)
         self.prefix_entries = Gauge("splitvl_llm_prefix_cache_entries", "image prefixes cached on the device",
-                                    registry=r)
+                                    registry=r, multiprocess_mode=live)
         self._hooks: list[Callable[[], None]] = []
 
     def on_scrape(self, hook: Callable[[], None]) -> None:
@@ -72,7 +120,8 @@ class Metrics:
 
         self.on_scrape(hook)
 
-    def render(self) -> bytes:
+    def refresh(self) -> None:
+        """Read this process's values that live elsewhere (scrape hooks, GPU memory) into its gauges."""
         for hook in self._hooks:
             try:
                 hook()
@@ -85,6 +134,26 @@ class Metrics:
                 self.gpu_memory.set(torch.cuda.memory_allocated())
         except Exception:  # noqa: BLE001 - metrics must never fail a scrape
             pass
+
+    async def refresh_forever(self, interval_s: float = 1.0) -> None:
+        """With several processes a scrape reaches one of them, which refreshes only its own gauges:
+        the others refresh theirs on their own, so what a scrape sums is at most ``interval_s`` old."""
+        while True:
+            await asyncio.sleep(interval_s)
+            self.refresh()
+
+    def close(self) -> None:
+        """A stopping process's gauges leave the sums (its counters stay: they were counted)."""
+        if self.multiprocess_dir:
+            mark_process_dead(os.getpid(), self.multiprocess_dir)
+
+    def render(self) -> bytes:
+        self.refresh()
+        if self.multiprocess_dir:
+            # every process's files, merged at each scrape (a fresh registry: the collector reads on collect)
+            merged = CollectorRegistry()
+            MultiProcessCollector(merged, path=self.multiprocess_dir)
+            return generate_latest(merged)
         return generate_latest(self.registry)
 
 

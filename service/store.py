@@ -224,6 +224,21 @@ class FeatureStore:
         key = self._lock_key(fingerprint, image_id)
         return bool(await self._call(self.redis.set(key, b"1", nx=True, px=int(ttl_s * 1000))))
 
+    async def lock_unless_stored(self, fingerprint: str, image_id: str, ttl_s: float) -> bool | None:
+        """Take this image's compute lock in the same round trip that checks for its record: True when
+        taken, False when another worker holds it, None when the record is stored already (a worker
+        that stored it between our miss and now; the lock is not kept)."""
+        lock_key = self._lock_key(fingerprint, image_id)
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.set(lock_key, b"1", nx=True, px=int(ttl_s * 1000))
+        pipe.exists(self.key(fingerprint, image_id))
+        taken, stored = await self._call(pipe.execute())
+        if stored:
+            if taken:
+                await self._call(self.redis.delete(lock_key))
+            return None
+        return bool(taken)
+
     async def extend_lock(self, fingerprint: str, image_id: str, ttl_s: float) -> None:
         await self._call(self.redis.pexpire(self._lock_key(fingerprint, image_id), int(ttl_s * 1000)))
 

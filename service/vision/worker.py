@@ -89,6 +89,15 @@ class VisionWorker:
                                                     f"grid {list(record.grid_thw)} of this model")
         return record
 
+    async def _reusable(self, image_id: str) -> ImageRecord | None:
+        """The stored record, or None when there is none or it was damaged (dropped: compute it again)."""
+        try:
+            return await self._stored(image_id)
+        except ApiError as exc:
+            if exc.code != "corrupt_features":
+                raise
+            return None
+
     async def lookup(self, image_id: str, *, with_embeds: bool = True) -> ImageRecord:
         record = await self._stored(image_id, with_embeds=with_embeds)
         if record is None:
@@ -103,12 +112,7 @@ class VisionWorker:
             raise ApiError(413, "image_too_large", f"the image is {len(data)} bytes; the limit is {self.settings.max_upload_bytes}")
         # hashing a large upload takes milliseconds: a thread, not the event loop (hashlib releases the GIL)
         image_id = await asyncio.to_thread(image_id_of, data) if len(data) > 1 << 20 else image_id_of(data)
-        try:
-            record = await self._stored(image_id)
-        except ApiError as exc:
-            if exc.code != "corrupt_features":
-                raise
-            record = None  # the damaged copy was dropped: compute it again
+        record = await self._reusable(image_id)
         if record is not None:
             self.metrics.cache.labels("features", "hit").inc()
             return record, True
@@ -137,7 +141,13 @@ class VisionWorker:
         timeout = self.settings.request_timeout_s
         # a short lease, renewed while we compute: a worker that dies holding it delays others by one lease
         lease = min(LOCK_LEASE_S, timeout)
-        held = await self.store.lock(self.fingerprint, image_id, ttl_s=lease)
+        held = await self.store.lock_unless_stored(self.fingerprint, image_id, ttl_s=lease)
+        if held is None:
+            # another worker stored it between our miss and our lock: read it (no second encode)
+            record = await self._reusable(image_id)
+            if record is not None:
+                return record, True
+            held = await self.store.lock(self.fingerprint, image_id, ttl_s=lease)  # damaged or gone meanwhile
         if not held:
             started = time.monotonic()
             record = await self.store.wait_for(self.fingerprint, image_id, timeout_s=timeout)

@@ -55,6 +55,9 @@ def test_compose_file_is_valid():
     assert services["gateway"]["depends_on"] == {"vision": {"condition": "service_healthy"},
                                                  "llm": {"condition": "service_healthy"}}
     assert services["llm"]["environment"]["SPLITVL_VISION_URL"] == "http://gateway:8000"
+    # several processes per GPU: the vision worker only (one engine, one KV cache per LLM GPU)
+    assert str(services["vision"]["environment"]["SPLITVL_WORKERS"]) == "1"
+    assert "SPLITVL_WORKERS" not in services["llm"]["environment"]
     redis_cmd = services["redis"]["command"]
     redis_cmd = redis_cmd if isinstance(redis_cmd, str) else " ".join(redis_cmd)
     assert "--requirepass" in redis_cmd and "--maxmemory-policy allkeys-lru" in redis_cmd

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import signal
 import subprocess
 import sys
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import pytest
 from PIL import Image
 
 from service.ports import free_port
@@ -71,3 +73,36 @@ def test_make_tiny_then_serve_all(tmp_path):
     # the embedded Redis went with it
     for pid in redis_children:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def test_settings_travel_to_worker_processes_through_the_environment(monkeypatch):
+    from service.config import Settings
+
+    given = Settings(model="/models/x y", redis_url="redis://:p@h:6379/0", port=8123, workers=3, device="cpu",
+                     dtype="bfloat16", api_keys=["k1", "k,2"], use_kernels=False, max_batch_wait_ms=2.5,
+                     vision_url="http://gw:8000", log_level="WARNING", log_format="json")
+    env = given.to_env()
+    assert env["SPLITVL_API_KEYS"] == '["k1", "k,2"]'  # pydantic-settings parses lists as JSON
+    assert env["SPLITVL_MODEL"] == "/models/x y" and env["SPLITVL_USE_KERNELS"] == "false"
+    for key in list(os.environ):
+        if key.startswith("SPLITVL_"):
+            monkeypatch.delenv(key)
+    defaults = Settings(model="m")
+    assert defaults.to_env()["SPLITVL_VISION_URL"] is None  # unset, not the string "None"
+    assert defaults.workers == 1 and defaults.log_level == "info"
+
+    for key, value in env.items():
+        if value is not None:
+            monkeypatch.setenv(key, value)
+    assert Settings() == given
+
+
+@pytest.mark.parametrize("role", ["llm", "all"])
+def test_several_processes_are_for_the_vision_worker_only(role, capsys):
+    from service.cli import main
+
+    code = main(["serve", role, "--workers", "2", "--model", "unused", "--redis-url", "redis://127.0.0.1:1/0"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--workers 2: only `serve vision` runs several processes" in err
+    assert "KV cache" in err

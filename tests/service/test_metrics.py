@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 
 import httpx
 from fastapi import FastAPI
@@ -82,3 +83,28 @@ async def test_access_log_lines_carry_the_request_id():
     record = logging.LogRecord("splitvl.x", logging.INFO, "", 0, "hello", None, None)
     record.request_id = "r1"
     assert TextFormatter().format(record).endswith("hello [request_id=r1]")
+
+
+def test_gauges_of_killed_worker_processes_are_forgotten(tmp_path):
+    import subprocess
+    import sys
+
+    from service.metrics import forget_dead_processes
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    for pid in (dead.pid, os.getpid()):
+        (tmp_path / f"gauge_livesum_{pid}.db").write_bytes(b"")
+        (tmp_path / f"counter_{pid}.db").write_bytes(b"")
+    forget_dead_processes(str(tmp_path))
+    # the dead process's live gauge is gone; its counters still count, the live process keeps everything
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [f"counter_{dead.pid}.db", f"counter_{os.getpid()}.db", f"gauge_livesum_{os.getpid()}.db"])
+
+
+def test_json_and_text_lines_name_their_process_when_asked():
+    record = logging.LogRecord("splitvl.x", logging.INFO, "", 0, "hello", None, None)
+    assert json.loads(JsonFormatter(show_pid=True).format(record))["pid"] == os.getpid()
+    assert "pid" not in json.loads(JsonFormatter().format(record))
+    assert f"splitvl.x[{os.getpid()}]: hello" in TextFormatter(show_pid=True).format(record)
+    assert "splitvl.x: hello" in TextFormatter().format(record)

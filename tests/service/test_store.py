@@ -90,3 +90,15 @@ async def test_lock_lets_one_compute(redis_url):
     await task
     assert got is not None and got.image_id == ID
     await store.close()
+
+
+async def test_lock_unless_stored(redis_url):
+    store = FeatureStore(redis_url)
+    rec = record(fingerprint="fp9")
+    assert await store.lock_unless_stored("fp9", ID, ttl_s=5) is True
+    assert await store.lock_unless_stored("fp9", ID, ttl_s=5) is False  # held by us: refused
+    await store.unlock("fp9", ID)
+    await store.put(rec)
+    assert await store.lock_unless_stored("fp9", ID, ttl_s=5) is None  # stored: no lock needed
+    assert await store.lock("fp9", ID, ttl_s=5)  # and it was not kept
+    await store.close()
