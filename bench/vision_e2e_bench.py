@@ -192,26 +192,41 @@ def profile_worker(path: Path, images: list[bytes], clients: int, out_dir: Path 
 
 
 
-async def drive(url: str, images: list[bytes], clients: int) -> list[tuple[float, float, int]]:
-    """Post every image, ``clients`` at a time; (start, end, status) of each request, on the
-    monotonic clock (system-wide on Linux: comparable between client processes). Status 0: no answer."""
+Record = tuple[float, float, int, dict[str, float]]
+
+
+def phases(server_timing: str) -> dict[str, float]:
+    """``read;dur=0.12, hash;dur=0.05, ...`` -> {"read": 0.12, ...} (ms)."""
+    out = {}
+    for part in filter(None, (p.strip() for p in server_timing.split(","))):
+        name, _, dur = part.partition(";dur=")
+        out[name] = float(dur)
+    return out
+
+
+async def drive(url: str, images: list[bytes], clients: int) -> list[Record]:
+    """Post every image, ``clients`` at a time; (start, end, status, server phases in ms) of each
+    request, on the monotonic clock (system-wide on Linux: comparable between client processes).
+    Status 0: no answer."""
     import httpx
 
     todo: asyncio.Queue[bytes] = asyncio.Queue()
     for d in images:
         todo.put_nowait(d)
-    records: list[tuple[float, float, int]] = []
+    records: list[Record] = []
 
     async def client(http: httpx.AsyncClient) -> None:
         while not todo.empty():
             data = todo.get_nowait()
             t = time.monotonic()
+            timing: dict[str, float] = {}
             try:
                 r = await http.post("/v1/images", content=data, headers={"Content-Type": "image/jpeg"})
                 status = r.status_code
+                timing = phases(r.headers.get("server-timing", ""))
             except httpx.HTTPError:
                 status = 0
-            records.append((t, time.monotonic(), status))
+            records.append((t, time.monotonic(), status, timing))
 
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as http:
@@ -225,7 +240,7 @@ def client_process(url: str, images: list[bytes], clients: int, start: Any, out:
     out.put(asyncio.run(drive(url, images, clients)))
 
 
-def drive_processes(url: str, images: list[bytes], clients: int, procs: int) -> list[tuple[float, float, int]]:
+def drive_processes(url: str, images: list[bytes], clients: int, procs: int) -> list[Record]:
     """``clients`` connections split evenly over ``procs`` spawned client processes, each with its
     own event loop (and GIL)."""
     procs = max(1, min(procs, clients, len(images)))
@@ -236,7 +251,7 @@ def drive_processes(url: str, images: list[bytes], clients: int, procs: int) -> 
                for i in range(procs)]
     for w in workers:
         w.start()
-    records: list[tuple[float, float, int]] = []
+    records: list[Record] = []
     done = 0
     try:
         while done < procs:
@@ -315,23 +330,30 @@ def serve_and_measure(path: Path, workers: int, measured: list[bytes], single: l
         try:
             wait_until_serving(server, url, log_path, workers)
             drive_processes(url, warm, args.clients, args.client_procs)  # graphs, allocator, connections
-            one = []
+            one, one_phases = [], []
             for d in single:
                 t = time.perf_counter()
-                httpx.post(url + "/v1/images", content=d, headers={"Content-Type": "image/jpeg"}, timeout=60)
+                r = httpx.post(url + "/v1/images", content=d, headers={"Content-Type": "image/jpeg"}, timeout=60)
                 one.append((time.perf_counter() - t) * 1000)
+                one_phases.append(phases(r.headers.get("server-timing", "")))
             out["http_1_image_ms_p50"] = statistics.median(one)
+            out["http_1_image_phase_ms_p50"] = {name: round(statistics.median(p[name] for p in one_phases), 2)
+                                                for name in one_phases[0]}
             jobs0, forwards0, _ = batch_totals(url)
             records = drive_processes(url, measured, args.clients, args.client_procs)
             jobs1, forwards1, gpu = batch_totals(url)
         finally:
             server.terminate()
             server.wait(timeout=60)
-    lat = [(end - begin) * 1000 for begin, end, _ in records]
+    lat = [(end - begin) * 1000 for begin, end, _, _ in records]
     statuses: dict[str, int] = {}
-    for *_, status in records:
+    names: dict[str, list[float]] = {}
+    for _, _, status, timing in records:
         statuses[str(status)] = statuses.get(str(status), 0) + 1
-    elapsed = max(end for _, end, _ in records) - min(begin for begin, _, _ in records)
+        for name, ms in timing.items():
+            names.setdefault(name, []).append(ms)
+    out["server_phase_ms_p50"] = {name: round(statistics.median(v), 2) for name, v in names.items()}
+    elapsed = max(end for _, end, _, _ in records) - min(begin for begin, _, _, _ in records)
     out.update({"e2e_img_s": len(records) / elapsed, "e2e_p50_ms": statistics.median(lat),
                 "e2e_p99_ms": float(np.percentile(lat, 99)), "statuses": statuses,
                 "mean_batch_size": (jobs1 - jobs0) / max(forwards1 - forwards0, 1),

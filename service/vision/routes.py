@@ -13,7 +13,7 @@ from starlette.datastructures import UploadFile
 
 from service.errors import ApiError
 from service.store import ImageRecord
-from service.vision.worker import VisionWorker
+from service.vision.worker import Timings, VisionWorker
 
 ImageId = Annotated[str, Path(description="hex sha256 of the uploaded bytes")]
 _IMAGE_ID = re.compile(r"^[0-9a-f]{64}$")
@@ -87,12 +87,15 @@ router = APIRouter(prefix="/v1/images", tags=["images"])
 
 @router.post("", status_code=200, responses={200: {"description": "image metadata (JSON) or embeddings (safetensors)"}})
 async def upload_image(request: Request, vision: Vision) -> Response:
+    timings = Timings()
     data = await read_upload(request, vision.settings.max_upload_bytes)
-    record, cached = await vision.encode(data)
+    timings.mark("read")
+    record, cached = await vision.encode(data, timings)
     meta = record.metadata(cached=cached)
     if wants_embeddings(request):
-        return Response(embeddings_file(record), media_type="application/octet-stream", headers=metadata_headers(meta))
-    return JSONResponse(meta)
+        return Response(embeddings_file(record), media_type="application/octet-stream",
+                        headers={**metadata_headers(meta), "Server-Timing": timings.header()})
+    return JSONResponse(meta, headers={"Server-Timing": timings.header()})
 
 
 @router.get("/{image_id}")

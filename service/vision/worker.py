@@ -26,6 +26,24 @@ log = logging.getLogger(__name__)
 LOCK_LEASE_S = 3.0
 
 
+class Timings:
+    """Durations of a request's phases, in order: ``mark(name)`` ends the phase that began at the
+    previous mark (or at creation)."""
+
+    def __init__(self) -> None:
+        self.phases: list[tuple[str, float]] = []
+        self._last = time.perf_counter()
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.phases.append((name, now - self._last))
+        self._last = now
+
+    def header(self) -> str:
+        """The ``Server-Timing`` header value (durations in ms)."""
+        return ", ".join(f"{name};dur={seconds * 1000:.2f}" for name, seconds in self.phases)
+
+
 def image_id_of(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
@@ -104,15 +122,19 @@ class VisionWorker:
             raise ApiError(404, "image_not_found", f"image {image_id} is not stored (never uploaded, deleted or evicted): upload it again")
         return record
 
-    async def encode(self, data: bytes) -> tuple[ImageRecord, bool]:
-        """The stored record for these bytes, computing it at most once; True when it was cached."""
+    async def encode(self, data: bytes, timings: Timings | None = None) -> tuple[ImageRecord, bool]:
+        """The stored record for these bytes, computing it at most once; True when it was cached.
+        ``timings`` collects how long each phase took (the route sends them as ``Server-Timing``)."""
+        timings = timings if timings is not None else Timings()
         if not data:
             raise ApiError(400, "empty_image", "the request carried no image bytes: send the image as multipart field 'file' or as the raw body")
         if len(data) > self.settings.max_upload_bytes:
             raise ApiError(413, "image_too_large", f"the image is {len(data)} bytes; the limit is {self.settings.max_upload_bytes}")
         # hashing a large upload takes milliseconds: a thread, not the event loop (hashlib releases the GIL)
         image_id = await asyncio.to_thread(image_id_of, data) if len(data) > 1 << 20 else image_id_of(data)
+        timings.mark("hash")
         record = await self._reusable(image_id)
+        timings.mark("lookup")
         if record is not None:
             self.metrics.cache.labels("features", "hit").inc()
             return record, True
@@ -124,7 +146,7 @@ class VisionWorker:
         future: asyncio.Future[ImageRecord] = asyncio.get_running_loop().create_future()
         self._inflight[image_id] = future
         try:
-            record, cached = await self._compute_once(image_id, data)
+            record, cached = await self._compute_once(image_id, data, timings)
             future.set_result(record)
             return record, cached
         except BaseException as exc:
@@ -136,12 +158,13 @@ class VisionWorker:
         finally:
             del self._inflight[image_id]
 
-    async def _compute_once(self, image_id: str, data: bytes) -> tuple[ImageRecord, bool]:
+    async def _compute_once(self, image_id: str, data: bytes, timings: Timings) -> tuple[ImageRecord, bool]:
         """The record and whether another worker computed it (we waited on its lock)."""
         timeout = self.settings.request_timeout_s
         # a short lease, renewed while we compute: a worker that dies holding it delays others by one lease
         lease = min(LOCK_LEASE_S, timeout)
         held = await self.store.lock_unless_stored(self.fingerprint, image_id, ttl_s=lease)
+        timings.mark("lock")
         if held is None:
             # another worker stored it between our miss and our lock: read it (no second encode)
             record = await self._reusable(image_id)
@@ -161,11 +184,14 @@ class VisionWorker:
         try:
             loop = asyncio.get_running_loop()
             patches = await loop.run_in_executor(self._preprocess_pool, self.encoder.preprocess, data, self.limits)
+            timings.mark("preprocess")  # decode + patchify, waits for a free preprocessing thread included
             embeds = await self.batcher.submit(patches)
+            timings.mark("encode")  # the batch window, the queue and the forward
             record = ImageRecord(image_id, self.fingerprint, self.model_name, patches.grid_thw, embeds.cpu())
             if renew is not None:
                 renew.cancel()
             await self.store.put(record, model_key=self.encoder.model_key, release_lock=held)
+            timings.mark("store")
             stored = True
             return record, False
         finally:

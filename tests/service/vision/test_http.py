@@ -72,6 +72,25 @@ def test_upload_get_embeddings_delete(server, encoder, image_bytes):
         assert client.delete(f"/v1/images/{image_id}").status_code == 404
 
 
+def server_timing(response: httpx.Response) -> dict[str, float]:
+    phases = {}
+    for part in response.headers["server-timing"].split(","):
+        name, _, dur = part.strip().partition(";dur=")
+        phases[name] = float(dur)
+    return phases
+
+
+def test_uploads_tell_their_phase_times(server, image_bytes):
+    data = image_bytes(120, 90, seed=21)
+    with httpx.Client(base_url=server.url, timeout=30) as client:
+        first = server_timing(client.post("/v1/images", content=data, headers={"Content-Type": "image/png"}))
+        again = server_timing(client.post("/v1/images", content=data, headers={"Content-Type": "image/png"}))
+    assert list(first) == ["read", "hash", "lookup", "lock", "preprocess", "encode", "store"]
+    assert all(ms >= 0 for ms in first.values())
+    assert first["encode"] >= 20 * 0.9  # one image waits out the 20 ms batch window
+    assert list(again) == ["read", "hash", "lookup"]  # cached: nothing computed
+
+
 def test_one_round_trip_to_embeddings(server, image_bytes):
     data = image_bytes(90, 90, seed=2, fmt="JPEG")
     with httpx.Client(base_url=server.url, timeout=30) as client:
