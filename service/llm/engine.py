@@ -281,15 +281,13 @@ class LLMEngine:
     eagerly). On the CPU all of it is off and the steps are the plain ``prefill`` /
     ``decode_step``; the decode bookkeeping is the same.
     ``lm`` hands in a model already built (benchmarks); ``model`` then supplies only the config,
-    tokenizer and chat template. ``admission_settle_s``: when idle, how long the scheduler waits for
-    more questions after the first before it admits (see ``_settle``; 0 admits at once).
+    tokenizer and chat template.
     """
 
     def __init__(self, model: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  max_batch_slots: int = 8, max_seq_len: int | None = None, prefix_cache_entries: int = 32,
                  max_waiting: int = 256, cuda_graphs: bool | None = None, fused: bool | None = None,
-                 attention: str | None = None, lm: Qwen2LM | None = None, prefill_graphs: bool | None = None,
-                 admission_settle_s: float = 2e-4) -> None:
+                 attention: str | None = None, lm: Qwen2LM | None = None, prefill_graphs: bool | None = None) -> None:
         path = resolve_model_path(model)
         self.device = torch.device(device)
         self.dtype = dtype
@@ -302,7 +300,6 @@ class LLMEngine:
         self.max_batch_slots = max_batch_slots
         self.prefix_cache_entries = prefix_cache_entries
         self.max_waiting = max_waiting
-        self.admission_settle_s = admission_settle_s
         self.eos_token_ids = frozenset(self.prompts.eos_token_ids)
         self.kv = allocate_kv_cache(self.model.cfg, max_batch_slots, self.max_seq_len, device=self.device, dtype=dtype)
         self.fused = fused_supported(self.device, dtype) if fused is None else fused
@@ -425,13 +422,8 @@ class LLMEngine:
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    idle = False
                     while not self._closed and not self._waiting and not self._active and self._pending is None:
-                        idle = True
                         self._cond.wait()
-                if idle:
-                    self._settle()
-                with self._cond:
                     if self._closed:
                         break
                     admitted = []
@@ -456,23 +448,6 @@ class LLMEngine:
                 request.stream._put(closing)
             self._waiting.clear()
             self._active.clear()
-
-    def _settle(self) -> None:
-        """Woken from idle by a question that is often the first of a burst (concurrent clients, or
-        answers that finished in the same step and ask again): wait while more keep arriving, every
-        ``admission_settle_s``, for at most 10 of those, so that one admission (one prefill) takes
-        them all instead of the first alone and the rest a prefill later. A lone question waits one
-        interval."""
-        if self.admission_settle_s <= 0:
-            return
-        deadline = time.perf_counter() + 10 * self.admission_settle_s
-        seen = len(self._waiting)
-        while time.perf_counter() < deadline and seen < self.max_batch_slots:
-            time.sleep(self.admission_settle_s)
-            now = len(self._waiting)
-            if now == seen:
-                return
-            seen = now
 
     def _guard(self, requests: list[_Request], work: Callable[[], None]) -> None:
         try:
