@@ -32,6 +32,10 @@ from service.preprocess import ImageLimits, PreprocessConfig, decode_image, prep
 log = logging.getLogger(__name__)
 
 
+# the largest batch of equal grids that is replayed from a CUDA graph (see VisionEncoder.graphable)
+GRAPH_MAX_IMAGES = 4
+
+
 @dataclass(frozen=True)
 class Patches:
     """One image ready for the tower."""
@@ -95,7 +99,8 @@ class VisionEncoder:
 
             self.patched = kernels.patch(self.tower)
             log.info("vision tower patched with splitvl kernels: %s", self.patched)
-            # One CUDA graph per image grid: removes the launch gaps that dominate a lone image.
+            # One CUDA graph per batch of up to GRAPH_MAX_IMAGES equal grids: removes the launch gaps
+            # that dominate small forwards.
             self.graphs = VisionGraphs(self.tower, max_graphs=graph_cache)
         # One forward at a time: the batcher already serialises, this guards direct callers.
         self._lock = threading.Lock()
@@ -136,13 +141,21 @@ class VisionEncoder:
         grid_device = "cpu" if self.patched else self.device
         grid_thw = torch.tensor([p.grid_thw for p in batch], dtype=torch.long, device=grid_device)
         with self._lock:
-            if self.graphs is not None and len(batch) == 1:
+            if self.graphs is not None and self.graphable(batch):
                 # the graph's output is a reused buffer: postprocess copies it out
                 merged = self.graphs(pixel_values, grid_thw).clone()
             else:
                 merged = self.tower(pixel_values.to(self.dtype), grid_thw=grid_thw).pooler_output
         # one device-to-host copy per batch, on this (the device) thread, never on the event loop
         return self.postprocess(merged.cpu(), batch)  # merged: [sum(tokens), hidden_size]
+
+    @staticmethod
+    def graphable(batch: list[Patches]) -> bool:
+        """Whether the forward replays a CUDA graph: up to ``GRAPH_MAX_IMAGES`` images of one grid.
+        Small batches are where launches cost most (a lone 448² image: ~230 launches for ~4 ms of
+        work, and several worker processes share one host); one grid bounds the graphs to
+        ``GRAPH_MAX_IMAGES`` per image size, where mixed grids would need one per combination."""
+        return len(batch) <= GRAPH_MAX_IMAGES and all(p.grid_thw == batch[0].grid_thw for p in batch)
 
     def postprocess(self, merged: torch.Tensor, batch: list[Patches]) -> list[torch.Tensor]:
         sizes = [p.num_patches // self.spatial_merge_size**2 for p in batch]
@@ -153,13 +166,14 @@ class VisionEncoder:
 
     def warmup(self, max_patches: int = 16384) -> None:
         """Pay lazy initialisation before serving: on CUDA, every patch-count bucket the kernels tune
-        for (powers of two) and the one-image graph of the common grids; on CPU, one small forward."""
+        for (powers of two) and the CUDA graphs of 1 to GRAPH_MAX_IMAGES images of the common grids; on
+        CPU, one small forward."""
         cfg = self.preprocess_config
         dim = 3 * cfg.temporal_patch_size * cfg.patch_size**2
         side = cfg.merge_size  # the smallest grid: one merge window
         plan = [((1, side, side), 1)]
         if self.patched:
-            plan = [((1, 16, 16), n) for n in (1, 2)] + [((1, 32, 32), n) for n in (1, 2, 4, 8, 16)]
+            plan = [((1, 16, 16), n) for n in (1, 2)] + [((1, 32, 32), n) for n in (1, 2, 3, 4, 8, 16)]
         for grid, count in plan:
             patches = grid[0] * grid[1] * grid[2]
             if patches * count > max_patches and count > 1:

@@ -13,7 +13,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from service.checkpoint import CheckpointError
-from service.vision.encoder import VisionEncoder
+from service.vision.encoder import GRAPH_MAX_IMAGES, Patches, VisionEncoder
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +137,14 @@ def test_bad_visual_tensor_is_named(tiny_checkpoint, tmp_path, damage):
     save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=name):
         VisionEncoder(copy, device="cpu")
+
+
+def test_graphable_batches_are_small_and_of_one_grid():
+    def batch(*grids: tuple[int, int, int]) -> list[Patches]:
+        return [Patches(torch.zeros(t * h * w, 8), (t, h, w)) for t, h, w in grids]
+
+    g, other = (1, 32, 32), (1, 16, 24)
+    assert VisionEncoder.graphable(batch(g))
+    assert VisionEncoder.graphable(batch(*[g] * GRAPH_MAX_IMAGES))
+    assert not VisionEncoder.graphable(batch(*[g] * (GRAPH_MAX_IMAGES + 1)))
+    assert not VisionEncoder.graphable(batch(g, other))
