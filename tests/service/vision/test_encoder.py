@@ -148,3 +148,19 @@ def test_graphable_batches_are_small_and_of_one_grid():
     assert VisionEncoder.graphable(batch(*[g] * GRAPH_MAX_IMAGES))
     assert not VisionEncoder.graphable(batch(*[g] * (GRAPH_MAX_IMAGES + 1)))
     assert not VisionEncoder.graphable(batch(g, other))
+
+
+def test_decoded_pixels_are_patchified_in_the_forward(encoder, image_bytes):
+    """What the GPU path hands the forward (decoded pixels; resize and patchify on the device)
+    gives the embeddings of the CPU path (PIL's resize), here both on the CPU."""
+    from service.preprocess import ImageLimits, decode_image, image_to_tensor
+
+    data = image_bytes(150, 110, seed=31)  # resized: 150x110 is not a multiple of 28
+    ready = encoder.preprocess(data)
+    pixels = image_to_tensor(decode_image(data, ImageLimits()))
+    decoded = Patches(pixels, ready.grid_thw)
+    assert decoded.decoded_only and not ready.decoded_only and decoded.num_patches == ready.num_patches
+    assert torch.equal(encoder._patches_on_device(decoded), ready.pixel_values)  # bit for bit
+    (want,) = encoder.forward([ready])
+    for got in encoder.forward([decoded, ready]):  # packed together: float order only
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
