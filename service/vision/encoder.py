@@ -139,7 +139,7 @@ class VisionEncoder:
     @torch.inference_mode()
     def forward(self, batch: list[Patches]) -> list[torch.Tensor]:
         """Several images packed into one forward (block-diagonal attention by cu_seqlens)."""
-        pixel_values = torch.cat([self._patches_on_device(p) for p in batch])
+        pixel_values = torch.cat([self.ready(p).pixel_values for p in batch])
         # the patched tower reads grid_thw on the host (no device sync); HF's wants it on the device
         grid_device = "cpu" if self.patched else self.device
         grid_thw = torch.tensor([p.grid_thw for p in batch], dtype=torch.long, device=grid_device)
@@ -152,13 +152,13 @@ class VisionEncoder:
         # one device-to-host copy per batch, on this (the device) thread, never on the event loop
         return self.postprocess(merged.cpu(), batch)  # merged: [sum(tokens), hidden_size]
 
-    def _patches_on_device(self, patches: Patches) -> torch.Tensor:
-        """[num_patches, 3*tp*ps*ps] float32 on the device: decoded pixels are resized and patchified
-        here, exactly as ``preprocess`` does."""
+    def ready(self, patches: Patches) -> Patches:
+        """The patches on the device, [num_patches, 3*tp*ps*ps] float32: decoded pixels are resized and
+        patchified here, exactly as ``preprocess`` does (the forward calls this for every image)."""
         if not patches.decoded_only:
-            return patches.pixel_values.to(self.device, non_blocking=True)
+            return Patches(patches.pixel_values.to(self.device, non_blocking=True), patches.grid_thw)
         pixel_values, _ = patchify(patches.pixel_values.to(self.device, non_blocking=True), self.preprocess_config)
-        return pixel_values
+        return Patches(pixel_values, patches.grid_thw)
 
     @staticmethod
     def graphable(batch: list[Patches]) -> bool:

@@ -160,7 +160,7 @@ def test_decoded_pixels_are_patchified_in_the_forward(encoder, image_bytes):
     pixels = image_to_tensor(decode_image(data, ImageLimits()))
     decoded = Patches(pixels, ready.grid_thw)
     assert decoded.decoded_only and not ready.decoded_only and decoded.num_patches == ready.num_patches
-    assert torch.equal(encoder._patches_on_device(decoded), ready.pixel_values)  # bit for bit
+    assert torch.equal(encoder.ready(decoded).pixel_values, ready.pixel_values)  # bit for bit
     (want,) = encoder.forward([ready])
     for got in encoder.forward([decoded, ready]):  # packed together: float order only
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
