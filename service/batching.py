@@ -3,9 +3,13 @@
 A bounded queue feeds one background loop. The loop takes the first waiting job, keeps taking
 jobs until the batch's cost budget (patches, for the vision tower) is spent or ``max_wait_s``
 has passed since the first, and runs the batch on one executor thread (the device runs one
-batch at a time, the event loop stays free). Every job ends resolved or failed: a full queue
-fails at once with 503, a job past its deadline fails with 503, a batch that raises fails all
-its jobs, and ``stop`` fails whatever is still queued.
+batch at a time, the event loop stays free). With ``finish``, a batch runs in two stages:
+``run_batch`` launches it (device work queued, results on their way to the host) and returns,
+``finish`` (on a second thread) waits for the results; the loop launches the next batch in the
+meantime, so the device is never idle while jobs wait (at most ``max_in_flight`` batches).
+Every job ends resolved or failed: a full queue fails at once with 503, a job past its deadline
+fails with 503, a batch that raises in either stage fails all its jobs, and ``stop`` fails
+whatever is still queued or in flight.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from service.errors import ApiError, unavailable
 
@@ -38,7 +42,7 @@ class _Job(Generic[T, R]):
 class BatchQueue(Generic[T, R]):
     def __init__(
         self,
-        run_batch: Callable[[list[T]], list[R]],
+        run_batch: Callable[[list[T]], Any],  # the results, or what ``finish`` turns into them
         *,
         cost: Callable[[T], int],
         max_cost: int,
@@ -47,8 +51,11 @@ class BatchQueue(Generic[T, R]):
         timeout_s: float,
         name: str = "batch",
         on_batch: Callable[[int, int], None] | None = None,
+        finish: Callable[[Any], list[R]] | None = None,
+        max_in_flight: int = 2,
     ) -> None:
         self._run_batch = run_batch
+        self._finish = finish
         self._cost = cost
         self.max_cost = max_cost
         self.max_wait_s = max_wait_s
@@ -57,6 +64,9 @@ class BatchQueue(Generic[T, R]):
         self._on_batch = on_batch
         self._queue: asyncio.Queue[_Job[T, R]] = asyncio.Queue(maxsize=max_queue)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-device")
+        self._finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-finish") if finish else None
+        self._slots = asyncio.Semaphore(max_in_flight if finish else 1)
+        self._finishing: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
         self._carry: _Job[T, R] | None = None  # a job that did not fit the previous batch
 
@@ -74,6 +84,9 @@ class BatchQueue(Generic[T, R]):
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        for task in list(self._finishing):  # their jobs fail with shutting_down
+            task.cancel()
+        await asyncio.gather(*self._finishing, return_exceptions=True)
         stopped = unavailable("shutting_down", "the worker is shutting down; retry on another worker")
         pending = [self._carry] if self._carry else []
         self._carry = None
@@ -83,6 +96,8 @@ class BatchQueue(Generic[T, R]):
             if not job.future.done():
                 job.future.set_exception(stopped)
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._finisher is not None:
+            self._finisher.shutdown(wait=False, cancel_futures=True)
 
     async def submit(self, item: T) -> R:
         if self._task is None or self._task.done():
@@ -137,27 +152,52 @@ class BatchQueue(Generic[T, R]):
                     self._on_batch(len(batch), sum(j.cost for j in batch))
                 except Exception:  # noqa: BLE001 - an observer must not stop the loop (every job would hang)
                     log.exception("%s on_batch hook failed", self.name)
+            await self._slots.acquire()  # released when the batch's results are in (or it failed)
             try:
-                results = await loop.run_in_executor(self._executor, self._run_batch, [j.item for j in batch])
-                if len(results) != len(batch):
-                    raise RuntimeError(f"batch returned {len(results)} results for {len(batch)} jobs")
-            except asyncio.CancelledError:
-                for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(unavailable("shutting_down", "the worker is shutting down"))
-                raise
-            except ApiError as exc:
-                for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(exc)
+                out = await loop.run_in_executor(self._executor, self._run_batch, [j.item for j in batch])
+            except BaseException as exc:
+                self._slots.release()
+                self._fail(batch, exc)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
                 continue
-            except Exception as exc:  # noqa: BLE001 - must fail the jobs, never leave them hanging
-                log.exception("%s batch of %d failed", self.name, len(batch))
-                err = ApiError(500, "internal_error", f"the {self.name} failed: {type(exc).__name__}: {exc}")
-                for job in batch:
-                    if not job.future.done():
-                        job.future.set_exception(err)
+            if self._finish is None:
+                self._slots.release()
+                self._resolve(batch, out)
                 continue
-            for job, result in zip(batch, results, strict=True):
-                if not job.future.done():
-                    job.future.set_result(result)
+            task = loop.create_task(self._complete(batch, out), name=f"{self.name}-finish")
+            self._finishing.add(task)
+            task.add_done_callback(self._finishing.discard)
+
+    async def _complete(self, batch: list[_Job[T, R]], launched: Any) -> None:
+        """The second stage: wait (on the finisher thread) for a launched batch's results."""
+        assert self._finish is not None and self._finisher is not None
+        try:
+            results = await asyncio.get_running_loop().run_in_executor(self._finisher, self._finish, launched)
+        except BaseException as exc:  # noqa: BLE001 - every job is failed, the loop carries on
+            self._fail(batch, exc)
+            return
+        finally:
+            self._slots.release()
+        self._resolve(batch, results)
+
+    def _resolve(self, batch: list[_Job[T, R]], results: list[R]) -> None:
+        if len(results) != len(batch):
+            self._fail(batch, RuntimeError(f"batch returned {len(results)} results for {len(batch)} jobs"))
+            return
+        for job, result in zip(batch, results, strict=True):
+            if not job.future.done():
+                job.future.set_result(result)
+
+    def _fail(self, batch: list[_Job[T, R]], exc: BaseException) -> None:
+        """Every job of the batch gets an error: ours as is, shutdown as 503, anything else as 500."""
+        if isinstance(exc, asyncio.CancelledError):
+            err: ApiError = unavailable("shutting_down", "the worker is shutting down")
+        elif isinstance(exc, ApiError):
+            err = exc
+        else:
+            log.error("%s batch of %d failed", self.name, len(batch), exc_info=exc)
+            err = ApiError(500, "internal_error", f"the {self.name} failed: {type(exc).__name__}: {exc}")
+        for job in batch:
+            if not job.future.done():
+                job.future.set_exception(err)

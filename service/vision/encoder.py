@@ -69,6 +69,15 @@ def vision_config_dict(config: dict) -> dict:
     return vision
 
 
+@dataclass(frozen=True)
+class Launched:
+    """A forward queued on the device (``VisionEncoder.launch``); ``finish`` waits for it."""
+
+    host: torch.Tensor  # [sum(tokens), hidden_size] on the CPU (pinned), complete once ``done`` is
+    done: torch.cuda.Event | None  # None: already complete (CPU)
+    batch: list[Patches]
+
+
 class VisionEncoder:
     """Qwen2-VL's vision tower on ``device`` in ``dtype``; Triton-patched on CUDA when asked."""
 
@@ -136,9 +145,16 @@ class VisionEncoder:
         height, width = target_size(image.height, image.width, cfg)
         return Patches(pixel_values=image_to_tensor(image), grid_thw=(1, height // cfg.patch_size, width // cfg.patch_size))
 
-    @torch.inference_mode()
     def forward(self, batch: list[Patches]) -> list[torch.Tensor]:
-        """Several images packed into one forward (block-diagonal attention by cu_seqlens)."""
+        """Several images packed into one forward (block-diagonal attention by cu_seqlens) -> each
+        image's embeddings [tokens, hidden_size] on the CPU."""
+        return self.finish(self.launch(batch))
+
+    @torch.inference_mode()
+    def launch(self, batch: list[Patches]) -> Launched:
+        """The forward's first half: everything queued on the device, the embeddings on their way to
+        the host; returns without waiting for them (``finish`` does). The batcher launches the next
+        batch while this one finishes, so the device never waits for the host in between."""
         pixel_values = torch.cat([self.ready(p).pixel_values for p in batch])
         # the patched tower reads grid_thw on the host (no device sync); HF's wants it on the device
         grid_device = "cpu" if self.patched else self.device
@@ -149,8 +165,20 @@ class VisionEncoder:
                 merged = self.graphs(pixel_values, grid_thw).clone()
             else:
                 merged = self.tower(pixel_values.to(self.dtype), grid_thw=grid_thw).pooler_output
-        # one device-to-host copy per batch, on this (the device) thread, never on the event loop
-        return self.postprocess(merged.cpu(), batch)  # merged: [sum(tokens), hidden_size]
+        # merged: [sum(tokens), hidden_size]; one device-to-host copy per batch, never on the event loop
+        if self.device.type != "cuda":
+            return Launched(merged.cpu(), None, batch)
+        host = torch.empty(merged.shape, dtype=merged.dtype, pin_memory=True)
+        host.copy_(merged, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return Launched(host, done, batch)
+
+    def finish(self, launched: Launched) -> list[torch.Tensor]:
+        """The forward's second half: wait for the embeddings on the host, split them per image."""
+        if launched.done is not None:
+            launched.done.synchronize()
+        return self.postprocess(launched.host, launched.batch)
 
     def ready(self, patches: Patches) -> Patches:
         """The patches on the device, [num_patches, 3*tp*ps*ps] float32: decoded pixels are resized and

@@ -66,7 +66,8 @@ class VisionWorker:
         self.fingerprint = self.encoder.fingerprint
         self.model_name = settings.model
         self.batcher: BatchQueue[Patches, torch.Tensor] = BatchQueue(
-            self.encoder.forward,
+            self.encoder.launch,
+            finish=self.encoder.finish,
             cost=lambda p: p.num_patches,
             max_cost=settings.max_batch_patches,
             max_wait_s=settings.max_batch_wait_ms / 1000,

@@ -103,3 +103,84 @@ async def test_timeout_and_stop_resolve_everything():
     for task in pending:
         with pytest.raises(ApiError):
             await task
+
+
+# -- two stages: launch, then finish on another thread ---------------------------------------------
+
+
+async def test_next_batch_launches_while_the_previous_finishes():
+    launched: list[list[int]] = []
+    second_launched = threading.Event()
+
+    def launch(items):
+        launched.append(list(items))
+        if len(launched) == 2:
+            second_launched.set()
+        return list(items)
+
+    def finish(items):
+        if items == launched[0]:  # the first batch's results come only once the second is launched
+            assert second_launched.wait(5), "the second batch waited for the first to finish"
+        return [x * 10 for x in items]
+
+    q = make_queue(launch, finish=finish, max_cost=2, max_wait_s=0)
+    q.start()
+    results = await asyncio.gather(*(q.submit(i) for i in range(4)))
+    await q.stop()
+    assert results == [0, 10, 20, 30]
+    assert len(launched) >= 2
+
+
+async def test_in_flight_batches_are_bounded():
+    gate = threading.Event()
+    launched: list[int] = []
+
+    def launch(items):
+        launched.append(len(items))
+        return items
+
+    def finish(items):
+        gate.wait(5)
+        return items
+
+    q = make_queue(launch, finish=finish, max_cost=1, max_wait_s=0, max_in_flight=2)
+    q.start()
+    tasks = [asyncio.create_task(q.submit(i)) for i in range(4)]
+    await asyncio.sleep(0.2)
+    assert len(launched) == 2  # the third waits for a slot
+    gate.set()
+    assert await asyncio.gather(*tasks) == [0, 1, 2, 3]
+    await q.stop()
+
+
+async def test_a_failing_finish_fails_its_jobs_and_the_loop_goes_on():
+    def finish(items):
+        if 0 in items:
+            raise RuntimeError("device fault")
+        return items
+
+    q = make_queue(lambda items: items, finish=finish, max_cost=1, max_wait_s=0)
+    q.start()
+    with pytest.raises(ApiError) as err:
+        await q.submit(0)
+    assert err.value.status == 500 and "device fault" in err.value.message
+    assert await q.submit(1) == 1
+    await q.stop()
+
+
+async def test_stop_fails_batches_in_flight():
+    gate = threading.Event()
+
+    def finish(items):
+        gate.wait(5)
+        return items
+
+    q = make_queue(lambda items: items, finish=finish, max_cost=1, max_wait_s=0)
+    q.start()
+    job = asyncio.create_task(q.submit(7))
+    await asyncio.sleep(0.1)  # launched, finishing
+    await q.stop()
+    with pytest.raises(ApiError) as err:
+        await job
+    assert err.value.status == 503 and err.value.code == "shutting_down"
+    gate.set()

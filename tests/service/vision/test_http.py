@@ -144,13 +144,13 @@ def test_ops_endpoints(server, image_bytes):
 
 async def test_concurrent_uploads_are_batched_and_computed_once(server, encoder, monkeypatch, image_bytes):
     calls: list[int] = []
-    real = encoder.forward
+    real = encoder.launch
 
     def counting(batch):
         calls.append(len(batch))
         return real(batch)
 
-    monkeypatch.setattr(encoder, "forward", counting)
+    monkeypatch.setattr(encoder, "launch", counting)
     # the worker captured the bound method at start: patch the batch queue's reference too
     server.server.config.app.state.vision.batcher._run_batch = counting
     distinct = [image_bytes(70 + 7 * i, 80, seed=10 + i) for i in range(6)]
