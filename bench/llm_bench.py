@@ -226,12 +226,13 @@ def concurrent(engine: LLMEngine, items: list[tuple[Image, str, str]], max_token
 def sustained(engine: LLMEngine, items: list[tuple[Image, str, str]], max_tokens: int,
               seconds: float) -> dict[str, float]:
     """Closed loop: every item is a client that asks its question again as soon as it has the
-    answer, for ``seconds``; tokens/s over the whole run, admissions and prefills included."""
+    answer (whole answers, no deltas: as non-streamed HTTP requests), for ``seconds``; tokens/s over
+    the whole run, admissions and prefills included."""
 
     async def client(image: Image, key: str, question: str, stop: float) -> tuple[int, int]:
         tokens = answers = 0
         while time.perf_counter() < stop:
-            final = await engine.generate(image.embeds, image.grid, key, question, max_tokens).final()
+            final = await engine.generate(image.embeds, image.grid, key, question, max_tokens, deltas=False).final()
             tokens += final.completion_tokens
             answers += 1
         return tokens, answers
@@ -813,7 +814,7 @@ def http_overhead(engine: LLMEngine, ckpt: Path, image: Image, device: torch.dev
 
     def direct(tokens: int) -> float:
         t0 = time.perf_counter()
-        engine.generate(image.embeds, image.grid, f"fp:{image_id}", QUESTIONS[0], tokens).result()
+        engine.generate(image.embeds, image.grid, f"fp:{image_id}", QUESTIONS[0], tokens, deltas=False).result()
         return (time.perf_counter() - t0) * 1e3
 
     def measure(name: str, store: Any) -> None:

@@ -250,7 +250,7 @@ class _Request:
     top_p: float
     generator: torch.Generator | None
     stream: Generation
-    decoder: StreamDecoder
+    decoder: StreamDecoder | None  # None: no deltas, the answer is decoded once at the end
     prefix: _Prefix | None = None  # pinned at submission when the caller sent no embeddings
     slot: int = -1
     cache_len: int = 0  # tokens whose KV is in the slot (or will be, once launched steps ran)
@@ -339,8 +339,12 @@ class LLMEngine:
 
     def generate(self, image_embeds: torch.Tensor, grid_thw: Sequence[int] | torch.Tensor, image_key: str,
                  question: str, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None, max_question_tokens: int | None = None) -> Generation:
+                 seed: int | None = None, max_question_tokens: int | None = None, deltas: bool = True
+                 ) -> Generation:
         """Queue one question about one image; returns its event stream at once.
+
+        ``deltas=False``: no ``Delta`` events, only the ``Finish`` (its text decoded once, at the end),
+        for callers that want the whole answer: the scheduler thread then does no per-token decoding.
 
         image_embeds [num_tokens, hidden] as the vision worker stored them (any dtype, any device);
         grid_thw the image's patch grid (t, h, w); image_key names the image's features (the
@@ -387,7 +391,7 @@ class LLMEngine:
         # tensors reach the device on the scheduler thread, and only when a prefill needs them (a copy
         # here would wait for the decode step running on the device)
         request = _Request(prompt, image_embeds, grid, image_key, pos, delta, max_tokens, temperature, top_p,
-                           generator, stream, self.prompts.decoder(), prefix)
+                           generator, stream, self.prompts.decoder() if deltas else None, prefix)
         with self._cond:
             if self._closed:
                 raise unavailable("engine_closed", "the LLM engine is shutting down")
@@ -607,16 +611,21 @@ class LLMEngine:
         request.tokens.append(token)
         self.counters["generated_tokens"] += 1
         stop = token in self.eos_token_ids
-        if not stop:
-            text = request.decoder.push(token)
+        decoder = request.decoder
+        if not stop and decoder is not None:
+            text = decoder.push(token)
             request.text.append(text)
             request.stream._put(Delta(text, token))
         if stop or len(request.tokens) >= request.max_tokens:
-            tail = request.decoder.flush()
-            if tail:
-                request.text.append(tail)
-                request.stream._put(Delta(tail, None))
+            if decoder is None:
+                answer = self.prompts.decode(request.tokens[:-1] if stop else request.tokens)
+            else:
+                tail = decoder.flush()
+                if tail:
+                    request.text.append(tail)
+                    request.stream._put(Delta(tail, None))
+                answer = "".join(request.text)
             self._release(request)
-            request.stream._put(Finish("stop" if stop else "length", "".join(request.text), tuple(request.tokens),
+            request.stream._put(Finish("stop" if stop else "length", answer, tuple(request.tokens),
                                        len(request.prompt.ids), len(request.tokens)))
 

@@ -36,6 +36,7 @@ async def start_generation(request: Request, llm: LLMWorker, image: ImageInput, 
         "temperature": 1.0 if body.temperature is None else body.temperature,
         "top_p": 1.0 if body.top_p is None else body.top_p,
         "seed": body.seed,
+        "stream": bool(body.stream),
     }
     try:
         return await llm.ask(image.image_id, question, **params)

@@ -80,7 +80,8 @@ class LLMWorker:
             raise ApiError(422, "question_too_long", f"the question is over {self.settings.max_question_tokens} tokens")
 
     async def ask(self, image_id: str, question: str, *, max_tokens: int, temperature: float, top_p: float,
-                  seed: int | None = None) -> Generation:
+                  seed: int | None = None, stream: bool = True) -> Generation:
+        """Queue the question; ``stream=False`` when only the whole answer is wanted (``answer``)."""
         if not question.strip():
             raise ApiError(422, "invalid_request", "question is empty: ask something about the image")
         self.check_limits(question, max_tokens)
@@ -92,17 +93,17 @@ class LLMWorker:
         if fingerprint is not None and self.engine.has_prefix(key):
             record = await self.features(image_id, with_embeds=False)
             try:
-                return self._generate(record, key, question, max_tokens, temperature, top_p, seed)
+                return self._generate(record, key, question, max_tokens, temperature, top_p, seed, stream)
             except PrefixNotCached:  # evicted in between: fetch the embeddings after all
                 pass
         record = await self.features(image_id)
         return self._generate(record, f"{record.fingerprint}:{image_id}", question, max_tokens, temperature,
-                              top_p, seed)
+                              top_p, seed, stream)
 
     def _generate(self, record: ImageRecord, key: str, question: str, max_tokens: int, temperature: float,
-                  top_p: float, seed: int | None) -> Generation:
+                  top_p: float, seed: int | None, stream: bool) -> Generation:
         return self.engine.generate(record.embeds, record.grid_thw, key, question, max_tokens,
-                                    temperature, top_p, seed, self.settings.max_question_tokens)
+                                    temperature, top_p, seed, self.settings.max_question_tokens, deltas=stream)
 
     async def events(self, generation: Generation) -> AsyncIterator[Delta | Finish]:
         """The generation's events, failing with 503 when it runs past the request timeout."""

@@ -87,6 +87,7 @@ def test_answer_stops_at_eos_before_max_tokens(tiny_checkpoint: Path, tmp_path: 
         assert answer.text == oracle(path).tokenizer.decode(expected[:-1], skip_special_tokens=True)
         shorter = _ask(engine, feats, "img", question, max_tokens=j)  # cut one short of the EOS
         assert shorter.finish_reason == "length" and list(shorter.token_ids) == expected[:-1]
+        assert _ask(engine, feats, "img", question, deltas=False) == answer  # decoded once: the EOS left out
     finally:
         engine.close()
 
@@ -258,3 +259,13 @@ def test_shape_only_embeddings_use_the_cached_prefix(engines: dict[str, LLMEngin
     other_grid = torch.tensor([1, 2, 2])
     with pytest.raises(ApiError):  # a grid that does not fit the embeddings' shape is refused first
         engine.generate(shape_only, other_grid, "meta", QUESTIONS[1], 4)
+
+
+def test_without_deltas_only_the_finish_comes(engines: dict[str, LLMEngine], tiny_checkpoint: Path) -> None:
+    engine = engines["tiny_checkpoint"]
+    for i, feats in enumerate(_features(tiny_checkpoint)):
+        question = QUESTIONS[i % len(QUESTIONS)]
+        streamed = _ask(engine, feats, f"deltas{i}", question)
+        events = list(engine.generate(feats.embeds, feats.grid[0], f"deltas{i}", question, MAX_NEW, deltas=False))
+        assert len(events) == 1 and isinstance(events[0], Finish)
+        assert events[0] == streamed  # same ids, same text (decoded once), same reason and counts
