@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
 
 from pydantic import ValidationError
 
@@ -58,25 +56,6 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-@contextlib.contextmanager
-def _environ(updates: Mapping[str, str | None]) -> Iterator[None]:
-    """``os.environ`` with these variables set (``None``: unset) for the duration, then as before."""
-    saved = {key: os.environ.get(key) for key in updates}
-    try:
-        for key, value in updates.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
-
-
 class _ErrorSeen(logging.Handler):
     """Notes whether uvicorn's supervisor logged an error (a process that failed to start, a port
     in use): ``uvicorn.run`` with several workers returns normally then, and the CLI should not."""
@@ -105,12 +84,17 @@ def _serve_processes(settings: Settings, role: str) -> int:
     supervisor_log = logging.getLogger("uvicorn.error")  # in this process: the supervisor's lines only
     errors = _ErrorSeen()
     supervisor_log.addHandler(errors)
+    saved = dict(os.environ)  # the children read it at spawn; restored after (main() may run in-process)
+    os.environ.update({key: value for key, value in env.items() if value is not None})
+    for key in (key for key, value in env.items() if value is None):
+        os.environ.pop(key, None)  # an unset optional setting must not come from an inherited variable
     try:
-        with _environ(env):
-            uvicorn.run("service.app:create_app_from_env", factory=True, workers=settings.workers,
-                        host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None,
-                        access_log=False, timeout_graceful_shutdown=10)
+        uvicorn.run("service.app:create_app_from_env", factory=True, workers=settings.workers,
+                    host=settings.host, port=settings.port, log_level=settings.log_level, log_config=None,
+                    access_log=False, timeout_graceful_shutdown=10)
     finally:
+        os.environ.clear()
+        os.environ.update(saved)
         supervisor_log.removeHandler(errors)
         shutil.rmtree(metrics_dir, ignore_errors=True)
     return 1 if errors.seen else 0
