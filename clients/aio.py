@@ -7,8 +7,18 @@ from typing import Any, Literal, TypeVar, overload
 
 import httpx
 
-from clients.core import Call, Core, ImageCache, ImageSource, Op, StreamParser, auth_headers, resolve_url
-from clients.types import Answer, Embeddings, ImageInfo, SplitVLError
+from clients.core import (
+    Call,
+    Core,
+    ImageCache,
+    ImageSource,
+    Op,
+    StreamParser,
+    auth_headers,
+    resolve_url,
+    transport_error,
+)
+from clients.types import Answer, Embeddings, ImageInfo
 
 T = TypeVar("T")
 
@@ -33,7 +43,7 @@ class AsyncTextStream:
                 if self.parser.done:
                     break
         except httpx.HTTPError as exc:
-            raise SplitVLError(None, "connection_error", f"the stream broke: {exc}") from exc
+            raise transport_error("reading the stream", exc) from exc
         finally:
             await self.aclose()
 
@@ -56,18 +66,17 @@ class AsyncSplitVL:
                  http_client: httpx.AsyncClient | None = None) -> None:
         self.base_url = resolve_url(base_url)
         self._core = Core(ImageCache(cache_images, cache_bytes))
-        self._http = http_client or httpx.AsyncClient(timeout=timeout)
+        self._http = http_client or httpx.AsyncClient()
         self._headers = auth_headers(api_key)
+        self._timeout = timeout  # on every request, a given http_client's too (its own may be none)
 
     async def _send(self, call: Call) -> httpx.Response:
-        request = self._http.build_request(call.method, self.base_url + call.path, json=call.json,
-                                           content=call.content, headers={**self._headers, **call.headers})
+        request = self._http.build_request(call.method, self.base_url + call.path, json=call.json, content=call.content,
+                                           headers={**self._headers, **call.headers}, timeout=self._timeout)
         try:
             response = await self._http.send(request, stream=call.stream)
-        except httpx.TimeoutException as exc:
-            raise SplitVLError(None, "timeout", f"{call.method} {call.path} timed out: {exc}") from exc
         except httpx.HTTPError as exc:
-            raise SplitVLError(None, "connection_error", f"{call.method} {self.base_url}{call.path}: {exc}") from exc
+            raise transport_error(f"{call.method} {self.base_url}{call.path}", exc) from exc
         if call.stream and response.status_code >= 400:
             await response.aread()
             await response.aclose()

@@ -135,6 +135,13 @@ def error_of(r: httpx.Response) -> SplitVLError:
                         retry_after=float(retry) if retry and retry.replace(".", "", 1).isdigit() else None)
 
 
+def transport_error(what: str, exc: httpx.HTTPError) -> SplitVLError:
+    """No response (status None): ``timeout`` when httpx timed out, else ``connection_error``."""
+    if isinstance(exc, httpx.TimeoutException):
+        return SplitVLError(None, "timeout", f"{what} timed out: {exc}")
+    return SplitVLError(None, "connection_error", f"{what}: {exc}")
+
+
 def check(r: httpx.Response) -> httpx.Response:
     if r.status_code >= 400:
         raise error_of(r)

@@ -7,8 +7,18 @@ from typing import Any, Literal, TypeVar, overload
 
 import httpx
 
-from clients.core import Call, Core, ImageCache, ImageSource, Op, StreamParser, auth_headers, resolve_url
-from clients.types import Answer, Embeddings, ImageInfo, SplitVLError
+from clients.core import (
+    Call,
+    Core,
+    ImageCache,
+    ImageSource,
+    Op,
+    StreamParser,
+    auth_headers,
+    resolve_url,
+    transport_error,
+)
+from clients.types import Answer, Embeddings, ImageInfo
 
 T = TypeVar("T")
 
@@ -33,7 +43,7 @@ class TextStream:
                 if self.parser.done:
                     break
         except httpx.HTTPError as exc:
-            raise SplitVLError(None, "connection_error", f"the stream broke: {exc}") from exc
+            raise transport_error("reading the stream", exc) from exc
         finally:
             self.close()
 
@@ -53,7 +63,8 @@ class SplitVL:
     ``base_url`` defaults to ``$SPLITVL_URL`` or http://127.0.0.1:8000, ``api_key`` to
     ``$SPLITVL_API_KEY``. Images are a path, bytes, a PIL image, a 64-hex image id or an
     ``ImageInfo``; the bytes of the last ``cache_images`` images seen are kept, so a question on an
-    image the service evicted re-uploads it and retries. Failures raise ``SplitVLError``.
+    image the service evicted re-uploads it and retries. ``timeout`` (seconds) bounds every request
+    and every wait for the next piece of a stream. Failures raise ``SplitVLError``.
     """
 
     def __init__(self, base_url: str | None = None, *, api_key: str | None = None, timeout: float = 120.0,
@@ -61,18 +72,17 @@ class SplitVL:
                  http_client: httpx.Client | None = None) -> None:
         self.base_url = resolve_url(base_url)
         self._core = Core(ImageCache(cache_images, cache_bytes))
-        self._http = http_client or httpx.Client(timeout=timeout)
+        self._http = http_client or httpx.Client()
         self._headers = auth_headers(api_key)
+        self._timeout = timeout  # on every request, a given http_client's too (its own may be none)
 
     def _send(self, call: Call) -> httpx.Response:
         request = self._http.build_request(call.method, self.base_url + call.path, json=call.json, content=call.content,
-                                           headers={**self._headers, **call.headers})
+                                           headers={**self._headers, **call.headers}, timeout=self._timeout)
         try:
             response = self._http.send(request, stream=call.stream)
-        except httpx.TimeoutException as exc:
-            raise SplitVLError(None, "timeout", f"{call.method} {call.path} timed out: {exc}") from exc
         except httpx.HTTPError as exc:
-            raise SplitVLError(None, "connection_error", f"{call.method} {self.base_url}{call.path}: {exc}") from exc
+            raise transport_error(f"{call.method} {self.base_url}{call.path}", exc) from exc
         if call.stream and response.status_code >= 400:
             response.read()
             response.close()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import socket
+
 import httpx
 import numpy as np
 import pytest
@@ -119,6 +121,17 @@ def test_errors(server, monkeypatch):
     with SplitVL("http://127.0.0.1:9") as nowhere, pytest.raises(SplitVLError) as err:
         nowhere.healthz()
     assert err.value.status is None and err.value.code == "connection_error"
+
+
+def test_timeout_applies_to_a_given_http_client():
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with SplitVL(url, timeout=0.3, http_client=httpx.Client(timeout=None)) as client, \
+                pytest.raises(SplitVLError) as err:
+            client.healthz()
+    assert err.value.status is None and err.value.code == "timeout"
 
 
 async def test_async_client(server, redis_server, image_bytes):
