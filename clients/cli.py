@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import sys
 
+from clients.core import is_image_id
 from clients.sync import SplitVL
 from clients.types import SplitVLError
 
@@ -23,7 +22,7 @@ def embed(args: argparse.Namespace) -> int:
                 emb = client.embeddings(args.image)
                 emb.save(args.save)
                 image_id = emb.info.image_id
-            elif _is_id(args.image):
+            elif is_image_id(args.image):
                 image_id = client.get(args.image).image_id
             else:
                 image_id = client.upload(args.image).image_id
@@ -52,10 +51,6 @@ def ask(args: argparse.Namespace) -> int:
         return 1
     sys.stdout.write("\n")
     return 0
-
-
-def _is_id(image: str) -> bool:
-    return bool(re.fullmatch(r"[0-9a-f]{64}", image)) and not os.path.isfile(image)
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]

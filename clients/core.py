@@ -30,7 +30,7 @@ Op = Generator["Call", httpx.Response, T]
 ImageSource = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, ImageInfo, Any]  # Any: a PIL image
 IMAGE_REF = "splitvl://images/"
 DEFAULT_URL = "http://127.0.0.1:8000"
-_IMAGE_ID = re.compile(r"^[0-9a-f]{64}$")
+_IMAGE_ID = re.compile(r"[0-9a-f]{64}")
 _SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 _MAGIC = {b"\x89PNG": "image/png", b"\xff\xd8\xff": "image/jpeg", b"GIF8": "image/gif", b"BM": "image/bmp",
           b"RIFF": "image/webp"}
@@ -91,13 +91,18 @@ class ImageCache:
             self._size -= len(old)
 
 
+def is_image_id(image: object) -> bool:
+    """A 64-hex image id (and not the name of a file that happens to look like one)."""
+    return isinstance(image, str) and bool(_IMAGE_ID.fullmatch(image)) and not os.path.isfile(image)
+
+
 def image_bytes(image: Any) -> bytes | None:
     """The bytes of a path, bytes-like or PIL image; None for an image id or ``ImageInfo``."""
     if isinstance(image, ImageInfo):
         return None
     if isinstance(image, (bytes, bytearray, memoryview)):
         return bytes(image)
-    if isinstance(image, str) and _IMAGE_ID.match(image) and not os.path.isfile(image):
+    if is_image_id(image):
         return None
     if isinstance(image, (str, os.PathLike)):
         path = Path(image).expanduser()
@@ -251,7 +256,7 @@ class Core:
         if data is not None:
             self.cache.put(image_id, data)
             return Source(image_id, data, True)
-        if not _IMAGE_ID.match(image_id):
+        if not _IMAGE_ID.fullmatch(image_id):
             raise ValueError(f"{image_id!r} is not an image id (64 lowercase hex characters)")
         return Source(image_id, self.cache.get(image_id), False)
 
