@@ -226,12 +226,13 @@ class StreamParser:
             return str(event.get("delta", ""))
         if event.get("usage"):
             self._usage = Usage(int(event["usage"]["prompt_tokens"]), int(event["usage"]["completion_tokens"]))
-        for choice in event.get("choices") or []:
-            self._finish = choice.get("finish_reason") or self._finish
-            text = (choice.get("delta") or {}).get("content") or ""
-            self._text.append(text)
-            return text
-        return ""
+        if not event.get("choices"):
+            return ""
+        choice = event["choices"][0]  # one choice is asked for
+        self._finish = choice.get("finish_reason") or self._finish
+        text = (choice.get("delta") or {}).get("content") or ""
+        self._text.append(text)
+        return text
 
 
 Streaming = tuple[httpx.Response, StreamParser]  # an open response and the parser of its events
