@@ -161,8 +161,9 @@ class VisionEncoder:
         grid_thw = torch.tensor([p.grid_thw for p in batch], dtype=torch.long, device=grid_device)
         with self._lock:
             if self.graphs is not None and self.graphable(batch):
-                # the graph's output is a reused buffer: postprocess copies it out
-                merged = self.graphs(pixel_values, grid_thw).clone()
+                # the graph's output is a buffer the next replay reuses: the copy to the host below is
+                # queued on this stream before any later replay, so it needs no clone on the device
+                merged = self.graphs(pixel_values, grid_thw)
             else:
                 merged = self.tower(pixel_values.to(self.dtype), grid_thw=grid_thw).pooler_output
         # merged: [sum(tokens), hidden_size]; one device-to-host copy per batch, never on the event loop

@@ -188,7 +188,7 @@ class VisionWorker:
             timings.mark("preprocess")  # decode + patchify, waits for a free preprocessing thread included
             embeds = await self.batcher.submit(patches)
             timings.mark("encode")  # the batch window, the queue and the forward
-            record = ImageRecord(image_id, self.fingerprint, self.model_name, patches.grid_thw, embeds.cpu())
+            record = ImageRecord(image_id, self.fingerprint, self.model_name, patches.grid_thw, embeds)
             if renew is not None:
                 renew.cancel()
             await self.store.put(record, model_key=self.encoder.model_key, release_lock=held)
