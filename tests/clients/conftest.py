@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import httpx
 import pytest
+import redis
 
 from service.app import create_app
 from service.config import Settings
@@ -22,3 +24,23 @@ def server(tiny_checkpoint: Path, redis_server, live_server):
     with live_server(app) as live:
         yield live
     engine.close()
+
+
+@pytest.fixture
+def raw_answer(server):
+    """``raw_answer(image_id, question, max_tokens)``: the body ``/v1/questions`` answers, without the client."""
+
+    def ask(image_id: str, question: str, max_tokens: int) -> dict:
+        r = httpx.post(server.url + "/v1/questions", headers={"Authorization": "Bearer sekret"}, timeout=60,
+                       json={"image_id": image_id, "question": question, "max_tokens": max_tokens})
+        return r.json()
+
+    return ask
+
+
+@pytest.fixture
+def evict(redis_server):
+    """``evict()``: empty Redis, as if the service had evicted every image."""
+    client = redis.Redis.from_url(redis_server.url, socket_timeout=10)
+    yield client.flushall
+    client.close()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import httpx
 import pytest
 from safetensors.torch import load_file
 
@@ -18,7 +17,7 @@ def write_png(image_bytes):
     return write
 
 
-def test_embed_then_ask(server, tmp_path, capsys, monkeypatch, write_png):
+def test_embed_then_ask(server, raw_answer, tmp_path, capsys, monkeypatch, write_png):
     monkeypatch.setenv("SPLITVL_API_KEY", "sekret")
     image = write_png(tmp_path / "cat.png", seed=21)
     assert main(["embed", image, "--url", server.url]) == 0
@@ -31,8 +30,7 @@ def test_embed_then_ask(server, tmp_path, capsys, monkeypatch, write_png):
     tensors = load_file(saved)
     assert tensors["image_embeds"].ndim == 2 and tensors["image_grid_thw"].shape == (1, 3)
 
-    expected = httpx.post(server.url + "/v1/questions", headers={"Authorization": "Bearer sekret"},
-                          json={"image_id": image_id, "question": "What?", "max_tokens": 7}).json()["answer"]
+    expected = raw_answer(image_id, "What?", 7)["answer"]
     monkeypatch.setenv("SPLITVL_URL", server.url)
     assert main(["ask", image_id, "What?", "--max-tokens", "7"]) == 0
     assert capsys.readouterr().out == expected + "\n"

@@ -7,7 +7,6 @@ import socket
 import httpx
 import numpy as np
 import pytest
-import redis
 import torch
 from PIL import Image
 
@@ -24,12 +23,6 @@ def pil(seed: int, size: tuple[int, int] = (72, 60)) -> Image.Image:
 def client(server):
     with SplitVL(server.url, api_key="sekret", timeout=60) as c:
         yield c
-
-
-def raw_answer(server, image_id: str, question: str, max_tokens: int) -> dict:
-    r = httpx.post(server.url + "/v1/questions", headers={"Authorization": "Bearer sekret"}, timeout=60,
-                   json={"image_id": image_id, "question": question, "max_tokens": max_tokens})
-    return r.json()
 
 
 def test_images(client, tmp_path, image_bytes):
@@ -62,10 +55,10 @@ def test_images(client, tmp_path, image_bytes):
     assert client.readyz()["ready"] is True
 
 
-def test_ask_and_chat(client, server, image_bytes):
+def test_ask_and_chat(client, raw_answer, image_bytes):
     data = image_bytes(72, 60, 3)
     info = client.upload(data)
-    expected = raw_answer(server, info.image_id, "What is it?", 8)
+    expected = raw_answer(info.image_id, "What is it?", 8)
     answer = client.ask(info, "What is it?", max_tokens=8)
     assert isinstance(answer, Answer) and answer.answer == expected["answer"] == str(answer)
     assert answer.finish_reason == expected["finish_reason"]
@@ -84,20 +77,20 @@ def test_ask_and_chat(client, server, image_bytes):
     assert err.value.status == 422
 
 
-def test_reuploads_evicted_images(client, server, redis_server, tmp_path, image_bytes):
+def test_reuploads_evicted_images(client, server, evict, tmp_path, image_bytes):
     path = tmp_path / "b.png"
     path.write_bytes(image_bytes(72, 60, 4))
     first = client.ask(path, "Describe it.", max_tokens=6)  # never uploaded: 404, upload, retry
-    redis.Redis.from_url(redis_server.url).flushall()  # evicted
+    evict()  # evicted
     assert client.ask(first.image_id, "Describe it.", max_tokens=6) == first
-    redis.Redis.from_url(redis_server.url).flushall()
+    evict()
     assert "".join(client.ask(first.image_id, "Describe it.", max_tokens=6, stream=True)) == first.answer
-    redis.Redis.from_url(redis_server.url).flushall()
+    evict()
     assert client.embeddings(first.image_id).info.image_id == first.image_id
-    redis.Redis.from_url(redis_server.url).flushall()
+    evict()
     assert client.chat(first.image_id, "Describe it.", max_tokens=6) == first  # sent as a data URL
 
-    redis.Redis.from_url(redis_server.url).flushall()
+    evict()
     with SplitVL(server.url, api_key="sekret") as stranger:  # never saw the bytes: the 404 stands
         with pytest.raises(SplitVLError) as err:
             stranger.ask(first.image_id, "Describe it.", max_tokens=6)
@@ -134,20 +127,20 @@ def test_timeout_applies_to_a_given_http_client():
     assert err.value.status is None and err.value.code == "timeout"
 
 
-async def test_async_client(server, redis_server, image_bytes):
+async def test_async_client(server, raw_answer, evict, image_bytes):
     data = image_bytes(72, 60, 5)
     async with AsyncSplitVL(server.url, api_key="sekret", timeout=60) as client:
         info = await client.upload(data)
         assert (await client.get(info.image_id)).image_id == info.image_id
         answer = await client.ask(info, "Why?", max_tokens=6)
-        assert answer.answer == raw_answer(server, info.image_id, "Why?", 6)["answer"]
+        assert answer.answer == raw_answer(info.image_id, "Why?", 6)["answer"]
         deltas = [d async for d in await client.ask(info, "Why?", max_tokens=6, stream=True)]
         assert "".join(deltas) == answer.answer
         assert await client.chat(info, "Why?", max_tokens=6) == answer
         assert "".join([d async for d in await client.chat(info, "Why?", max_tokens=6, stream=True)]) == answer.answer
         emb = await client.embeddings(info.image_id)
         assert emb.image_embeds.shape == (info.num_tokens, info.hidden_size)
-        redis.Redis.from_url(redis_server.url).flushall()
+        evict()
         assert await client.ask(info.image_id, "Why?", max_tokens=6) == answer  # re-uploaded
         await client.delete(info.image_id)
         with pytest.raises(SplitVLError):
