@@ -36,6 +36,35 @@ def check_device(*tensors: torch.Tensor) -> None:
             raise ValueError(f"triton kernel got a {t.device.type} tensor; set TRITON_INTERPRET=1 for CPU")
 
 
+def as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``t`` [..., n] as an [M, n] view with a unit column stride (copied only when it has none)."""
+    t2 = t.reshape(-1, n)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def norm_rows(
+    x: torch.Tensor, residual: torch.Tensor | None, out: torch.Tensor | None, out_sum: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Host side of a one-row-per-program norm with an optional fused residual add.
+
+    Returns ``x2, r2, h2, y2, y``: the [M, N] input rows, residual rows, sum rows and output rows,
+    and the output ``y`` shaped like x. Without a residual, ``r2`` is ``x2`` and ``h2`` is ``y2``
+    (stand-ins the kernel never touches). ``out_sum`` may alias residual (in-place update of the
+    stream): each program reads its row before it writes it, and rows are disjoint between programs.
+    """
+    n = x.shape[-1]
+    x2 = as_rows(x, n)
+    check_device(x2)
+    y = out if out is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    y2 = y.view(-1, n)
+    if residual is None:
+        return x2, x2, y2, y2, y
+    if residual.shape != x.shape:
+        raise ValueError(f"residual {tuple(residual.shape)} != x {tuple(x.shape)}")
+    h = out_sum if out_sum is not None else torch.empty(x.shape, dtype=residual.dtype, device=x.device)
+    return x2, as_rows(residual, n), h.view(-1, n), y2, y
+
+
 def row_warps(block: int, elem_bytes: int = 2) -> int:
     """Warps for a one-row-per-program kernel: enough that each thread moves ~16 B per load."""
     per_thread = max(1, 16 // elem_bytes)

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from ._utils import check_device, install_interpreter_fix, next_pow2
+from ._utils import as_rows, check_device, install_interpreter_fix, next_pow2
 
 install_interpreter_fix()
 
@@ -91,9 +91,7 @@ def bias_act(
     """``act(x + bias)`` over x [..., N]; ``out=x`` works in place."""
     code = act if isinstance(act, int) else act_code(act)
     n = x.shape[-1]
-    x2 = x.reshape(-1, n)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
+    x2 = as_rows(x, n)
     check_device(x2)
     m = x2.shape[0]
     y = out if out is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)

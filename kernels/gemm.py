@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import check_device, install_interpreter_fix, interpreting, next_pow2
+from ._utils import as_rows, check_device, install_interpreter_fix, interpreting, next_pow2
 from .activations import act_code, apply_act, bias_act  # noqa: F401  (re-exported for the bench)
 
 install_interpreter_fix()
@@ -313,10 +313,7 @@ def linear_act(
     n, k_w = weight.shape
     if k_w != k:
         raise ValueError(f"x has K={k}, weight has K={k_w}")
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    w = weight if weight.stride(-1) == 1 else weight.contiguous()
+    x2, w = as_rows(x, k), as_rows(weight, k)
     check_device(x2, w)
     m = x2.shape[0]
     y = out if out is not None else torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)

@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from ._utils import check_device, install_interpreter_fix, next_pow2, row_warps
+from ._utils import install_interpreter_fix, next_pow2, norm_rows, row_warps
 
 install_interpreter_fix()
 
@@ -61,13 +61,6 @@ def _layer_norm_kernel(
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 
-def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
-    t2 = t.reshape(-1, n)
-    if t2.stride(-1) != 1:
-        t2 = t2.contiguous()
-    return t2
-
-
 def _launch(
     x: torch.Tensor,
     residual: torch.Tensor | None,
@@ -77,37 +70,18 @@ def _launch(
     out: torch.Tensor | None,
     out_sum: torch.Tensor | None,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    n = x.shape[-1]
-    x2 = _rows(x, n)
-    m = x2.shape[0]
-    check_device(x2)
-    y = out if out is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    y2 = y.view(-1, n)
-    h2 = None
-    if residual is not None:
-        if residual.shape != x.shape:
-            raise ValueError(f"residual {tuple(residual.shape)} != x {tuple(x.shape)}")
-        r2 = _rows(residual, n)
-        # out_sum may alias residual (in-place update of the stream): each program reads its row
-        # before it writes it, and rows are disjoint between programs.
-        h = out_sum if out_sum is not None else torch.empty(x.shape, dtype=residual.dtype, device=x.device)
-        h2 = h.view(-1, n)
-    else:
-        r2 = x2
-        h2 = None
-    if m == 0:
-        return (h2.view(x.shape) if h2 is not None else None), y
-    block = next_pow2(n)
-    dummy = x2
-    _layer_norm_kernel[(m,)](
-        x2, r2, weight if weight is not None else dummy, bias if bias is not None else dummy,
-        h2 if h2 is not None else y2, y2,
-        x2.stride(0), r2.stride(0), (h2 if h2 is not None else y2).stride(0), y2.stride(0),
-        n, eps,
-        HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-        BLOCK_N=block, num_warps=row_warps(block, x.element_size()),
-    )
-    return (h2.view(x.shape) if h2 is not None else None), y
+    x2, r2, h2, y2, y = norm_rows(x, residual, out, out_sum)
+    m, n = x2.shape
+    if m:
+        block = next_pow2(n)
+        _layer_norm_kernel[(m,)](
+            x2, r2, weight if weight is not None else x2, bias if bias is not None else x2, h2, y2,
+            x2.stride(0), r2.stride(0), h2.stride(0), y2.stride(0),
+            n, eps,
+            HAS_RES=residual is not None, HAS_W=weight is not None, HAS_B=bias is not None,
+            BLOCK_N=block, num_warps=row_warps(block, x.element_size()),
+        )
+    return (h2.view(x.shape) if residual is not None else None), y
 
 
 def layer_norm(

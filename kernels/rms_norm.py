@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from ._utils import check_device, install_interpreter_fix, next_pow2, row_warps
+from ._utils import install_interpreter_fix, next_pow2, norm_rows, row_warps
 
 install_interpreter_fix()
 
@@ -57,34 +57,18 @@ def _launch(
     out: torch.Tensor | None,
     out_sum: torch.Tensor | None,
 ) -> tuple[torch.Tensor | None, torch.Tensor]:
-    n = x.shape[-1]
-    x2 = x.reshape(-1, n)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    check_device(x2)
-    m = x2.shape[0]
-    y = out if out is not None else torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    y2 = y.view(-1, n)
-    if residual is not None:
-        if residual.shape != x.shape:
-            raise ValueError(f"residual {tuple(residual.shape)} != x {tuple(x.shape)}")
-        r2 = residual.reshape(-1, n)
-        if r2.stride(-1) != 1:
-            r2 = r2.contiguous()
-        h = out_sum if out_sum is not None else torch.empty(x.shape, dtype=residual.dtype, device=x.device)
-        h2 = h.view(-1, n)
-    else:
-        r2, h2 = x2, None
+    x2, r2, h2, y2, y = norm_rows(x, residual, out, out_sum)
+    m, n = x2.shape
     if m:
         block = next_pow2(n)
         _rms_norm_kernel[(m,)](
-            x2, r2, weight if weight is not None else x2, h2 if h2 is not None else y2, y2,
-            x2.stride(0), r2.stride(0), (h2 if h2 is not None else y2).stride(0), y2.stride(0),
+            x2, r2, weight if weight is not None else x2, h2, y2,
+            x2.stride(0), r2.stride(0), h2.stride(0), y2.stride(0),
             n, eps,
             HAS_RES=residual is not None, HAS_W=weight is not None,
             BLOCK_N=block, num_warps=row_warps(block, x.element_size()),
         )
-    return (h2.view(x.shape) if h2 is not None else None), y
+    return (h2.view(x.shape) if residual is not None else None), y
 
 
 def rms_norm(

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from ._utils import check_device, install_interpreter_fix, next_pow2
+from ._utils import as_rows, check_device, install_interpreter_fix, next_pow2
 
 install_interpreter_fix()
 
@@ -61,12 +61,7 @@ def swiglu(
     if (gate_bias is None) != (up_bias is None):
         raise ValueError("pass both biases or neither")
     n = gate.shape[-1]
-    g2 = gate.reshape(-1, n)
-    u2 = up.reshape(-1, n)
-    if g2.stride(-1) != 1:
-        g2 = g2.contiguous()
-    if u2.stride(-1) != 1:
-        u2 = u2.contiguous()
+    g2, u2 = as_rows(gate, n), as_rows(up, n)
     check_device(g2, u2)
     m = g2.shape[0]
     y = out if out is not None else torch.empty(gate.shape, dtype=gate.dtype, device=gate.device)
