@@ -24,13 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._utils import install_interpreter_fix
+from kernels._utils import install_interpreter_fix, next_pow2
 
 install_interpreter_fix()  # loop bounds read from memory, under TRITON_INTERPRET=1 (CPU tests)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
 # -- RMSNorm (+ residual) -------------------------------------------------------------------------
@@ -69,7 +65,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         h = torch.empty_like(x2)
     else:
         r2, h = x2, x2
-    block = _next_pow2(n)
+    block = next_pow2(n)
     _rms_norm_kernel[(rows,)](x2, r2, weight, y, h, n, eps, HAS_RES=residual is not None, BLOCK=block,
                               num_warps=max(1, min(8, block // 256)))
     return h.view(x.shape), y.view(x.shape)
@@ -218,5 +214,5 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
         q, k_cache, v_cache, cache_pos, out,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         out.stride(0), out.stride(1), k_cache.shape[2], d**-0.5,
-        G=group, BLOCK_G=max(16, _next_pow2(group)), BLOCK_N=64, D=d, num_warps=4, num_stages=3)
+        G=group, BLOCK_G=max(16, next_pow2(group)), BLOCK_N=64, D=d, num_warps=4, num_stages=3)
     return out
