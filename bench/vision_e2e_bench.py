@@ -344,7 +344,11 @@ def serve_and_measure(path: Path, workers: int, measured: list[bytes], single: l
             jobs1, forwards1, gpu = batch_totals(url)
         finally:
             server.terminate()
-            server.wait(timeout=60)
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:  # never leave a GPU server behind for the next N
+                server.kill()
+                server.wait()
     lat = [(end - begin) * 1000 for begin, end, _, _ in records]
     statuses: dict[str, int] = {}
     names: dict[str, list[float]] = {}
