@@ -65,6 +65,14 @@ def norm_rows(
     return x2, as_rows(residual, n), h.view(-1, n), y2, y
 
 
+def elementwise_tiles(m: int, n: int) -> tuple[int, int, tuple[int, int]]:
+    """``BLOCK_M, BLOCK_N, grid`` for a 2-D elementwise kernel over [M, N] (4 warps): up to 1024
+    columns and ~4K elements a program (8 KB of bf16 in, 8 KB out, 16 B per thread per access)."""
+    block_n = min(1024, next_pow2(n))
+    block_m = max(1, 4096 // block_n)
+    return block_m, block_n, (-(-m // block_m), -(-n // block_n))
+
+
 def row_warps(block: int, elem_bytes: int = 2) -> int:
     """Warps for a one-row-per-program kernel: enough that each thread moves ~16 B per load."""
     per_thread = max(1, 16 // elem_bytes)

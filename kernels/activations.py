@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from ._utils import as_rows, check_device, install_interpreter_fix, next_pow2
+from ._utils import as_rows, check_device, elementwise_tiles, install_interpreter_fix
 
 install_interpreter_fix()
 
@@ -98,10 +98,7 @@ def bias_act(
     y2 = y.view(-1, n)
     if m == 0:
         return y
-    block_n = min(1024, next_pow2(n))
-    # ~4K elements a program: 8 KB of bf16 in, 8 KB out, 16 B per thread per access at 4 warps.
-    block_m = max(1, 4096 // block_n)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    block_m, block_n, grid = elementwise_tiles(m, n)
     _bias_act_kernel[grid](
         x2, bias if bias is not None else x2, y2, m, n, x2.stride(0), y2.stride(0),
         ACT=code, HAS_BIAS=bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,

@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from ._utils import as_rows, check_device, install_interpreter_fix, next_pow2
+from ._utils import as_rows, check_device, elementwise_tiles, install_interpreter_fix
 
 install_interpreter_fix()
 
@@ -68,9 +68,7 @@ def swiglu(
     y2 = y.view(-1, n)
     if m == 0:
         return y
-    block_n = min(1024, next_pow2(n))
-    block_m = max(1, 4096 // block_n)
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    block_m, block_n, grid = elementwise_tiles(m, n)
     has_bias = gate_bias is not None
     _swiglu_kernel[grid](
         g2, u2, gate_bias if has_bias else g2, up_bias if has_bias else g2, y2, m, n,
