@@ -128,12 +128,7 @@ class DecodeRunner(_CacheRunner):
     def bucket(self, batch: int, window: int) -> tuple[int, int]:
         """The (batch, window) a step over rows ``[0, batch)`` attending ``window`` positions runs at."""
         b = next(s for s in self.batch_buckets if s >= batch)
-        if not self.window_buckets:
-            return b, self.max_len
-        size = 64
-        while size < window:
-            size *= 2
-        return b, min(size, self.max_len)
+        return b, window_bucket(window, self.max_len) if self.window_buckets else self.max_len
 
     def _body(self, fn: DecodeFn, batch: int, window: int) -> tuple[torch.Tensor, torch.Tensor]:
         state = self.state
