@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from ._utils import check_device, install_interpreter_fix, interpreting, next_pow2, prev_pow2
-from .rope_vision import padded_table, qkv_views, rope_qk
+from .rope_vision import qkv_views, rope_qk, rope_tables
 
 install_interpreter_fix()
 
@@ -213,11 +213,7 @@ def varlen_attention(
     rope = cos is not None
     if rope:
         assert sin is not None
-        if cos.shape[-1] == d:  # HF's full [S, D] table: halves are equal
-            cos, sin = cos[:, : d // 2], sin[:, : d // 2]
-        cos, sin = padded_table(cos), padded_table(sin)
-        if cos.stride(0) != sin.stride(0):
-            raise ValueError("cos and sin need the same row stride")
+        cos, sin = rope_tables(cos, sin, d)
     else:
         cos = sin = q  # unused
     cu = cu_seqlens.to(torch.int32) if cu_seqlens.dtype != torch.int32 else cu_seqlens

@@ -301,13 +301,13 @@ def linear_act(
     """
     code = act if isinstance(act, int) else act_code(act)
     if rope is not None:
-        from .rope_vision import padded_table
+        from .rope_vision import rope_tables
 
         cos, sin, rope_cols, d = rope
-        cos, sin = padded_table(cos), padded_table(sin)
+        cos, sin = rope_tables(cos, sin, d)
         # a tile must be all q/k or all v: BLOCK_N has to divide rope_cols
-        if cos.stride(0) != sin.stride(0) or rope_cols % 16 or d % 2:
-            raise ValueError("rope epilogue needs equal cos/sin strides, rope_cols % 16 == 0, even head_dim")
+        if rope_cols % 16 or d % 2:
+            raise ValueError("rope epilogue needs rope_cols % 16 == 0 and an even head_dim")
         rope = (cos, sin, rope_cols, d)
     k = x.shape[-1]
     n, k_w = weight.shape

@@ -88,8 +88,9 @@ def build_meta(
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0).to(torch.int32)
     cos, sin = rope_angles(rope_positions(grid, spatial_merge_size), inv_freq)
-    if scaling != 1.0:
-        cos, sin = cos * scaling, sin * scaling
+    if scaling != 1.0:  # in place: keeps the tables' padded rows (see rope_vision.padded_table)
+        cos.mul_(scaling)
+        sin.mul_(scaling)
     return VisionMeta(
         grid=grid, lengths=lengths, cu_seqlens=cu.to(inv_freq.device, non_blocking=True),
         max_seqlen=max(lengths) if lengths else 0, cos=cos, sin=sin,
@@ -258,12 +259,12 @@ class FusedVisionBlock(nn.Module):
 
         if position_embeddings is None:
             raise ValueError("FusedVisionBlock needs position_embeddings=(cos, sin)")
-        cos, sin = position_embeddings
-        half = self.attn.head_dim // 2
+        from .rope_vision import rope_tables
+
+        cos, sin = rope_tables(*position_embeddings, self.attn.head_dim)
         cu = cu_seqlens.to(torch.int32)
         lengths = (cu[1:] - cu[:-1]).tolist()
-        meta = VisionMeta(grid=(), lengths=lengths, cu_seqlens=cu, max_seqlen=max(lengths),
-                          cos=cos[:, :half].float().contiguous(), sin=sin[:, :half].float().contiguous())
+        meta = VisionMeta(grid=(), lengths=lengths, cu_seqlens=cu, max_seqlen=max(lengths), cos=cos, sin=sin)
         h = hidden_states
         a = self.attn(self.norm1(h), meta)
         h, y = add_layer_norm(a, h, self.norm2.weight, self.norm2.bias, self.norm2.eps)

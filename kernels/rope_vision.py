@@ -77,6 +77,18 @@ def padded_table(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def rope_tables(cos: torch.Tensor, sin: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin as every kernel here reads them: [S, D/2] fp32 with padded rows (``padded_table``)
+    and one row stride. HF's full [S, D] tables are accepted too (their two halves are equal)."""
+    if cos.shape[-1] == head_dim:
+        half = head_dim // 2
+        cos, sin = cos[:, :half], sin[:, :half]
+    cos, sin = padded_table(cos), padded_table(sin)
+    if cos.stride(0) != sin.stride(0):
+        raise ValueError("cos and sin need the same row stride")
+    return cos, sin
+
+
 @triton.jit
 def _vision_rope_kernel(
     Q,  # q input [S, H, D] (any row/head stride, last dim contiguous)
@@ -139,11 +151,7 @@ def apply_vision_rope(
     half = d // 2
     if k.shape != q.shape:
         raise ValueError(f"k {tuple(k.shape)} != q {tuple(q.shape)}")
-    if cos.shape[-1] == d:  # HF's full table: both halves are equal
-        cos, sin = cos[:, :half], sin[:, :half]
-    cos, sin = padded_table(cos), padded_table(sin)
-    if cos.stride(0) != sin.stride(0):
-        raise ValueError("cos and sin need the same row stride")
+    cos, sin = rope_tables(cos, sin, d)
     if q.stride(-1) != 1 or k.stride(-1) != 1:
         raise ValueError("q and k need a contiguous last dim")
     check_device(q, k, cos)
@@ -219,9 +227,7 @@ def rope_qk(
     half = d // 2
     if qkv.stride(-1) != 1:
         raise ValueError("qkv needs a contiguous last dim")
-    if cos.shape[-1] == d:
-        cos, sin = cos[:, :half], sin[:, :half]
-    cos, sin = padded_table(cos), padded_table(sin)
+    cos, sin = rope_tables(cos, sin, d)
     check_device(qkv, cos)
     y = out if out is not None else torch.empty(s_len, 2 * hd, dtype=qkv.dtype, device=qkv.device)
     if s_len == 0:
