@@ -128,6 +128,18 @@ def _use_triton_gemm(mode: str, x: torch.Tensor) -> bool:
     return hopper(x)
 
 
+def _linear_bias_act(x: torch.Tensor, linear: nn.Linear, act: str, mode: str) -> torch.Tensor:
+    """``act(linear(x))``: bias and activation in our GEMM's epilogue (see ``_use_triton_gemm``), else
+    cuBLAS without the bias and one in-place bias + activation pass."""
+    from .activations import bias_act
+    from .gemm import linear_act
+
+    if _use_triton_gemm(mode, x):
+        return linear_act(x, linear.weight, linear.bias, act)
+    f = F.linear(x, linear.weight)
+    return bias_act(f, linear.bias, act, out=f)
+
+
 class FusedVisionAttention(nn.Module):
     """qkv GEMM (+ rotary in its epilogue) -> packed attention -> proj GEMM.
 
@@ -212,14 +224,7 @@ class FusedVisionMlp(nn.Module):
         self.mode = mode
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        from .activations import bias_act
-        from .gemm import linear_act
-
-        if _use_triton_gemm(self.mode, y):
-            f = linear_act(y, self.fc1.weight, self.fc1.bias, self.act)  # [S, 4C], act fused in epilogue
-        else:
-            f = F.linear(y, self.fc1.weight)  # cuBLAS, bias left to the activation pass
-            f = bias_act(f, self.fc1.bias, self.act, out=f)
+        f = _linear_bias_act(y, self.fc1, self.act, self.mode)  # [S, 4C]
         return F.linear(f, self.fc2.weight, self.fc2.bias)
 
 
@@ -288,16 +293,8 @@ class FusedPatchMerger(nn.Module):
 
     def project(self, y: torch.Tensor) -> torch.Tensor:
         """y = ln_q(h) [S, C] -> [S / m^2, out_dim]."""
-        from .activations import bias_act
-        from .gemm import linear_act
-
-        x = y.reshape(-1, self.hidden_size)
-        fc1, fc2 = self.mlp[0], self.mlp[2]
-        if _use_triton_gemm(self.mode, x):
-            f = linear_act(x, fc1.weight, fc1.bias, "gelu")
-        else:
-            f = F.linear(x, fc1.weight)
-            f = bias_act(f, fc1.bias, "gelu", out=f)
+        f = _linear_bias_act(y.reshape(-1, self.hidden_size), self.mlp[0], "gelu", self.mode)
+        fc2 = self.mlp[2]
         return F.linear(f, fc2.weight, fc2.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
