@@ -193,7 +193,9 @@ class FusedVisionAttention(nn.Module):
         return F.linear(a, self.proj.weight, self.proj.bias)
 
 
-def _qkv_to_hf_order(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+def _reorder_qkv(module: nn.Module, state_dict: dict, prefix: str, inverse: bool) -> None:
+    """Convert the qkv weight/bias entries of ``state_dict`` between HF's q/k row order and the
+    interleaved one (``inverse``: back to HF's), for a module storing them interleaved."""
     if not getattr(module, "rope_gemm", False):
         return
     from .rope_vision import interleave_qk_rows
@@ -201,18 +203,15 @@ def _qkv_to_hf_order(module: nn.Module, state_dict: dict, prefix: str, local_met
     for name in ("qkv.weight", "qkv.bias"):
         key = prefix + name
         if key in state_dict and state_dict[key] is not None:
-            state_dict[key] = interleave_qk_rows(state_dict[key].detach().clone(), module.num_heads, inverse=True)
+            state_dict[key] = interleave_qk_rows(state_dict[key].detach().clone(), module.num_heads, inverse=inverse)
+
+
+def _qkv_to_hf_order(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    _reorder_qkv(module, state_dict, prefix, inverse=True)
 
 
 def _qkv_from_hf_order(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-    if not getattr(module, "rope_gemm", False):
-        return
-    from .rope_vision import interleave_qk_rows
-
-    for name in ("qkv.weight", "qkv.bias"):
-        key = prefix + name
-        if key in state_dict and state_dict[key] is not None:
-            state_dict[key] = interleave_qk_rows(state_dict[key].detach().clone(), module.num_heads)
+    _reorder_qkv(module, state_dict, prefix, inverse=False)
 
 
 class FusedVisionMlp(nn.Module):
