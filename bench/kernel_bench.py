@@ -307,7 +307,7 @@ def bench_attention(rows: list[dict], name: str, lengths: list[int], with_flex: 
 
 def bench_gemms(rows: list[dict], s: int) -> None:
     import kernels.gemm as G
-    from kernels.activations import bias_quick_gelu
+    from kernels.activations import bias_act, bias_quick_gelu
     from kernels.gemm import linear_act
 
     F = torch.nn.functional
@@ -370,7 +370,7 @@ def bench_gemms(rows: list[dict], s: int) -> None:
 
     def merger_unfused() -> torch.Tensor:
         f = F.linear(xm, wm)
-        return G.bias_act(f, bm, "gelu", out=f)
+        return bias_act(f, bm, "gelu", out=f)
 
     _try(f"S/4={xm.shape[0]} merger fc: cuBLAS mm + ours bias_gelu", lambda: bench_kernel(merger_unfused), rows,
          flops=flm)

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from ._utils import as_rows, check_device, install_interpreter_fix, interpreting, next_pow2
-from .activations import act_code, apply_act, bias_act  # noqa: F401  (re-exported for the bench)
+from .activations import act_code, apply_act
 
 install_interpreter_fix()
 
@@ -225,10 +225,8 @@ def hopper(x: torch.Tensor) -> bool:
 
 
 def _tma_ok(x2: torch.Tensor, w: torch.Tensor, y2: torch.Tensor) -> bool:
-    """TMA needs Hopper+, 16-byte aligned bases and row strides."""
-    if interpreting() or x2.device.type != "cuda" or x2.dtype not in (torch.bfloat16, torch.float16):
-        return False
-    if torch.cuda.get_device_capability(x2.device)[0] < 9:
+    """TMA needs Hopper+, 16-bit operands, 16-byte aligned bases and row strides."""
+    if x2.dtype not in (torch.bfloat16, torch.float16) or not hopper(x2):
         return False
     es = x2.element_size()
     return all(t.data_ptr() % 16 == 0 and (t.stride(0) * es) % 16 == 0 for t in (x2, w, y2))
