@@ -423,6 +423,21 @@ class LLMEngine:
     # -- scheduler thread ------------------------------------------------------------------------
 
     def _run(self) -> None:
+        closing = unavailable("engine_closed", "the LLM engine is shutting down")
+        try:
+            self._schedule()
+        except BaseException:  # a step's error escaped its requests (say a sticky CUDA error): stop for good
+            log.exception("LLM engine scheduler failed; the engine is closed")
+            closing = unavailable("engine_closed", "the LLM engine stopped after an internal error")
+        finally:  # nothing queued or running may wait forever, and nothing new is queued
+            with self._cond:
+                self._closed = True
+                for request in [*self._waiting, *self._active.values()]:
+                    request.stream._put(closing)
+                self._waiting.clear()
+                self._active.clear()
+
+    def _schedule(self) -> None:
         with torch.inference_mode():
             while True:
                 with self._cond:
@@ -446,21 +461,16 @@ class LLMEngine:
                     self.counters["admissions"] += 1
                 self._drop_cancelled()
                 self._guard(list(self._active.values()), self._decode)
-        closing = unavailable("engine_closed", "the LLM engine is shutting down")
-        with self._cond:
-            for request in [*self._waiting, *self._active.values()]:
-                request.stream._put(closing)
-            self._waiting.clear()
-            self._active.clear()
 
     def _guard(self, requests: list[_Request], work: Callable[[], None]) -> None:
         try:
             work()
         except Exception as exc:  # noqa: BLE001 - the consumers get the error; the engine carries on
             log.exception("LLM engine step failed")
+            for request in requests:  # told first: releasing touches the device, which may fail again
+                request.stream._put(exc)
             for request in requests:
                 self._release(request)
-                request.stream._put(exc)
 
     def _release(self, request: _Request) -> None:
         with self._cond:

@@ -269,3 +269,32 @@ def test_without_deltas_only_the_finish_comes(engines: dict[str, LLMEngine], tin
         events = list(engine.generate(feats.embeds, feats.grid[0], f"deltas{i}", question, MAX_NEW, deltas=False))
         assert len(events) == 1 and isinstance(events[0], Finish)
         assert events[0] == streamed  # same ids, same text (decoded once), same reason and counts
+
+
+def test_a_scheduler_failure_fails_every_request(tiny_checkpoint: Path) -> None:
+    """An error that escapes a step's own requests (a sticky device error fails the clean-up too)
+    stops the scheduler: whatever is queued or running fails, and nothing new is queued."""
+    feats = _features(tiny_checkpoint)[1]
+    engine = LLMEngine(tiny_checkpoint, max_batch_slots=1, max_seq_len=256)
+    try:
+        def broken(slot: int) -> None:
+            raise RuntimeError("device lost")
+
+        def failing_decode() -> None:
+            raise RuntimeError("step failed")
+
+        engine.runner.clear_slot = broken  # type: ignore[method-assign]
+        engine._decode = failing_decode  # type: ignore[method-assign]
+        with engine._cond:  # both queued before the scheduler looks: one admitted, one waiting
+            running = engine.generate(feats.embeds, feats.grid[0], "x", QUESTIONS[0], 8)
+            waiting = engine.generate(feats.embeds, feats.grid[0], "x", QUESTIONS[1], 8)
+        with pytest.raises(RuntimeError, match="step failed"):
+            running.result()
+        with pytest.raises(ApiError) as err:
+            waiting.result()
+        assert (err.value.status, err.value.code) == (503, "engine_closed")
+        with pytest.raises(ApiError) as err:
+            engine.generate(feats.embeds, feats.grid[0], "x", QUESTIONS[0], 8)
+        assert err.value.code == "engine_closed"
+    finally:
+        engine.close()
