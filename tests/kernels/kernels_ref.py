@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-on_gpu = torch.cuda.is_available()
-interpreting = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 # relative L2 tolerance by dtype (METHOD.md: fp32 far under 1e-3; bf16 operands 1e-3..1e-2)
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
