@@ -21,15 +21,16 @@ install_interpreter_fix()
 def _swiglu_kernel(
     G,  # [M, N] gate (pre-activation)
     U,  # [M, N] up
-    BG,  # [N] gate bias (HAS_BIAS)
-    BU,  # [N] up bias (HAS_BIAS)
+    BG,  # [N] gate bias (HAS_BG)
+    BU,  # [N] up bias (HAS_BU)
     Y,  # [M, N] out
     M,
     N,
     stride_g,
     stride_u,
     stride_y,
-    HAS_BIAS: tl.constexpr,
+    HAS_BG: tl.constexpr,
+    HAS_BU: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -40,8 +41,9 @@ def _swiglu_kernel(
     mask = (rows[:, None] < M) & (cols[None, :] < N)
     g = tl.load(G + rows[:, None] * stride_g + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + rows[:, None] * stride_u + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    if HAS_BIAS:
+    if HAS_BG:
         g = g + tl.load(BG + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    if HAS_BU:
         u = u + tl.load(BU + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     y = g * tl.sigmoid(g) * u
     tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
@@ -55,11 +57,9 @@ def swiglu(
     *,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """``silu(gate + bg) * (up + bu)`` over [..., N] inputs (biases both or neither)."""
+    """``silu(gate + bg) * (up + bu)`` over [..., N] inputs (either bias may be None)."""
     if gate.shape != up.shape:
         raise ValueError(f"gate {tuple(gate.shape)} != up {tuple(up.shape)}")
-    if (gate_bias is None) != (up_bias is None):
-        raise ValueError("pass both biases or neither")
     n = gate.shape[-1]
     g2, u2 = as_rows(gate, n), as_rows(up, n)
     check_device(g2, u2)
@@ -69,11 +69,10 @@ def swiglu(
     if m == 0:
         return y
     block_m, block_n, grid = elementwise_tiles(m, n)
-    has_bias = gate_bias is not None
     _swiglu_kernel[grid](
-        g2, u2, gate_bias if has_bias else g2, up_bias if has_bias else g2, y2, m, n,
+        g2, u2, gate_bias if gate_bias is not None else g2, up_bias if up_bias is not None else g2, y2, m, n,
         g2.stride(0), u2.stride(0), y2.stride(0),
-        HAS_BIAS=has_bias, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
+        HAS_BG=gate_bias is not None, HAS_BU=up_bias is not None, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4,
     )
     return y
 
@@ -102,10 +101,4 @@ class TritonSwiGLUMLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g = F.linear(x, self.gate_proj.weight)
         u = F.linear(x, self.up_proj.weight)
-        if (self.gate_proj.bias is None) != (self.up_proj.bias is None):
-            g = g + self.gate_proj.bias if self.gate_proj.bias is not None else g
-            u = u + self.up_proj.bias if self.up_proj.bias is not None else u
-            y = swiglu(g, u)
-        else:
-            y = swiglu(g, u, self.gate_proj.bias, self.up_proj.bias)
-        return self.down_proj(y)
+        return self.down_proj(swiglu(g, u, self.gate_proj.bias, self.up_proj.bias))
