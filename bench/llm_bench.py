@@ -313,8 +313,7 @@ def pure_decode_ms(lm: Qwen2LM, fn: Any, *, batch: int, window: int, max_len: in
     kv = allocate_kv_cache(lm.cfg, batch, max_len, device=lm.device, dtype=lm.dtype)
     kv.normal_()
     runner = DecodeRunner(lm, kv, use_graphs=graphs, window_buckets=window_buckets, batch_buckets=[batch])
-    for s in range(batch):
-        runner.set_slot(s, 100 + s, context, context + 10)
+    runner.set_slots(range(batch), [100 + s for s in range(batch)], [context] * batch, [context + 10] * batch)
     b, w = runner.bucket(batch, window)
     with torch.inference_mode():
         for _ in range(3):

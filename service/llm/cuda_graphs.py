@@ -110,18 +110,25 @@ class DecodeRunner(_CacheRunner):
 
     # -- host -> device state ---------------------------------------------------------------------
 
-    def set_slot(self, slot: int, token: int, cache_pos: int, rope_pos: int) -> None:
-        """A request enters ``slot``: its first token and where the next one goes."""
-        self.state[:, slot] = torch.tensor([token, cache_pos, rope_pos, 1], dtype=torch.long)
+    def _write(self, rows: slice, slots: Sequence[int], values: Sequence[Sequence[int]]) -> None:
+        """``state[rows, slots] = values`` in one host-to-device copy, queued behind the steps on their
+        way (no wait for them)."""
+        if slots:
+            host = torch.tensor([list(slots), *(list(v) for v in values)], dtype=torch.long)
+            both = host.to(self.device, non_blocking=True)
+            self.state[rows].index_copy_(1, both[0], both[1:])
+
+    def set_slots(self, slots: Sequence[int], tokens: Sequence[int], cache_pos: Sequence[int],
+                  rope_pos: Sequence[int]) -> None:
+        """Requests enter ``slots``: their first tokens and where the next ones go."""
+        self._write(slice(None), slots, [tokens, cache_pos, rope_pos, [1] * len(slots)])
 
     def clear_slot(self, slot: int) -> None:
         self.state[ACTIVE, slot] = 0
 
     def set_tokens(self, slots: Sequence[int], tokens: Sequence[int]) -> None:
         """Overwrite the next input token of some slots (sampled rather than greedy)."""
-        if slots:
-            index = torch.tensor(list(slots), dtype=torch.long, device=self.device)
-            self.state[TOKEN].index_copy_(0, index, torch.tensor(list(tokens), dtype=torch.long, device=self.device))
+        self._write(slice(TOKEN, TOKEN + 1), slots, [tokens])
 
     # -- steps ------------------------------------------------------------------------------------
 

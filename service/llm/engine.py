@@ -566,11 +566,14 @@ class LLMEngine:
         assert first is not None
         logits, greedy_tokens = first  # [N, vocab], [N]
         greedy = greedy_tokens.tolist()
-        for i, r in enumerate(requests):
-            total = len(r.prompt.ids)
-            r.cache_len = total
-            token = greedy[i] if r.temperature <= 0 else sample_token(logits[i], r.temperature, r.top_p, r.generator)
-            self.runner.set_slot(r.slot, token, total, total + r.rope_delta)
+        tokens = [greedy[i] if r.temperature <= 0 else sample_token(logits[i], r.temperature, r.top_p, r.generator)
+                  for i, r in enumerate(requests)]
+        for r in requests:
+            r.cache_len = len(r.prompt.ids)
+        # all slots in one copy, before _emit: a request that ends at its first token clears its slot
+        self.runner.set_slots([r.slot for r in requests], tokens, [r.cache_len for r in requests],
+                              [r.cache_len + r.rope_delta for r in requests])
+        for r, token in zip(requests, tokens, strict=True):
             self._emit(r, token)
 
     # -- decode ----------------------------------------------------------------------------------

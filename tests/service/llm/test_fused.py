@@ -158,8 +158,7 @@ def test_runner_state_advances_only_active_slots() -> None:
     runner = DecodeRunner(None, kv, use_graphs=True)  # type: ignore[arg-type]  # no CUDA: eager
     assert runner.batch_buckets == [1, 2, 3]
     assert runner.bucket(3, 65) == (3, 100) and runner.bucket(2, 10) == (2, 64)
-    runner.set_slot(0, 4, 10, 12)
-    runner.set_slot(2, 8, 99, 120)
+    runner.set_slots([0, 2], [4, 8], [10, 99], [12, 120])
     first = runner.launch(fake_decode, 3, 64)
     assert first.tokens() == [5, 1, 9]
     second = runner.launch(fake_decode, 3, 64)
