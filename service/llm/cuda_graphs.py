@@ -306,21 +306,25 @@ class PrefillRunner(_CacheRunner):
     def _host_meta(self, rows: Sequence[PrefillRow], shape: PrefillShape) -> torch.Tensor:
         """The inputs on the host, in ``_split``'s layout. Padding tokens continue their row's
         positions and cache positions; padding rows (slot of row 0) write only the last position."""
-        r, t = shape.rows, shape.tokens
+        r, t, n = shape.rows, shape.tokens, len(rows)
         host = torch.zeros(self._meta_size(r, t), dtype=torch.long, pin_memory=self.device.type == "cuda")
         ids, pos, at, image, slots, last = self._split(host, r, t)
-        at.fill_(self.max_len - 1)
-        slots.fill_(rows[0].slot)
+        # whole-batch tensor ops (a few per prefill, not a few per row): the rows' tokens and
+        # positions go in through one mask, the padding is computed for all rows at once
+        lengths = torch.tensor([len(row.ids) for row in rows])
         steps = torch.arange(t)
+        real = steps < lengths[:, None]  # [n, t]
+        ids[:n][real] = torch.tensor([i for row in rows for i in row.ids], dtype=torch.long)
+        # padding token j of a row of length m continues the row's positions: last + j - m + 1
+        ends = torch.stack([row.positions[:, -1] for row in rows], dim=1)  # [3, n]
+        pos[:, :n] = ends[:, :, None] + (steps - lengths[:, None] + 1)
+        pos[:, :n][:, real] = torch.cat([row.positions for row in rows], dim=1)
+        at[:n] = torch.tensor([row.start for row in rows])[:, None] + steps
+        at[n:] = self.max_len - 1
+        slots[:n] = torch.tensor([row.slot for row in rows])
+        slots[n:] = rows[0].slot
+        last[:n] = lengths - 1
         for b, row in enumerate(rows):
-            n = len(row.ids)
-            ids[b, :n] = torch.as_tensor(row.ids, dtype=torch.long)
-            pos[:, b, :n] = row.positions
-            if n < t:
-                pos[:, b, n:] = row.positions[:, -1:] + steps[1 : t - n + 1]
-            at[b] = steps + row.start
-            slots[b] = row.slot
-            last[b] = n - 1
             if row.image is not None:
                 lo, embeds = row.image
                 image[b, lo : lo + embeds.shape[0]] = 1
