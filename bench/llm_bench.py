@@ -772,14 +772,15 @@ def http_overhead(engine: LLMEngine, ckpt: Path, image: Image, device: torch.dev
 
     import httpx
     import uvicorn
-    from fastapi import FastAPI
+    from fastapi import Depends, FastAPI
 
     from service.config import Settings
     from service.embedded_redis import EmbeddedRedis
     from service.errors import install_error_handlers
     from service.llm.routes import router
     from service.llm.worker import LLMWorker
-    from service.metrics import Metrics
+    from service.app import require_api_key
+    from service.metrics import Metrics, RequestMetricsMiddleware
     from service.store import FeatureStore, ImageRecord
 
     image_id = "ab" * 32
@@ -798,10 +799,13 @@ def http_overhead(engine: LLMEngine, ckpt: Path, image: Image, device: torch.dev
     def serve(store: Any) -> tuple[uvicorn.Server, threading.Thread, int]:
         settings = Settings(model=str(ckpt), redis_url="redis://127.0.0.1:1/0", device=device.type,
                             max_new_tokens=4096)
-        app = FastAPI()
+        app = FastAPI()  # the routes, middleware and auth dependency as create_app mounts them
         install_error_handlers(app)
-        app.include_router(router)
-        app.state.llm = LLMWorker(settings, store, Metrics(), engine=engine, fingerprint="fp")  # type: ignore[arg-type]
+        metrics = Metrics()
+        app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+        app.state.settings = settings
+        app.include_router(router, dependencies=[Depends(require_api_key)])
+        app.state.llm = LLMWorker(settings, store, metrics, engine=engine, fingerprint="fp")  # type: ignore[arg-type]
         port = free_port()
         server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
         thread = threading.Thread(target=server.run, daemon=True)

@@ -24,8 +24,9 @@ from service.store import FeatureStore
 log = logging.getLogger(__name__)
 
 
-def require_api_key(request: Request) -> None:
-    """Bearer auth when keys are configured, compared in constant time."""
+async def require_api_key(request: Request) -> None:
+    """Bearer auth when keys are configured, compared in constant time. Async although it never
+    awaits: FastAPI would run a sync dependency in its thread pool, one hop per request."""
     keys: list[str] = request.app.state.settings.api_keys
     if not keys:
         return

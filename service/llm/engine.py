@@ -323,6 +323,8 @@ class LLMEngine:
         # prefill graphs are recorded on first use of each bucket
         self.prefiller = PrefillRunner(self.model, self.kv, use_graphs=self.runner.use_graphs) if prefill_graphs else None
         self._prefixes: OrderedDict[str, _Prefix] = OrderedDict()
+        self._position_tables: OrderedDict[tuple[int, int, tuple[int, int, int]], tuple[torch.Tensor, int]] = \
+            OrderedDict()
         self.counters = {"prefix_hits": 0, "prefix_misses": 0, "prefill_tokens": 0, "decode_steps": 0,
                          "generated_tokens": 0, "admissions": 0}
         # the latest admissions (perf_counter at start, requests, seconds): how bursts were admitted
@@ -379,7 +381,8 @@ class LLMEngine:
         if total + max_tokens > self.max_seq_len:
             raise ApiError(422, "context_length_exceeded", f"the prompt has {total} tokens; with max_tokens "
                            f"{max_tokens} it exceeds the context length of {self.max_seq_len}")
-        pos, delta = positions(prompt.prefix_len, grid, merge, total, image_start=prompt.image_start)
+        pos, delta = self._positions(prompt, grid)
+        pos = pos[:, :total]  # [3, total]
         generator = None
         if temperature > 0:
             generator = torch.Generator(device=self.device)
@@ -401,11 +404,39 @@ class LLMEngine:
             self._cond.notify()
         return stream
 
-    def has_prefix(self, image_key: str) -> bool:
-        """Whether the image's prefix KV is cached now: then ``generate`` may get shape-only (meta)
-        embeddings, and the fetch of the real ones can be skipped (it may still raise
-        ``PrefixNotCached`` if the entry is evicted in between)."""
-        return image_key in self._prefixes
+    def _positions(self, prompt: Prompt, grid: tuple[int, int, int]) -> tuple[torch.Tensor, int]:
+        """M-RoPE positions [3, max_seq_len] and rope delta of every prompt with this image layout.
+
+        The text after the image counts up from one fixed offset, so a prompt of any length takes a
+        slice, and the delta is the same for all of them (they all end after the image). Cached: it
+        was about half of ``generate``'s time, which runs on the thread that serves HTTP.
+        """
+        key = (prompt.prefix_len, prompt.image_start, grid)
+        with self._cond:
+            table = self._position_tables.get(key)
+            if table is not None:
+                self._position_tables.move_to_end(key)
+                return table
+        table = positions(prompt.prefix_len, grid, self.spatial_merge_size, self.max_seq_len,
+                          image_start=prompt.image_start)
+        with self._cond:
+            self._position_tables[key] = table
+            while len(self._position_tables) > 64:
+                self._position_tables.popitem(last=False)
+        return table
+
+    def prefix_grid(self, image_key: str) -> tuple[int, int, int] | None:
+        """The grid of the image whose prefix KV is cached now under ``image_key``, or None. With it
+        ``generate`` may get shape-only (meta) embeddings, and the fetch of the real ones can be
+        skipped (it may still raise ``PrefixNotCached`` if the entry is evicted in between)."""
+        entry = self._prefixes.get(image_key)
+        return None if entry is None else entry.grid
+
+    def shape_only_embeds(self, grid: Sequence[int]) -> torch.Tensor:
+        """Meta embeddings [num_tokens, hidden] of an image of this grid: no data, for ``generate``
+        on an image whose prefix KV is cached."""
+        t, h, w = grid
+        return torch.empty((t * h * w // self.spatial_merge_size**2, self.hidden_size), device="meta")
 
     def stats(self) -> dict[str, int]:
         with self._cond:

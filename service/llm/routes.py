@@ -15,7 +15,7 @@ from service.llm.engine import Delta, Finish, Generation
 from service.llm.worker import LLMWorker
 
 
-def get_llm(request: Request) -> LLMWorker:
+async def get_llm(request: Request) -> LLMWorker:  # async: FastAPI runs a sync dependency in a thread
     return request.app.state.llm
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
+
+import torch
 
 from service.checkpoint import resolve_model_path
 from service.config import Settings
@@ -87,23 +89,34 @@ class LLMWorker:
         self.check_limits(question, max_tokens)
         fingerprint = await self.fingerprint()
         key = f"{fingerprint}:{image_id}"
-        # An image whose prefix KV the engine holds needs no embeddings: read only the record's
-        # metadata (it must still exist: a deleted or evicted image is not answered) and skip moving
-        # and checksumming ~0.8 MB (2B) to 1.8 MB (7B) per question.
-        if fingerprint is not None and self.engine.has_prefix(key):
-            record = await self.features(image_id, with_embeds=False)
+        grid = self.engine.prefix_grid(key) if fingerprint is not None else None
+        if grid is not None:
+            # The engine holds the image's prefix KV: it needs no embeddings, so start at once and
+            # meanwhile read only the record's metadata (it must still exist: a deleted or evicted
+            # image is not answered). The Redis round trip overlaps the prefill instead of preceding
+            # it, and ~0.8 MB (2B) to 1.8 MB (7B) per question is neither moved nor checksummed.
             try:
-                return self._generate(record, key, question, max_tokens, temperature, top_p, seed, stream)
+                generation = self._generate(self.engine.shape_only_embeds(grid), grid, key, question, max_tokens,
+                                            temperature, top_p, seed, stream)
             except PrefixNotCached:  # evicted in between: fetch the embeddings after all
                 pass
+            else:
+                try:
+                    record = await self.features(image_id, with_embeds=False)
+                except BaseException:
+                    generation.cancel()
+                    raise
+                if tuple(record.grid_thw) == grid:
+                    return generation
+                generation.cancel()  # the record disagrees with the cached prefix: answer from the record
         record = await self.features(image_id)
-        return self._generate(record, f"{record.fingerprint}:{image_id}", question, max_tokens, temperature,
-                              top_p, seed, stream)
+        return self._generate(record.embeds, record.grid_thw, f"{record.fingerprint}:{image_id}", question,
+                              max_tokens, temperature, top_p, seed, stream)
 
-    def _generate(self, record: ImageRecord, key: str, question: str, max_tokens: int, temperature: float,
-                  top_p: float, seed: int | None, stream: bool) -> Generation:
-        return self.engine.generate(record.embeds, record.grid_thw, key, question, max_tokens,
-                                    temperature, top_p, seed, self.settings.max_question_tokens, deltas=stream)
+    def _generate(self, embeds: torch.Tensor, grid: Sequence[int], key: str, question: str, max_tokens: int,
+                  temperature: float, top_p: float, seed: int | None, stream: bool) -> Generation:
+        return self.engine.generate(embeds, grid, key, question, max_tokens, temperature, top_p, seed,
+                                    self.settings.max_question_tokens, deltas=stream)
 
     async def events(self, generation: Generation) -> AsyncIterator[Delta | Finish]:
         """The generation's events, failing with 503 when it runs past the request timeout."""

@@ -19,7 +19,7 @@ ImageId = Annotated[str, Path(description="hex sha256 of the uploaded bytes")]
 _IMAGE_ID = re.compile(r"^[0-9a-f]{64}$")
 
 
-def get_vision(request: Request) -> VisionWorker:
+async def get_vision(request: Request) -> VisionWorker:  # async: a sync one would hop to a thread
     return request.app.state.vision
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from collections.abc import Iterator
@@ -154,10 +155,10 @@ def test_keys_are_compared_in_constant_time(monkeypatch, given, matching):
     request = service.app.Request({"type": "http", "headers": headers, "app": App})
     if matching is None:
         with pytest.raises(service.app.ApiError) as exc:
-            service.app.require_api_key(request)
+            asyncio.run(service.app.require_api_key(request))
         assert exc.value.status == 401
     else:
-        service.app.require_api_key(request)
+        asyncio.run(service.app.require_api_key(request))
     assert [b for _, b in calls] == [k.encode() for k in KEYS]  # all keys, in order, whatever matched
     assert all(a == given.encode() for a, _ in calls)
 

@@ -247,7 +247,8 @@ def test_shape_only_embeddings_use_the_cached_prefix(engines: dict[str, LLMEngin
         engine.generate(shape_only, feats.grid[0], "meta", QUESTIONS[1], 4)
     expected = oracle(tiny_checkpoint).generate(feats, QUESTIONS[1], MAX_NEW)
     _ask(engine, feats, "meta", QUESTIONS[0])  # computes and caches the prefix
-    assert engine.has_prefix("meta")
+    assert engine.prefix_grid("meta") == tuple(feats.grid[0].tolist())
+    assert engine.shape_only_embeds(engine.prefix_grid("meta")).shape == shape_only.shape
     got = engine.generate(shape_only, feats.grid[0], "meta", QUESTIONS[1], MAX_NEW).result()
     assert list(got.token_ids) == expected
     # evicted after submission, before admission: the request pinned the prefix when it was queued
@@ -255,7 +256,7 @@ def test_shape_only_embeddings_use_the_cached_prefix(engines: dict[str, LLMEngin
         stream = engine.generate(shape_only, feats.grid[0], "meta", QUESTIONS[1], MAX_NEW)
         engine._prefixes.clear()
     assert list(stream.result().token_ids) == expected
-    assert engine.has_prefix("meta")  # back in the cache
+    assert engine.prefix_grid("meta") == tuple(feats.grid[0].tolist())  # back in the cache
     other_grid = torch.tensor([1, 2, 2])
     with pytest.raises(ApiError):  # a grid that does not fit the embeddings' shape is refused first
         engine.generate(shape_only, other_grid, "meta", QUESTIONS[1], 4)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import time
 from pathlib import Path
 
 import httpx
@@ -152,3 +153,23 @@ def test_a_cached_prefix_spares_reading_the_embeddings(server, redis_url, image_
     assert first.json() == second.json()
     assert first_cost > embeds_bytes  # the prefix was computed from the stored embeddings
     assert second_cost < embeds_bytes // 2, (first_cost, second_cost, embeds_bytes)
+
+
+def test_a_deleted_image_is_not_answered_from_its_cached_prefix(server, parts, image_bytes):
+    """The engine may still hold the prefix KV of a deleted image: the question starts on it while the
+    record is looked up, and is then refused (404) and dropped from the engine."""
+    _, engine = parts
+    data = image_bytes(120, 96, seed=11)
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        meta = client.post("/v1/images", content=data, headers={"Content-Type": "image/png"}).json()
+        req = {"image_id": meta["image_id"], "question": "Which colour?", "max_tokens": 64}
+        assert client.post("/v1/questions", json=req).status_code == 200
+        assert engine.prefix_grid(f"{meta['fingerprint']}:{meta['image_id']}") == tuple(meta["grid_thw"])
+        assert client.delete(f"/v1/images/{meta['image_id']}").status_code == 204
+        for stream in (False, True):
+            r = client.post("/v1/questions", json={**req, "stream": stream})
+            assert r.status_code == 404 and r.json()["error"]["code"] == "image_not_found", r.text
+    deadline = time.monotonic() + 30
+    while engine.stats()["active"] or engine.stats()["waiting"]:  # the started answers were dropped
+        assert time.monotonic() < deadline, engine.stats()
+        time.sleep(0.01)
