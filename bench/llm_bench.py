@@ -774,12 +774,12 @@ def http_overhead(engine: LLMEngine, ckpt: Path, image: Image, device: torch.dev
     import uvicorn
     from fastapi import Depends, FastAPI
 
+    from service.app import require_api_key
     from service.config import Settings
     from service.embedded_redis import EmbeddedRedis
     from service.errors import install_error_handlers
     from service.llm.routes import router
     from service.llm.worker import LLMWorker
-    from service.app import require_api_key
     from service.metrics import Metrics, RequestMetricsMiddleware
     from service.store import FeatureStore, ImageRecord
 

@@ -110,8 +110,9 @@ class Generation:
     Leaving the loop early (or ``cancel()``) frees the request's slot.
     """
 
-    def __init__(self, prompt_tokens: int) -> None:
+    def __init__(self, prompt_tokens: int, wake: Callable[[], None] | None = None) -> None:
         self.prompt_tokens = prompt_tokens
+        self._wake = wake  # the engine's: a blocking consumer on an event loop thread must not wait for the loop
         self._cond = threading.Condition()
         self._events: deque[Event | BaseException] = deque()
         self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
@@ -145,6 +146,8 @@ class Generation:
         return event
 
     def __iter__(self) -> Iterator[Event]:
+        if self._wake is not None:  # queued from this thread's event loop, which now blocks here
+            self._wake()
         try:
             while True:
                 with self._cond:
@@ -334,6 +337,7 @@ class LLMEngine:
         self._active: dict[int, _Request] = {}  # slot -> request
         self._pending: _Launched | None = None  # launched, tokens not read yet
         self._closed = False
+        self._wake_pending = False  # a _wake is scheduled on an event loop
         self._thread = threading.Thread(target=self._run, name="llm-engine", daemon=True)
         self._thread.start()
 
@@ -390,7 +394,7 @@ class LLMEngine:
                 generator.seed()
             else:
                 generator.manual_seed(seed)
-        stream = Generation(total)
+        stream = Generation(total, self._wake)
         # tensors reach the device on the scheduler thread, and only when a prefill needs them (a copy
         # here would wait for the decode step running on the device)
         request = _Request(prompt, image_embeds, grid, image_key, pos, delta, max_tokens, temperature, top_p,
@@ -401,8 +405,25 @@ class LLMEngine:
             if len(self._waiting) >= self.max_waiting:
                 raise unavailable("overloaded", "too many questions are waiting; retry later")
             self._waiting.append(request)
-            self._cond.notify()
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+            if loop is None:
+                self._cond.notify()
+            elif not self._wake_pending:
+                # From an event loop, wake the scheduler once the loop's current round of callbacks is
+                # done: the questions that one round submits (a burst of HTTP requests, clients whose
+                # answers came in the same step) are then admitted together, in one prefill, instead
+                # of the first alone while the rest queue behind it. The cost is one loop iteration.
+                self._wake_pending = True
+                loop.call_soon(self._wake)
         return stream
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._wake_pending = False
+            self._cond.notify()
 
     def _positions(self, prompt: Prompt, grid: tuple[int, int, int]) -> tuple[torch.Tensor, int]:
         """M-RoPE positions [3, max_seq_len] and rope delta of every prompt with this image layout.

@@ -95,9 +95,10 @@ class LLMWorker:
             # meanwhile read only the record's metadata (it must still exist: a deleted or evicted
             # image is not answered). The Redis round trip overlaps the prefill instead of preceding
             # it, and ~0.8 MB (2B) to 1.8 MB (7B) per question is neither moved nor checksummed.
+            shape_only = self.engine.shape_only_embeds(grid)
             try:
-                generation = self._generate(self.engine.shape_only_embeds(grid), grid, key, question, max_tokens,
-                                            temperature, top_p, seed, stream)
+                generation = self._generate(shape_only, grid, key, question, max_tokens, temperature, top_p, seed,
+                                            stream)
             except PrefixNotCached:  # evicted in between: fetch the embeddings after all
                 pass
             else:
@@ -106,9 +107,9 @@ class LLMWorker:
                 except BaseException:
                     generation.cancel()
                     raise
-                if tuple(record.grid_thw) == grid:
+                if tuple(record.grid_thw) == grid and record.embeds.shape == shape_only.shape:
                     return generation
-                generation.cancel()  # the record disagrees with the cached prefix: answer from the record
+                generation.cancel()  # the record disagrees with the cached prefix: it decides (or is refused)
         record = await self.features(image_id)
         return self._generate(record.embeds, record.grid_thw, f"{record.fingerprint}:{image_id}", question,
                               max_tokens, temperature, top_p, seed, stream)

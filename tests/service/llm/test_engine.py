@@ -299,3 +299,30 @@ def test_a_scheduler_failure_fails_every_request(tiny_checkpoint: Path) -> None:
         assert err.value.code == "engine_closed"
     finally:
         engine.close()
+
+
+def test_questions_from_one_loop_round_are_admitted_together(engines: dict[str, LLMEngine],
+                                                              tiny_checkpoint: Path) -> None:
+    """Questions queued by one round of an event loop's callbacks (a burst of requests) wait for the
+    round to end and go into one admission, whose prefill takes them all; a blocking consumer on
+    the loop's own thread still gets its answer (it wakes the scheduler itself)."""
+    engine = engines["tiny_checkpoint"]
+    feats = _features(tiny_checkpoint)
+
+    async def burst() -> list[Finish]:
+        await asyncio.sleep(0.05)  # the scheduler is idle and waiting
+        streams = [engine.generate(f.embeds, f.grid[0], f"round-{i}", QUESTIONS[i], 4, deltas=False)
+                   for i, f in enumerate(feats[:3])]
+        time.sleep(0.05)  # the scheduler could run now, but it has not been woken yet
+        return [await s.final() for s in streams]
+
+    t0 = time.perf_counter()
+    finals = asyncio.run(burst())
+    assert [(n, at >= t0) for at, n, _ in list(engine.admissions)[-1:]] == [(3, True)]
+    assert [list(f.token_ids) for f in finals] == [list(_ask(engine, f, f"round-{i}", QUESTIONS[i], 4).token_ids)
+                                                   for i, f in enumerate(feats[:3])]
+
+    async def blocking() -> Finish:
+        return engine.generate(feats[0].embeds, feats[0].grid[0], "round-0", QUESTIONS[0], 4).result()
+
+    assert list(asyncio.run(asyncio.wait_for(blocking(), 60)).token_ids) == list(finals[0].token_ids)
