@@ -44,6 +44,7 @@ logits and argmax inside the graph; on the CPU the plain batched prefill runs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -103,6 +104,40 @@ class Finish:
 Event = Delta | Finish
 
 
+_wakeups = threading.local()  # .batch: the scheduler step's wake-ups, per event loop (batched_wakeups)
+
+
+def _post(loop: asyncio.AbstractEventLoop, waiters: list[tuple[asyncio.Future[None], Generation]]) -> None:
+    def resolve() -> None:
+        for fut, _ in waiters:
+            if not fut.done():
+                fut.set_result(None)
+
+    try:
+        loop.call_soon_threadsafe(resolve)
+    except RuntimeError:  # the consumers' loop is closed: nobody is listening
+        for _, generation in waiters:
+            generation.cancelled = True
+
+
+@contextlib.contextmanager
+def batched_wakeups() -> Iterator[None]:
+    """Consumers woken inside it on event loops are woken at its end, once per loop: the consumers
+    of one scheduler step (say 32 answers that finished together) then resume in the same round of
+    their loop, and the questions they ask next are admitted together (see ``LLMEngine.generate``)."""
+    if getattr(_wakeups, "batch", None) is not None:  # nested: the outer one posts
+        yield
+        return
+    batch: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[None], Generation]]] = {}
+    _wakeups.batch = batch
+    try:
+        yield
+    finally:
+        _wakeups.batch = None
+        for loop, waiters in batch.items():
+            _post(loop, waiters)
+
+
 class Generation:
     """The events of one request, delivered by the scheduler thread to one consumer.
 
@@ -133,11 +168,12 @@ class Generation:
             if self._done and self._final_waiter is not None:
                 waiters.append(self._final_waiter)
                 self._final_waiter = None
+        batch = getattr(_wakeups, "batch", None)
         for loop, fut in waiters:
-            try:
-                loop.call_soon_threadsafe(lambda f=fut: f.done() or f.set_result(None))
-            except RuntimeError:  # the consumer's loop is closed: nobody is listening
-                self.cancelled = True
+            if batch is not None:
+                batch.setdefault(loop, []).append((fut, self))
+            else:
+                _post(loop, [(fut, self)])
 
     @staticmethod
     def _deliver(event: Event | BaseException) -> Event:
@@ -515,14 +551,15 @@ class LLMEngine:
                 self._guard(list(self._active.values()), self._decode)
 
     def _guard(self, requests: list[_Request], work: Callable[[], None]) -> None:
-        try:
-            work()
-        except Exception as exc:  # noqa: BLE001 - the consumers get the error; the engine carries on
-            log.exception("LLM engine step failed")
-            for request in requests:  # told first: releasing touches the device, which may fail again
-                request.stream._put(exc)
-            for request in requests:
-                self._release(request)
+        with batched_wakeups():
+            try:
+                work()
+            except Exception as exc:  # noqa: BLE001 - the consumers get the error; the engine carries on
+                log.exception("LLM engine step failed")
+                for request in requests:  # told first: releasing touches the device, which may fail again
+                    request.stream._put(exc)
+                for request in requests:
+                    self._release(request)
 
     def _release(self, request: _Request) -> None:
         with self._cond:

@@ -301,28 +301,43 @@ def test_a_scheduler_failure_fails_every_request(tiny_checkpoint: Path) -> None:
         engine.close()
 
 
-def test_questions_from_one_loop_round_are_admitted_together(engines: dict[str, LLMEngine],
-                                                              tiny_checkpoint: Path) -> None:
+def test_questions_from_one_loop_round_are_admitted_together(engines: dict[str, LLMEngine], tiny_checkpoint: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     """Questions queued by one round of an event loop's callbacks (a burst of requests) wait for the
-    round to end and go into one admission, whose prefill takes them all; a blocking consumer on
-    the loop's own thread still gets its answer (it wakes the scheduler itself)."""
+    round to end and go into one admission, whose prefill takes them all. Answers that finish in one
+    step wake their consumers in one round too, so the questions those ask next are admitted together
+    again. A blocking consumer on the loop's own thread still gets its answer (it wakes the scheduler)."""
     engine = engines["tiny_checkpoint"]
     feats = _features(tiny_checkpoint)
 
-    async def burst() -> list[Finish]:
+    async def burst() -> list[list[Finish]]:
         await asyncio.sleep(0.05)  # the scheduler is idle and waiting
         streams = [engine.generate(f.embeds, f.grid[0], f"round-{i}", QUESTIONS[i], 4, deltas=False)
                    for i, f in enumerate(feats[:3])]
         time.sleep(0.05)  # the scheduler could run now, but it has not been woken yet
-        return [await s.final() for s in streams]
 
+        async def client(i: int) -> list[Finish]:  # asks again as soon as it has its answer
+            first = await streams[i].final()
+            again = engine.generate(feats[i].embeds, feats[i].grid[0], f"round-{i}", QUESTIONS[i], 4, deltas=False)
+            return [first, await again.final()]
+
+        return list(await asyncio.gather(*(client(i) for i in range(3))))
+
+    decode = engine.prompts.decode
+
+    def slow_decode(ids: list[int]) -> str:  # the answers' texts are decoded one by one at the step's end
+        time.sleep(0.02)
+        return decode(ids)
+
+    monkeypatch.setattr(engine.prompts, "decode", slow_decode)
     t0 = time.perf_counter()
     finals = asyncio.run(burst())
-    assert [(n, at >= t0) for at, n, _ in list(engine.admissions)[-1:]] == [(3, True)]
-    assert [list(f.token_ids) for f in finals] == [list(_ask(engine, f, f"round-{i}", QUESTIONS[i], 4).token_ids)
-                                                   for i, f in enumerate(feats[:3])]
+    assert [f.finish_reason for f, _ in finals] == ["length"] * 3  # they finished in the same step
+    assert [n for at, n, _ in engine.admissions if at >= t0] == [3, 3]
+    alone = [list(_ask(engine, f, f"round-{i}", QUESTIONS[i], 4).token_ids) for i, f in enumerate(feats[:3])]
+    assert [[list(f.token_ids) for f in pair] for pair in finals] == [[a, a] for a in alone]
 
     async def blocking() -> Finish:
         return engine.generate(feats[0].embeds, feats[0].grid[0], "round-0", QUESTIONS[0], 4).result()
 
-    assert list(asyncio.run(asyncio.wait_for(blocking(), 60)).token_ids) == list(finals[0].token_ids)
+    assert list(asyncio.run(asyncio.wait_for(blocking(), 60)).token_ids) == alone[0]
