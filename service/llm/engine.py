@@ -676,7 +676,11 @@ class LLMEngine:
         """
         pending, self._pending = self._pending, None  # a failure drops it with every active request
         active = dict(self._active)
-        launched = self._launch(active) if active else None
+        # no step when every answer's last token is already on its way: a step that nobody reads would
+        # delay the next admission's prefill behind it on the device
+        more = any(len(r.tokens) + (pending is not None and pending.rows.get(s) is r) < r.max_tokens
+                   for s, r in active.items())
+        launched = self._launch(active) if more else None
         if pending is not None:
             self._process(pending)
         if launched is None:

@@ -272,6 +272,21 @@ def test_without_deltas_only_the_finish_comes(engines: dict[str, LLMEngine], tin
         assert events[0] == streamed  # same ids, same text (decoded once), same reason and counts
 
 
+def test_no_decode_step_past_the_last_token(engines: dict[str, LLMEngine], tiny_checkpoint: Path) -> None:
+    """Decoding runs one step ahead of the host, but not past an answer's last token: an answer of n
+    tokens (the first from its prefill) costs n - 1 decode steps, which the next admission would wait on."""
+    engine = engines["tiny_checkpoint"]
+    feats = _features(tiny_checkpoint)[2]
+    checked = 0
+    for n in (1, 2, 5):
+        steps = engine.counters["decode_steps"]
+        final = _ask(engine, feats, "steps", QUESTIONS[2], n)
+        if final.finish_reason == "length":  # (an EOS can't be foreseen: the step after it is spent)
+            assert engine.counters["decode_steps"] - steps == n - 1
+            checked += 1
+    assert checked
+
+
 def test_a_scheduler_failure_fails_every_request(tiny_checkpoint: Path) -> None:
     """An error that escapes a step's own requests (a sticky device error fails the clean-up too)
     stops the scheduler: whatever is queued or running fails, and nothing new is queued."""
