@@ -40,7 +40,7 @@ from service.preprocess import (
 log = logging.getLogger(__name__)
 
 
-# the largest batch of equal grids that is replayed from a CUDA graph (see VisionEncoder.graphable)
+# by default, the largest batch of equal grids that is replayed from a CUDA graph (VisionEncoder.graphable)
 GRAPH_MAX_IMAGES = 4
 
 
@@ -82,7 +82,8 @@ class VisionEncoder:
     """Qwen2-VL's vision tower on ``device`` in ``dtype``; Triton-patched on CUDA when asked."""
 
     def __init__(self, model: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 use_kernels: bool = True, limits: ImageLimits | None = None, graph_cache: int = 16) -> None:
+                 use_kernels: bool = True, limits: ImageLimits | None = None, graph_cache: int = 16,
+                 graph_max_images: int = GRAPH_MAX_IMAGES) -> None:
         from transformers import Qwen2VLConfig
         from transformers.models.qwen2_vl.modeling_qwen2_vl import (
             Qwen2VisionTransformerPretrainedModel,
@@ -115,13 +116,14 @@ class VisionEncoder:
         self.hidden_size: int = config.hidden_size
         self.patched: dict[str, str] | list[str] | None = None
         self.graphs: VisionGraphs | None = None
+        self.graph_max_images = graph_max_images
         if use_kernels and self.device.type == "cuda":
             import kernels
             from kernels.graphs import VisionGraphs
 
             self.patched = kernels.patch(self.tower)
             log.info("vision tower patched with splitvl kernels: %s", self.patched)
-            # One CUDA graph per batch of up to GRAPH_MAX_IMAGES equal grids: removes the launch gaps
+            # One CUDA graph per batch of up to graph_max_images equal grids: removes the launch gaps
             # that dominate small forwards.
             self.graphs = VisionGraphs(self.tower, max_graphs=graph_cache)
         # One forward at a time: the batcher already serialises, this guards direct callers.
@@ -189,13 +191,12 @@ class VisionEncoder:
         pixel_values, _ = patchify(patches.pixel_values.to(self.device, non_blocking=True), self.preprocess_config)
         return Patches(pixel_values, patches.grid_thw)
 
-    @staticmethod
-    def graphable(batch: list[Patches]) -> bool:
-        """Whether the forward replays a CUDA graph: up to ``GRAPH_MAX_IMAGES`` images of one grid.
+    def graphable(self, batch: list[Patches]) -> bool:
+        """Whether the forward replays a CUDA graph: up to ``graph_max_images`` images of one grid.
         Small batches are where launches cost most (a lone 448² image: ~230 launches for ~4 ms of
         work, and several worker processes share one host); one grid bounds the graphs to
-        ``GRAPH_MAX_IMAGES`` per image size, where mixed grids would need one per combination."""
-        return len(batch) <= GRAPH_MAX_IMAGES and all(p.grid_thw == batch[0].grid_thw for p in batch)
+        ``graph_max_images`` per image size, where mixed grids would need one per combination."""
+        return len(batch) <= self.graph_max_images and all(p.grid_thw == batch[0].grid_thw for p in batch)
 
     def postprocess(self, merged: torch.Tensor, batch: list[Patches]) -> list[torch.Tensor]:
         sizes = [p.num_patches // self.spatial_merge_size**2 for p in batch]
@@ -206,14 +207,15 @@ class VisionEncoder:
 
     def warmup(self, max_patches: int = 16384) -> None:
         """Pay lazy initialisation before serving: on CUDA, every patch-count bucket the kernels tune
-        for (powers of two) and the CUDA graphs of 1 to GRAPH_MAX_IMAGES images of the common grids; on
+        for (powers of two) and the CUDA graphs of 1 to graph_max_images images of the common grids; on
         CPU, one small forward."""
         cfg = self.preprocess_config
         dim = 3 * cfg.temporal_patch_size * cfg.patch_size**2
         side = cfg.merge_size  # the smallest grid: one merge window
         plan = [((1, side, side), 1)]
         if self.patched:
-            plan = [((1, 16, 16), n) for n in (1, 2)] + [((1, 32, 32), n) for n in (1, 2, 3, 4, 8, 16)]
+            counts = sorted({*range(1, self.graph_max_images + 1), 8, 16})
+            plan = [((1, 16, 16), n) for n in (1, 2)] + [((1, 32, 32), n) for n in counts]
         for grid, count in plan:
             patches = grid[0] * grid[1] * grid[2]
             if patches * count > max_patches and count > 1:

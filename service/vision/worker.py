@@ -62,6 +62,7 @@ class VisionWorker:
             dtype=settings.resolved_dtype(),
             use_kernels=settings.use_kernels,
             limits=self.limits,
+            graph_max_images=settings.graph_max_images,
         )
         self.fingerprint = self.encoder.fingerprint
         self.model_name = settings.model

@@ -139,15 +139,17 @@ def test_bad_visual_tensor_is_named(tiny_checkpoint, tmp_path, damage):
         VisionEncoder(copy, device="cpu")
 
 
-def test_graphable_batches_are_small_and_of_one_grid():
+def test_graphable_batches_are_small_and_of_one_grid(tiny_checkpoint):
     def batch(*grids: tuple[int, int, int]) -> list[Patches]:
         return [Patches(torch.zeros(t * h * w, 8), (t, h, w)) for t, h, w in grids]
 
     g, other = (1, 32, 32), (1, 16, 24)
-    assert VisionEncoder.graphable(batch(g))
-    assert VisionEncoder.graphable(batch(*[g] * GRAPH_MAX_IMAGES))
-    assert not VisionEncoder.graphable(batch(*[g] * (GRAPH_MAX_IMAGES + 1)))
-    assert not VisionEncoder.graphable(batch(g, other))
+    for limit in (GRAPH_MAX_IMAGES, 8, 0):
+        encoder = VisionEncoder(tiny_checkpoint, device="cpu", graph_max_images=limit)
+        assert encoder.graphable(batch(g)) == (limit > 0)
+        assert encoder.graphable(batch(*[g] * max(limit, 1))) == (limit > 0)
+        assert not encoder.graphable(batch(*[g] * (limit + 1)))
+        assert not encoder.graphable(batch(g, other))
 
 
 def test_decoded_pixels_are_patchified_in_the_forward(encoder, image_bytes):
