@@ -105,7 +105,7 @@ def tower_alone(path: Path, images: list[bytes], device: str = "cuda") -> dict:
     ref = VisionEncoder(path, device=device, dtype=torch.float32, use_kernels=False)
     out: dict = {}
     patches = [enc.ready(enc.preprocess(d)) for d in images[:32]]  # the tower alone: patches on the device
-    for n in (1, 2, 4, 16, 32):  # 1 to 4: CUDA graphs on the GPU
+    for n in (1, 2, 4, 16, 32):  # up to graph_max_images (8): CUDA graphs on the GPU
         batch = patches[:n]
         for _ in range(3):
             enc.forward(batch)

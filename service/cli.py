@@ -126,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--feature-ttl-s", dest="feature_ttl_s", type=int)
     serve.add_argument("--max-batch-patches", dest="max_batch_patches", type=int)
     serve.add_argument("--max-batch-wait-ms", dest="max_batch_wait_ms", type=float)
+    serve.add_argument("--graph-max-images", dest="graph_max_images", type=int,
+                       help="vision on cuda: CUDA graphs for forwards of up to this many same-size images (0: none)")
     serve.add_argument("--max-queue", dest="max_queue", type=int)
     serve.add_argument("--max-upload-bytes", dest="max_upload_bytes", type=int)
     serve.add_argument("--max-image-pixels", dest="max_image_pixels", type=int)

@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(50_000_000, gt=0, description="decoded width*height limit (decompression bombs)")
     max_batch_patches: int = Field(16384, gt=0, description="patches per vision forward")
     max_batch_wait_ms: float = Field(5.0, ge=0)
-    graph_max_images: int = Field(4, ge=0, le=32, description="vision on cuda: a forward of up to this many images "
+    graph_max_images: int = Field(8, ge=0, le=32, description="vision on cuda: a forward of up to this many images "
                                   "of one size replays a CUDA graph (one per size and count, recorded at start for "
                                   "448x448 and 224x224); 0: never")
     max_queue: int = Field(256, gt=0, description="jobs waiting per worker before 503")

@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 
 
 # by default, the largest batch of equal grids that is replayed from a CUDA graph (VisionEncoder.graphable)
-GRAPH_MAX_IMAGES = 4
+GRAPH_MAX_IMAGES = 8
 
 
 @dataclass(frozen=True)
