@@ -240,11 +240,19 @@ def sustained(engine: LLMEngine, items: list[tuple[Image, str, str]], max_tokens
     async def main(stop: float) -> list[tuple[int, int]]:
         return await asyncio.gather(*(client(*item, stop) for item in items))
 
+    steps = engine.counters["decode_steps"]
     t0 = time.perf_counter()
     results = asyncio.run(main(t0 + seconds))
     elapsed = time.perf_counter() - t0
     tokens = sum(r[0] for r in results)
-    return {"seconds": elapsed, "answers": sum(r[1] for r in results), "tokens": tokens, "tok_s": tokens / elapsed}
+    admitted = [(n, took) for at, n, took in list(engine.admissions) if at >= t0]
+    steps = engine.counters["decode_steps"] - steps
+    admitting = sum(took for _, took in admitted)
+    return {"seconds": elapsed, "answers": sum(r[1] for r in results), "tokens": tokens, "tok_s": tokens / elapsed,
+            # how the run was admitted: rounds, questions per round, share of the time spent admitting
+            "admissions": len(admitted), "per_admission": sum(n for n, _ in admitted) / max(len(admitted), 1),
+            "admitting_share": admitting / elapsed, "decode_steps": steps,
+            "ms_per_step_outside_admissions": (elapsed - admitting) / max(steps, 1) * 1e3}
 
 
 def admission_profile(engine: LLMEngine, images: list[Image], reps: int = 5) -> dict[str, Any]:
@@ -304,7 +312,7 @@ def admission_profile(engine: LLMEngine, images: list[Image], reps: int = 5) -> 
 
 
 def rounded(row: dict[str, Any]) -> dict[str, Any]:
-    return {k: round(v, 1) if isinstance(v, float) else v for k, v in row.items()}
+    return {k: round(v, 3 if abs(v) < 10 else 1) if isinstance(v, float) else v for k, v in row.items()}
 
 
 def pure_decode_ms(lm: Qwen2LM, fn: Any, *, batch: int, window: int, max_len: int, graphs: bool,
