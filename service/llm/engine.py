@@ -370,6 +370,7 @@ class LLMEngine:
         self.admissions: deque[tuple[float, int, float]] = deque(maxlen=256)
         self._cond = threading.Condition()
         self._waiting: deque[_Request] = deque()
+        self._staged: list[_Request] = []  # queued from an event loop, waiting for its round to end (_wake)
         self._active: dict[int, _Request] = {}  # slot -> request
         self._pending: _Launched | None = None  # launched, tokens not read yet
         self._closed = False
@@ -438,27 +439,33 @@ class LLMEngine:
         with self._cond:
             if self._closed:
                 raise unavailable("engine_closed", "the LLM engine is shutting down")
-            if len(self._waiting) >= self.max_waiting:
+            if len(self._waiting) + len(self._staged) >= self.max_waiting:
                 raise unavailable("overloaded", "too many questions are waiting; retry later")
-            self._waiting.append(request)
             try:
                 loop = asyncio.get_running_loop()
             except RuntimeError:
                 loop = None
             if loop is None:
+                self._waiting.append(request)
                 self._cond.notify()
-            elif not self._wake_pending:
-                # From an event loop, wake the scheduler once the loop's current round of callbacks is
-                # done: the questions that one round submits (a burst of HTTP requests, clients whose
-                # answers came in the same step) are then admitted together, in one prefill, instead
-                # of the first alone while the rest queue behind it. The cost is one loop iteration.
-                self._wake_pending = True
-                loop.call_soon(self._wake)
+            else:
+                # From an event loop, the question is staged and reaches the scheduler when the loop's
+                # current round of callbacks is done: the questions that one round submits (a burst of
+                # HTTP requests, clients whose answers came in the same step) are then admitted
+                # together, in one prefill, even if the scheduler looks in the middle of the round
+                # (it takes the GIL every few ms). The cost is one loop iteration.
+                self._staged.append(request)
+                if not self._wake_pending:
+                    self._wake_pending = True
+                    loop.call_soon(self._wake)
         return stream
 
     def _wake(self) -> None:
+        """Hand the staged questions to the scheduler."""
         with self._cond:
             self._wake_pending = False
+            self._waiting.extend(self._staged)
+            self._staged.clear()
             self._cond.notify()
 
     def _positions(self, prompt: Prompt, grid: tuple[int, int, int]) -> tuple[torch.Tensor, int]:
@@ -497,7 +504,7 @@ class LLMEngine:
 
     def stats(self) -> dict[str, int]:
         with self._cond:
-            return {**self.counters, "active": len(self._active), "waiting": len(self._waiting),
+            return {**self.counters, "active": len(self._active), "waiting": len(self._waiting) + len(self._staged),
                     "prefix_entries": len(self._prefixes), "cuda_graphs": self.runner.graphs,
                     "prefill_graphs": self.prefiller.graphs if self.prefiller is not None else 0}
 
@@ -520,9 +527,10 @@ class LLMEngine:
         finally:  # nothing queued or running may wait forever, and nothing new is queued
             with self._cond:
                 self._closed = True
-                for request in [*self._waiting, *self._active.values()]:
+                for request in [*self._waiting, *self._staged, *self._active.values()]:
                     request.stream._put(closing)
                 self._waiting.clear()
+                self._staged.clear()
                 self._active.clear()
 
     def _schedule(self) -> None:

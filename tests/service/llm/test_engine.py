@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from service.errors import ApiError
-from service.llm.engine import Delta, Finish, LLMEngine, PrefixNotCached, sample_token
+from service.llm.engine import Delta, Finish, Generation, LLMEngine, PrefixNotCached, sample_token
 
 from . import Features, copy_checkpoint, oracle, random_image
 
@@ -319,22 +319,27 @@ def test_a_scheduler_failure_fails_every_request(tiny_checkpoint: Path) -> None:
 def test_questions_from_one_loop_round_are_admitted_together(engines: dict[str, LLMEngine], tiny_checkpoint: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """Questions queued by one round of an event loop's callbacks (a burst of requests) wait for the
-    round to end and go into one admission, whose prefill takes them all. Answers that finish in one
+    round to end and go into one admission, whose prefill takes them all, even when the scheduler
+    looks in between. Answers that finish in one
     step wake their consumers in one round too, so the questions those ask next are admitted together
     again. A blocking consumer on the loop's own thread still gets its answer (it wakes the scheduler)."""
     engine = engines["tiny_checkpoint"]
     feats = _features(tiny_checkpoint)
 
+    def ask(i: int) -> Generation:
+        stream = engine.generate(feats[i].embeds, feats[i].grid[0], f"round-{i}", QUESTIONS[i], 4, deltas=False)
+        with engine._cond:  # the scheduler looks in the middle of the round (it may take the GIL any time)
+            engine._cond.notify()
+        time.sleep(0.02)
+        return stream
+
     async def burst() -> list[list[Finish]]:
         await asyncio.sleep(0.05)  # the scheduler is idle and waiting
-        streams = [engine.generate(f.embeds, f.grid[0], f"round-{i}", QUESTIONS[i], 4, deltas=False)
-                   for i, f in enumerate(feats[:3])]
-        time.sleep(0.05)  # the scheduler could run now, but it has not been woken yet
+        streams = [ask(i) for i in range(3)]
 
         async def client(i: int) -> list[Finish]:  # asks again as soon as it has its answer
             first = await streams[i].final()
-            again = engine.generate(feats[i].embeds, feats[i].grid[0], f"round-{i}", QUESTIONS[i], 4, deltas=False)
-            return [first, await again.final()]
+            return [first, await ask(i).final()]
 
         return list(await asyncio.gather(*(client(i) for i in range(3))))
 
