@@ -374,7 +374,6 @@ class LLMEngine:
         self._active: dict[int, _Request] = {}  # slot -> request
         self._pending: _Launched | None = None  # launched, tokens not read yet
         self._closed = False
-        self._wake_pending = False  # a _wake is scheduled on an event loop
         self._thread = threading.Thread(target=self._run, name="llm-engine", daemon=True)
         self._thread.start()
 
@@ -453,20 +452,20 @@ class LLMEngine:
                 # current round of callbacks is done: the questions that one round submits (a burst of
                 # HTTP requests, clients whose answers came in the same step) are then admitted
                 # together, in one prefill, even if the scheduler looks in the middle of the round
-                # (it takes the GIL every few ms). The cost is one loop iteration.
+                # (it takes the GIL every few ms). The cost is one loop iteration. One wake per
+                # question, not one per round: a loop that stops before its wake runs must not leave
+                # a flag that keeps later questions (from any loop) staged.
                 self._staged.append(request)
-                if not self._wake_pending:
-                    self._wake_pending = True
-                    loop.call_soon(self._wake)
+                loop.call_soon(self._wake)
         return stream
 
     def _wake(self) -> None:
         """Hand the staged questions to the scheduler."""
         with self._cond:
-            self._wake_pending = False
-            self._waiting.extend(self._staged)
-            self._staged.clear()
-            self._cond.notify()
+            if self._staged:
+                self._waiting.extend(self._staged)
+                self._staged.clear()
+                self._cond.notify()
 
     def _positions(self, prompt: Prompt, grid: tuple[int, int, int]) -> tuple[torch.Tensor, int]:
         """M-RoPE positions [3, max_seq_len] and rope delta of every prompt with this image layout.

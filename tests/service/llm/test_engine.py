@@ -272,6 +272,29 @@ def test_without_deltas_only_the_finish_comes(engines: dict[str, LLMEngine], tin
         assert events[0] == streamed  # same ids, same text (decoded once), same reason and counts
 
 
+def test_a_loop_that_dies_before_its_wake_strands_nothing(engines: dict[str, LLMEngine], tiny_checkpoint: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A question staged by a loop that stops before its wake runs is handed over by the next wake
+    from any loop, and questions from other loops are not held back."""
+    engine = engines["tiny_checkpoint"]
+    feats = _features(tiny_checkpoint)[0]
+
+    class DeadLoop:
+        def call_soon(self, callback: object) -> None:  # never runs it
+            pass
+
+    with monkeypatch.context() as m:
+        m.setattr(asyncio, "get_running_loop", lambda: DeadLoop())
+        stranded = engine.generate(feats.embeds, feats.grid[0], "dead", QUESTIONS[0], 2, deltas=False)
+    assert engine.stats()["waiting"] == 1
+
+    async def ask() -> Finish:
+        return await engine.generate(feats.embeds, feats.grid[0], "dead", QUESTIONS[0], 2, deltas=False).final()
+
+    answer = asyncio.run(asyncio.wait_for(ask(), 60))
+    assert stranded.result() == answer
+
+
 def test_no_decode_step_past_the_last_token(engines: dict[str, LLMEngine], tiny_checkpoint: Path) -> None:
     """Decoding runs one step ahead of the host, but not past an answer's last token: an answer of n
     tokens (the first from its prefill) costs n - 1 decode steps, which the next admission would wait on."""
