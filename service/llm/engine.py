@@ -125,9 +125,6 @@ def batched_wakeups() -> Iterator[None]:
     """Consumers woken inside it on event loops are woken at its end, once per loop: the consumers
     of one scheduler step (say 32 answers that finished together) then resume in the same round of
     their loop, and the questions they ask next are admitted together (see ``LLMEngine.generate``)."""
-    if getattr(_wakeups, "batch", None) is not None:  # nested: the outer one posts
-        yield
-        return
     batch: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[None], Generation]]] = {}
     _wakeups.batch = batch
     try:
