@@ -752,37 +752,44 @@ def bench_7b(tmp: Path, device: torch.device, dtype: torch.dtype, smoke: bool, g
 
 
 
-# A keep-alive HTTP client in its own process: the server's overhead, not the client's, and no
-# share of the server's GIL. argv: port, JSON body, timed requests, warm-up requests -> JSON ms list.
-HTTP_CLIENT = """
-import http.client, json, sys, time
+# The HTTP clients run in their own process: the server's overhead, not the client's, and no share of
+# the server's GIL. Each defines ``ask()`` (one request, checked for 200) over one keep-alive
+# connection; argv: port, JSON body, timed requests, warm-up requests -> a JSON list of ms.
+_CLIENT_ARGS = """
+import json, sys, time
 port, body, n, warm = int(sys.argv[1]), sys.argv[2].encode(), int(sys.argv[3]), int(sys.argv[4])
-conn = http.client.HTTPConnection("127.0.0.1", port)
+"""
+_CLIENT_LOOP = """
 out = []
 for i in range(warm + n):
     t = time.perf_counter()
-    conn.request("POST", "/v1/questions", body, {"Content-Type": "application/json"})
-    r = conn.getresponse()
-    r.read()
-    assert r.status == 200, r.status
+    ask()
     if i >= warm:
         out.append((time.perf_counter() - t) * 1e3)
 print(json.dumps(out))
 """
+HTTP_CLIENT = _CLIENT_ARGS + """
+import http.client
+conn = http.client.HTTPConnection("127.0.0.1", port)
+
+def ask():
+    conn.request("POST", "/v1/questions", body, {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    r.read()
+    assert r.status == 200, r.status
+""" + _CLIENT_LOOP
 
 # The same requests over a bare socket: the request bytes are built once and the response is read by
 # its Content-Length, so the client's own Python (http.client parses headers with the email package)
-# counts as little as possible. The same argv and output.
-RAW_HTTP_CLIENT = """
-import json, socket, sys, time
-port, body, n, warm = int(sys.argv[1]), sys.argv[2].encode(), int(sys.argv[3]), int(sys.argv[4])
+# counts as little as possible.
+RAW_HTTP_CLIENT = _CLIENT_ARGS + """
+import socket
 request = (b"POST /v1/questions HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\nContent-Type: application/json\\r\\n"
            b"Content-Length: %d\\r\\n\\r\\n" % len(body)) + body
 sock = socket.create_connection(("127.0.0.1", port))
 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-out = []
-for i in range(warm + n):
-    t = time.perf_counter()
+
+def ask():
     sock.sendall(request)
     data = b""
     while b"\\r\\n\\r\\n" not in data:
@@ -792,10 +799,7 @@ for i in range(warm + n):
     while len(rest) < length:
         rest += sock.recv(65536)
     assert head.startswith(b"HTTP/1.1 200"), head[:40]
-    if i >= warm:
-        out.append((time.perf_counter() - t) * 1e3)
-print(json.dumps(out))
-"""
+""" + _CLIENT_LOOP
 
 
 def http_overhead(engine: LLMEngine, ckpt: Path, image: Image, device: torch.device, reps: int = 30) -> None:
