@@ -86,18 +86,9 @@ class Server:
         return pids[0] if pids else None
 
     def wait_ready(self, timeout_s: float = 180.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log_path.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready after {timeout_s} s")
-            time.sleep(0.2)
+        from service.ports import wait_until_ready
+
+        wait_until_ready(self.url, self.proc, timeout_s, lambda: self.log_path.read_text()[-3000:])
 
     def stop(self) -> int:
         if self.proc.poll() is None:

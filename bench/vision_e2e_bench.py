@@ -287,23 +287,15 @@ def wait_until_serving(server: subprocess.Popen[bytes], url: str, log: Path, pro
                        timeout_s: float = 600) -> None:
     """/readyz answers, and all ``processes`` have logged their app's start (a process accepts
     connections only from then on: measuring earlier would measure fewer processes)."""
-    import httpx
+    from service.ports import wait_until_ready
 
-    deadline = time.monotonic() + timeout_s
-    while True:
-        if server.poll() is not None:
-            raise RuntimeError(log.read_text(errors="replace")[-3000:])
+    def all_started() -> bool:
         started = {json.loads(line).get("pid") for line in log.read_text(errors="replace").splitlines()
                    if line.startswith("{") and "Application startup complete" in line}
-        if len(started) >= processes:
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{len(started)} of {processes} processes ready after {timeout_s:g} s")
-        time.sleep(0.5)
+        return len(started) >= processes
+
+    wait_until_ready(url, server, timeout_s, lambda: log.read_text(errors="replace")[-3000:], also=all_started,
+                     poll_s=0.5)
 
 
 def serve_and_measure(path: Path, workers: int, measured: list[bytes], single: list[bytes], warm: list[bytes],

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from service.embedded_redis import redis_binary
-from service.ports import free_port
+from service.ports import free_port, wait_until_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 TEMPLATE = ROOT / "docker" / "gateway.conf.template"
@@ -138,17 +138,8 @@ def start(name: str, argv: list[str], tmp: Path, port: int = 0, env: dict[str, s
 
 def wait_ready(procs: list[Proc], timeout_s: float) -> None:
     deadline = time.monotonic() + timeout_s
-    pending = list(procs)
-    while pending:
-        for proc in list(pending):
-            assert proc.popen.poll() is None, f"{proc.name} exited\n{proc.tail()}"
-            try:
-                if httpx.get(proc.url + "/readyz", timeout=1).status_code == 200:
-                    pending.remove(proc)
-            except httpx.HTTPError:
-                pass
-        assert time.monotonic() < deadline, "not ready in time:\n" + "\n".join(p.tail() for p in pending)
-        time.sleep(0.2)
+    for proc in procs:  # they start in parallel: the first waits longest, the rest are ready by then
+        wait_until_ready(proc.url, proc.popen, max(deadline - time.monotonic(), 0.0), proc.tail)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ import signal
 import struct
 import subprocess
 import sys
-import time
 import zlib
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from service.ports import free_port
+from service.ports import free_port, wait_until_ready
 
 # -- images --------------------------------------------------------------------------------------
 
@@ -166,18 +165,7 @@ class ServeProcess:
         return self.proc.pid
 
     def wait_ready(self, timeout_s: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"server not ready in {timeout_s} s:\n{self.log()}")
-            time.sleep(0.1)
+        wait_until_ready(self.url, self.proc, timeout_s, self.log, poll_s=0.1)
 
     def log(self) -> str:
         self._log.flush()

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.ports import free_port
+from service.ports import free_port, wait_until_ready
 
 
 def children_named(pid: int, name: str) -> list[int]:
@@ -44,16 +43,7 @@ def test_make_tiny_then_serve_all(tmp_path):
                             stdout=log, stderr=subprocess.STDOUT)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                if httpx.get(f"{base}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "server did not become ready"
-            time.sleep(0.2)
+        wait_until_ready(base, proc, 120, (tmp_path / "serve.log").read_text)
         redis_children = children_named(proc.pid, "redis-server")
         assert len(redis_children) == 1
 
