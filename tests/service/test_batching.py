@@ -146,7 +146,10 @@ async def test_in_flight_batches_are_bounded():
     q = make_queue(launch, finish=finish, max_cost=1, max_wait_s=0, max_in_flight=2)
     q.start()
     tasks = [asyncio.create_task(q.submit(i)) for i in range(4)]
-    await asyncio.sleep(0.2)
+    deadline = time.monotonic() + 5
+    while len(launched) < 2 and time.monotonic() < deadline:  # (a slow runner takes a while to launch two)
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.1)  # time in which a third launch would show up
     assert len(launched) == 2  # the third waits for a slot
     gate.set()
     assert await asyncio.gather(*tasks) == [0, 1, 2, 3]
@@ -170,15 +173,17 @@ async def test_a_failing_finish_fails_its_jobs_and_the_loop_goes_on():
 
 async def test_stop_fails_batches_in_flight():
     gate = threading.Event()
+    finishing = threading.Event()
 
     def finish(items):
+        finishing.set()
         gate.wait(5)
         return items
 
     q = make_queue(lambda items: items, finish=finish, max_cost=1, max_wait_s=0)
     q.start()
     job = asyncio.create_task(q.submit(7))
-    await asyncio.sleep(0.1)  # launched, finishing
+    assert await asyncio.to_thread(finishing.wait, 5)  # launched and finishing: in flight, not queued
     await q.stop()
     with pytest.raises(ApiError) as err:
         await job

@@ -18,6 +18,11 @@ import torch
 from PIL import Image
 
 
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ in float64."""
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
 def random_image(seed: int, width: int, height: int) -> Image.Image:
     pixels = np.random.RandomState(seed).randint(0, 256, (height, width, 3), dtype=np.uint8)
     return Image.fromarray(pixels)

@@ -27,15 +27,11 @@ from service.llm.model import (  # noqa: E402
 )
 from service.llm.prompt import PromptBuilder, positions  # noqa: E402
 
-from . import oracle, random_image  # noqa: E402
+from . import oracle, random_image, rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # the interpreter's bf16 is not faithful (truncating casts, wrong dots): fp16 there, both on a GPU
 DTYPES = [torch.float16, torch.bfloat16] if DEVICE == "cuda" else [torch.float16]
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -100,7 +96,7 @@ def test_decode_attention_matches_masked_sdpa(heads: int, kv_heads: int, dtype: 
     mask = (torch.arange(length, device=DEVICE)[None] <= at[:, None])[:, None, None]
     ref = F.scaled_dot_product_attention(q[:, :, None].float(), k_cache[:b].float(), v_cache[:b].float(),
                                          attn_mask=mask, enable_gqa=True)[:, :, 0]
-    assert _rel(out, ref) < 2e-3
+    assert rel_err(out, ref) < 2e-3
 
 
 def _inputs(path: Path, dtype: torch.dtype):
@@ -128,8 +124,8 @@ def test_fused_steps_match_the_plain_steps(tiny_checkpoint: Path, attention: str
         fn(model, kv, x[:, :p], pos[:, None, :p], slots, 0)
         outs.append(fn(model, kv, x[:, p:], pos[:, None, p:], slots, [p]))
     tol = 5e-3 if dtype == torch.float16 else 3e-2  # bf16 keeps 8 bits: 8x fp16's rounding
-    assert _rel(outs[1], outs[0]) < tol
-    assert _rel(caches[1][:, :, 1, :, :t], caches[0][:, :, 1, :, :t]) < tol
+    assert rel_err(outs[1], outs[0]) < tol
+    assert rel_err(caches[1][:, :, 1, :, :t], caches[0][:, :, 1, :, :t]) < tol
     # three decode steps over slots 0..2 (slot 1 holds the prompt; the others hold other prefixes)
     tokens = torch.tensor([5, 6, 7], device=DEVICE)
     at = torch.tensor([3, t, 9], device=DEVICE)
@@ -138,7 +134,7 @@ def test_fused_steps_match_the_plain_steps(tiny_checkpoint: Path, attention: str
         plain = decode_step(model, caches[0], tokens, step_pos, at)
         window = caches[1] if attention == "triton" else caches[1][..., :64, :]
         fused = decode_step_fused(model, window, tokens, step_pos, at, attention=attention)
-        assert _rel(fused, plain) < tol
+        assert rel_err(fused, plain) < tol
         if dtype == torch.float16:  # bf16's rounding may flip a near tie of this tiny model
             assert torch.equal(fused.argmax(-1), plain.argmax(-1))
         tokens, at = plain.argmax(-1), at + 1

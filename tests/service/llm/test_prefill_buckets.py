@@ -25,7 +25,7 @@ from service.llm.model import (  # noqa: E402
 )
 from service.llm.prompt import PromptBuilder, positions  # noqa: E402
 
-from . import oracle, random_image  # noqa: E402
+from . import oracle, random_image, rel_err  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SENTINEL = 7.0
@@ -144,10 +144,6 @@ def test_padded_prefill_gives_the_unpadded_logits_fp32(tiny_checkpoint: Path) ->
         assert runner.graphs == 0 and runner.counters["eager_runs"] == 6
 
 
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
 @torch.inference_mode()
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16] if DEVICE == "cuda" else [torch.float16])
 def test_padded_fused_prefill_matches_the_fused_prefill(tiny_checkpoint: Path, dtype: torch.dtype) -> None:
@@ -170,15 +166,15 @@ def test_padded_fused_prefill_matches_the_fused_prefill(tiny_checkpoint: Path, d
         logits, tokens = runner.run(prefill_fused_at, [r.row(s, r.prompt.prefix_len, r.total)
                                                        for r, s in zip(requests, slots, strict=True)])
         assert logits is not None and tokens is not None
-        assert _rel(logits, ref_rest) < tol
+        assert rel_err(logits, ref_rest) < tol
         assert torch.equal(tokens, logits.argmax(-1))
         if dtype == torch.float16:  # bf16's rounding may flip a near tie of this tiny model
             assert torch.equal(tokens, ref_rest.argmax(-1))
         for r, s in zip(requests, slots, strict=True):
-            assert _rel(kv[:, :, s, :, : r.total], ref_kv[:, :, s, :, : r.total]) < tol
+            assert rel_err(kv[:, :, s, :, : r.total], ref_kv[:, :, s, :, : r.total]) < tol
         assert bool((kv[:, :, 3] == SENTINEL).all())
         logits, _ = runner.run(prefill_fused_at, [requests[1].row(slots[1], 0, requests[1].total)])
-        assert logits is not None and _rel(logits, ref_whole[1:]) < tol
+        assert logits is not None and rel_err(logits, ref_whole[1:]) < tol
     if DEVICE == "cuda":
         assert runner.graphs == 3 and runner.counters["eager_runs"] == 0
 

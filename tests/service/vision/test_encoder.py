@@ -144,7 +144,7 @@ def test_graphable_batches_are_small_and_of_one_grid(tiny_checkpoint):
         return [Patches(torch.zeros(t * h * w, 8), (t, h, w)) for t, h, w in grids]
 
     g, other = (1, 32, 32), (1, 16, 24)
-    for limit in (GRAPH_MAX_IMAGES, 8, 0):
+    for limit in (GRAPH_MAX_IMAGES, 3, 0):
         encoder = VisionEncoder(tiny_checkpoint, device="cpu", graph_max_images=limit)
         assert encoder.graphable(batch(g)) == (limit > 0)
         assert encoder.graphable(batch(*[g] * max(limit, 1))) == (limit > 0)
