@@ -123,36 +123,48 @@ class BatchQueue(Generic[T, R]):
         self._carry = None
         batch, spent = [first], first.cost
         deadline = first.enqueued + self.max_wait_s
-        while spent < self.max_cost:
-            try:
-                job = self._queue.get_nowait()
-            except asyncio.QueueEmpty:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
+        try:
+            while spent < self.max_cost:
                 try:
-                    job = await asyncio.wait_for(self._queue.get(), timeout=remaining)
-                except TimeoutError:
+                    job = self._queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    try:
+                        job = await asyncio.wait_for(self._queue.get(), timeout=remaining)
+                    except TimeoutError:
+                        break
+                if spent + job.cost > self.max_cost:
+                    self._carry = job
                     break
-            if spent + job.cost > self.max_cost:
-                self._carry = job
-                break
-            batch.append(job)
-            spent += job.cost
+                batch.append(job)
+                spent += job.cost
+        except BaseException as exc:  # stopped while gathering: these jobs are in no queue stop() drains
+            self._fail(batch, exc)
+            raise
         return batch
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = [job for job in await self._next_batch() if not job.future.done()]
+            # A slot first, then the batch: jobs that arrive while every slot is busy join it, and until
+            # it is formed they stay queued, where stop() fails them. Released when the batch's results
+            # are in (or it failed).
+            await self._slots.acquire()
+            try:
+                batch = [job for job in await self._next_batch() if not job.future.done()]
+            except BaseException:
+                self._slots.release()
+                raise
             if not batch:
+                self._slots.release()
                 continue
             if self._on_batch:
                 try:
                     self._on_batch(len(batch), sum(j.cost for j in batch))
                 except Exception:  # noqa: BLE001 - an observer must not stop the loop (every job would hang)
                     log.exception("%s on_batch hook failed", self.name)
-            await self._slots.acquire()  # released when the batch's results are in (or it failed)
             try:
                 out = await loop.run_in_executor(self._executor, self._run_batch, [j.item for j in batch])
             except BaseException as exc:

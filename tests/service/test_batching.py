@@ -189,3 +189,31 @@ async def test_stop_fails_batches_in_flight():
         await job
     assert err.value.status == 503 and err.value.code == "shutting_down"
     gate.set()
+
+
+async def test_stop_fails_a_job_waiting_for_a_free_slot_at_once():
+    """With every slot busy, the next job waits in the queue (not in a half-formed batch), so stop()
+    fails it with shutting_down at once rather than leaving it to its timeout."""
+    gate = threading.Event()
+    finishing = threading.Event()
+
+    def finish(items):
+        finishing.set()
+        gate.wait(5)
+        return items
+
+    q = make_queue(lambda items: items, finish=finish, max_cost=1, max_wait_s=0, max_in_flight=1, timeout_s=30)
+    q.start()
+    first = asyncio.create_task(q.submit(1))
+    assert await asyncio.to_thread(finishing.wait, 5)
+    second = asyncio.create_task(q.submit(2))
+    await asyncio.sleep(0.05)  # the loop would take it now if it did not wait for a slot first
+    assert q.depth == 1
+    started = time.monotonic()
+    await q.stop()
+    for job in (first, second):
+        with pytest.raises(ApiError) as err:
+            await asyncio.wait_for(job, 5)
+        assert err.value.code == "shutting_down"
+    assert time.monotonic() - started < 5
+    gate.set()
