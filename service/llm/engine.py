@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -148,7 +149,6 @@ class Generation:
         self._cond = threading.Condition()
         self._events: deque[Event | BaseException] = deque()
         self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
-        self._final_waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
         self._done = False  # Finish or an error was delivered
         self.cancelled = False
 
@@ -162,9 +162,6 @@ class Generation:
             self._cond.notify_all()
             waiters = [self._waiter] if self._waiter is not None else []
             self._waiter = None
-            if self._done and self._final_waiter is not None:
-                waiters.append(self._final_waiter)
-                self._final_waiter = None
         batch = getattr(_wakeups, "batch", None)
         for loop, fut in waiters:
             if batch is not None:
@@ -214,23 +211,12 @@ class Generation:
             self.cancel()
 
     async def final(self) -> Finish:
-        """The Finish event, awaited without waking the event loop for every token (the deltas are
-        skipped; their text is in ``Finish.text``). An engine failure is raised here."""
-        loop = asyncio.get_running_loop()
-        try:
-            with self._cond:
-                fut = None if self._done else loop.create_future()
-                self._final_waiter = None if fut is None else (loop, fut)
-            if fut is not None:
-                await fut
-            with self._cond:
-                events, self._events = self._events, deque()
-            for event in events:
-                if not isinstance(self._deliver(event), Delta):
-                    return event  # type: ignore[return-value]
-            raise RuntimeError("generation ended without a Finish event")
-        finally:
-            self.cancel()  # a no-op once finished
+        """The Finish event (the deltas' text is in ``Finish.text``); an engine failure is raised here.
+        A generation made with ``deltas=False`` has no deltas, so its loop is woken once."""
+        async for event in self:
+            if isinstance(event, Finish):
+                return event
+        raise RuntimeError("generation ended without a Finish event")
 
     def result(self) -> Finish:
         """Block until the answer is complete."""
@@ -243,6 +229,18 @@ class Generation:
 class PrefixNotCached(LookupError):
     """``generate`` got shape-only (meta) embeddings for an image whose prefix KV the engine no
     longer holds: call it again with the embeddings."""
+
+
+@functools.lru_cache(maxsize=64)
+def position_table(prefix_len: int, grid: tuple[int, int, int], merge: int, max_len: int,
+                   image_start: int) -> tuple[torch.Tensor, int]:
+    """M-RoPE positions [3, max_len] and rope delta of every prompt with this image layout (read only).
+
+    The text after the image counts up from one fixed offset, so a prompt of any length takes a
+    slice, and the delta is the same for all of them (they all end after the image). Cached: it
+    was about half of ``generate``'s time, which runs on the thread that serves HTTP.
+    """
+    return positions(prefix_len, grid, merge, max_len, image_start=image_start)
 
 
 # -- sampling -------------------------------------------------------------------------------------
@@ -359,8 +357,6 @@ class LLMEngine:
         # prefill graphs are recorded on first use of each bucket
         self.prefiller = PrefillRunner(self.model, self.kv, use_graphs=self.runner.use_graphs) if prefill_graphs else None
         self._prefixes: OrderedDict[str, _Prefix] = OrderedDict()
-        self._position_tables: OrderedDict[tuple[int, int, tuple[int, int, int]], tuple[torch.Tensor, int]] = \
-            OrderedDict()
         self.counters = {"prefix_hits": 0, "prefix_misses": 0, "prefill_tokens": 0, "decode_steps": 0,
                          "generated_tokens": 0, "admissions": 0}
         # the latest admissions (perf_counter at start, requests, seconds): how bursts were admitted
@@ -418,7 +414,7 @@ class LLMEngine:
         if total + max_tokens > self.max_seq_len:
             raise ApiError(422, "context_length_exceeded", f"the prompt has {total} tokens; with max_tokens "
                            f"{max_tokens} it exceeds the context length of {self.max_seq_len}")
-        pos, delta = self._positions(prompt, grid)
+        pos, delta = position_table(prompt.prefix_len, grid, merge, self.max_seq_len, prompt.image_start)
         pos = pos[:, :total]  # [3, total]
         generator = None
         if temperature > 0:
@@ -463,27 +459,6 @@ class LLMEngine:
                 self._waiting.extend(self._staged)
                 self._staged.clear()
                 self._cond.notify()
-
-    def _positions(self, prompt: Prompt, grid: tuple[int, int, int]) -> tuple[torch.Tensor, int]:
-        """M-RoPE positions [3, max_seq_len] and rope delta of every prompt with this image layout.
-
-        The text after the image counts up from one fixed offset, so a prompt of any length takes a
-        slice, and the delta is the same for all of them (they all end after the image). Cached: it
-        was about half of ``generate``'s time, which runs on the thread that serves HTTP.
-        """
-        key = (prompt.prefix_len, prompt.image_start, grid)
-        with self._cond:
-            table = self._position_tables.get(key)
-            if table is not None:
-                self._position_tables.move_to_end(key)
-                return table
-        table = positions(prompt.prefix_len, grid, self.spatial_merge_size, self.max_seq_len,
-                          image_start=prompt.image_start)
-        with self._cond:
-            self._position_tables[key] = table
-            while len(self._position_tables) > 64:
-                self._position_tables.popitem(last=False)
-        return table
 
     def prefix_grid(self, image_key: str) -> tuple[int, int, int] | None:
         """The grid of the image whose prefix KV is cached now under ``image_key``, or None. With it

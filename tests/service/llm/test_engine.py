@@ -227,7 +227,7 @@ def test_leaving_a_stream_frees_its_slot(engines: dict[str, LLMEngine], tiny_che
     assert _ask(engine, feats, "c", "Go on.", max_tokens=2).completion_tokens == 2
 
 
-def test_final_awaits_only_the_finish(engines: dict[str, LLMEngine], tiny_checkpoint: Path) -> None:
+def test_final_gives_the_whole_answer(engines: dict[str, LLMEngine], tiny_checkpoint: Path) -> None:
     engine = engines["tiny_checkpoint"]
     feats = _features(tiny_checkpoint)[1]
 
