@@ -44,8 +44,8 @@ class Settings(BaseSettings):
     max_batch_patches: int = Field(16384, gt=0, description="patches per vision forward")
     max_batch_wait_ms: float = Field(5.0, ge=0)
     graph_max_images: int = Field(8, ge=0, le=32, description="vision on cuda: a forward of up to this many images "
-                                  "of one size replays a CUDA graph (one per size and count, recorded at start for "
-                                  "448x448 and 224x224); 0: never")
+                                  "of one size replays a CUDA graph (one per size and count; those of 448x448 and 1-2 "
+                                  "images of 224x224 are recorded at start); 0: never")
     max_queue: int = Field(256, gt=0, description="jobs waiting per worker before 503")
     request_timeout_s: float = Field(60.0, gt=0)
     preprocess_threads: int = Field(4, gt=0)

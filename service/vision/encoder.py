@@ -82,7 +82,7 @@ class VisionEncoder:
     """Qwen2-VL's vision tower on ``device`` in ``dtype``; Triton-patched on CUDA when asked."""
 
     def __init__(self, model: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
-                 use_kernels: bool = True, limits: ImageLimits | None = None, graph_cache: int = 16,
+                 use_kernels: bool = True, limits: ImageLimits | None = None,
                  graph_max_images: int = GRAPH_MAX_IMAGES) -> None:
         from transformers import Qwen2VLConfig
         from transformers.models.qwen2_vl.modeling_qwen2_vl import (
@@ -125,7 +125,9 @@ class VisionEncoder:
             log.info("vision tower patched with splitvl kernels: %s", self.patched)
             # One CUDA graph per batch of up to graph_max_images equal grids: removes the launch gaps
             # that dominate small forwards.
-            self.graphs = VisionGraphs(self.tower, max_graphs=graph_cache)
+            # room for the graphs warmup records (1 to graph_max_images of 448², 1 and 2 of 224²) and
+            # 16 more for other sizes, so serving never evicts the warmed ones
+            self.graphs = VisionGraphs(self.tower, max_graphs=graph_max_images + 2 + 16)
         # One forward at a time: the batcher already serialises, this guards direct callers.
         self._lock = threading.Lock()
 
@@ -145,7 +147,10 @@ class VisionEncoder:
         # forward, on its stream: done here on a side stream, each image waited behind the forwards
         # of every worker process sharing the GPU (a 15 ms p50 under load for ~1 ms of work).
         height, width = target_size(image.height, image.width, cfg)
-        return Patches(pixel_values=image_to_tensor(image), grid_thw=(1, height // cfg.patch_size, width // cfg.patch_size))
+        # pinned: the forward's copy to the device is then asynchronous; from pageable memory it would
+        # wait for everything queued on the stream first (the batch in flight), undoing launch/finish
+        pixels = image_to_tensor(image).pin_memory()
+        return Patches(pixel_values=pixels, grid_thw=(1, height // cfg.patch_size, width // cfg.patch_size))
 
     def forward(self, batch: list[Patches]) -> list[torch.Tensor]:
         """Several images packed into one forward (block-diagonal attention by cu_seqlens) -> each
