@@ -98,7 +98,8 @@ class Settings(BaseSettings):
         plain strings, so only non-strings are JSON-encoded (JSON's ``true``/``5.0`` also parse as
         bool/float). ``None`` means "leave the variable unset": an unset optional field is not a string.
         """
-        return {f"SPLITVL_{name.upper()}": value if isinstance(value, str) or value is None else json.dumps(value)
+        prefix = self.model_config.get("env_prefix", "")
+        return {f"{prefix}{name.upper()}": value if isinstance(value, str) or value is None else json.dumps(value)
                 for name, value in self.model_dump(mode="json").items()}
 
     def resolved_device(self) -> str:

@@ -380,7 +380,7 @@ class PrefillRunner(_CacheRunner):
         """Prefill ``rows`` (one per slot) without waiting for the device; see the class doc."""
         shape = self.shape(rows, logits=logits)
         key = (id(fn), shape)
-        graphed = (self.use_graphs and shape.rows * shape.tokens <= self.max_graph_tokens
+        graphed = (self.bucketed and self.use_graphs and shape.rows * shape.tokens <= self.max_graph_tokens
                    and shape.rows <= self._max_rows and (key in self._graphs or len(self._graphs) < self.max_graphs))
         host = self._host_meta(rows, shape)
         if graphed:
