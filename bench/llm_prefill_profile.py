@@ -22,13 +22,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import llm_bench  # noqa: E402  (bench/ is on sys.path when this script runs)
+
 from service.llm.cuda_graphs import PrefillRow, PrefillRunner  # noqa: E402
 from service.llm.model import TextConfig, allocate_kv_cache, prefill_fused_at, random_model  # noqa: E402
 
-TEXT_2B = {"vocab_size": 151936, "hidden_size": 1536, "intermediate_size": 8960, "num_hidden_layers": 28,
-           "num_attention_heads": 12, "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "rope_theta": 1e6,
-           "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "max_position_embeddings": 32768,
-           "tie_word_embeddings": True}
+# the benchmark's 2B shapes, with the rope and norm settings its checkpoint writes
+TEXT_2B = {**llm_bench.TEXT_2B, "rms_norm_eps": 1e-6, "rope_theta": 1e6, "max_position_embeddings": 32768,
+           "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}}
 
 
 def main() -> None:
