@@ -8,9 +8,12 @@ Each one replaces a chain of small PyTorch ops that would otherwise cost a kerne
   cos/sin already selected per frequency), writes k and v straight into the static cache, and
   returns q;
 - ``silu_mul(gate_up)``: SiLU(gate) * up;
-- ``decode_attention(q, k_cache, v_cache, cache_pos)``: one query token per batch row over the
-  row's cache ``[0, cache_pos]`` (the bound is read on the device, so one CUDA graph serves every
-  length), grouped-query heads sharing one pass over their KV head, online softmax in fp32.
+- ``decode_attention(qkv, cos, sin, k_cache, v_cache, cache_pos)``: a decode step's attention
+  from the qkv projection: q and k rotated, k and v written into the cache, then one query token
+  per batch row over the row's cache ``[0, cache_pos]`` (the bound is read on the device, so one
+  CUDA graph serves every length), split along the cache into parts attended in parallel
+  (flash-decoding; at batch 1 there would be only one program per KV head), grouped-query heads
+  sharing one pass over their KV head, online softmax in fp32, then the parts combined.
 
 The elementwise kernels round to the activation dtype wherever PyTorch's eager ops do (HF's
 numerics: RMSNorm in fp32 cast back before the weight, rope products rounded one by one), so the
@@ -160,59 +163,132 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return out.view(*gate_up.shape[:-1], inter)
 
 
-# -- decode attention -----------------------------------------------------------------------------
+# -- decode attention (with the rotary embedding and the cache write) ----------------------------
 
 
 @triton.jit
-def _decode_attn_kernel(q_ptr, k_ptr, v_ptr, pos_ptr, out_ptr,
-                        q_stride_b, q_stride_h, c_stride_s, c_stride_h, c_stride_l,
-                        o_stride_b, o_stride_h, n_max, scale,
-                        G: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+def _rotate_row(x_ptr, d, c, s, HALF: tl.constexpr):
+    """Rows of ``x`` (pointers ``x_ptr``, column d) rotated: x * cos + rotate_half(x) * sin, each
+    product rounded as the eager ops round it."""
+    dtype = x_ptr.dtype.element_ty
+    x = tl.load(x_ptr).to(tl.float32)
+    partner = tl.load(x_ptr + tl.where(d < HALF, HALF, -HALF)).to(tl.float32)
+    turned = tl.where(d < HALF, -partner, partner)
+    return ((x * c).to(dtype).to(tl.float32) + (turned * s).to(dtype).to(tl.float32)).to(dtype)
+
+
+@triton.jit
+def _decode_attn_split_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, at_ptr, part_ptr,
+                              qkv_stride, cs_stride, c_stride_s, c_stride_h, c_stride_l, n_max, scale,
+                              H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
+                              SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
+    split = tl.program_id(2)
     g = tl.arange(0, BLOCK_G)
     d = tl.arange(0, D)
     n = tl.arange(0, BLOCK_N)
-    gm = g < G
-    heads = kvh * G + g
-    q = tl.load(q_ptr + b * q_stride_b + heads[:, None] * q_stride_h + d[None, :], mask=gm[:, None], other=0.0)
-    end = tl.minimum(tl.load(pos_ptr + b) + 1, n_max)
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    heads = kvh * G + tl.where(g < G, g, 0)  # padded rows read head kvh * G and are never stored
+    c = tl.load(cos_ptr + b * cs_stride + d).to(tl.float32)
+    s = tl.load(sin_ptr + b * cs_stride + d).to(tl.float32)
+    row = qkv_ptr + b * qkv_stride
+    q = _rotate_row(row + heads[:, None] * D + d[None, :], d[None, :], c[None, :], s[None, :], D // 2)  # [G, D]
+    at = tl.minimum(tl.load(at_ptr + b), n_max - 1)
     k_base = k_ptr + b * c_stride_s + kvh * c_stride_h
     v_base = v_ptr + b * c_stride_s + kvh * c_stride_h
-    for start in range(0, end, BLOCK_N):
+    # split 0 owns the new token: it writes the rotated key and the value to the cache position and
+    # takes the token's score from registers, so every split reads only older positions [0, at)
+    if split == 0:
+        k_new = _rotate_row(row + (H + kvh) * D + d, d, c, s, D // 2)  # [D]
+        v_new = tl.load(row + (H + HKV + kvh) * D + d)
+        tl.store(k_base + at * c_stride_l + d, k_new)
+        tl.store(v_base + at * c_stride_l + d, v_new)
+        m_i = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale  # [G]
+        l_i = tl.full([BLOCK_G], 1.0, tl.float32)
+        acc = tl.zeros([BLOCK_G, D], tl.float32) + v_new.to(tl.float32)[None, :]
+    else:
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, D], tl.float32)
+    chunk = tl.cdiv(at, SPLITS)
+    lo = split * chunk
+    hi = tl.minimum(lo + chunk, at)
+    for start in range(lo, hi, BLOCK_N):
         cols = start + n
-        cm = cols < end
+        cm = cols < hi
         k = tl.load(k_base + cols[:, None] * c_stride_l + d[None, :], mask=cm[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k)) * scale
-        s = tl.where(cm[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        sc = tl.dot(q, tl.trans(k)) * scale
+        sc = tl.where(cm[None, :], sc, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(sc, 1))
         alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
+        p = tl.exp(sc - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + cols[:, None] * c_stride_l + d[None, :], mask=cm[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    out = acc / l_i[:, None]
-    tl.store(out_ptr + b * o_stride_b + heads[:, None] * o_stride_h + d[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=gm[:, None])
+    if SPLITS == 1:  # nothing to combine: part_ptr is the output [B, H * D]
+        tl.store(part_ptr + b * H * D + heads[:, None] * D + d[None, :], (acc / l_i[:, None]).to(qkv_ptr.dtype.element_ty),
+                 mask=(g < G)[:, None])
+        return
+    # partials [B, HKV, SPLITS, BLOCK_G, D + 2] fp32: acc, then the running max and sum
+    out = part_ptr + ((b * HKV + kvh) * SPLITS + split) * BLOCK_G * (D + 2) + g[:, None] * (D + 2)
+    tl.store(out + d[None, :], acc)
+    tl.store(out + D, m_i[:, None])
+    tl.store(out + D + 1, l_i[:, None])
 
 
-def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_pos: torch.Tensor
+@triton.jit
+def _decode_attn_combine_kernel(part_ptr, out_ptr, o_stride_b, HKV: tl.constexpr, G: tl.constexpr,
+                                BLOCK_G: tl.constexpr, SPLITS: tl.constexpr, D: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1)
+    g = tl.arange(0, BLOCK_G)
+    d = tl.arange(0, D)
+    base = part_ptr + (b * HKV + kvh) * SPLITS * BLOCK_G * (D + 2) + g * (D + 2)  # [BLOCK_G]
+    m = tl.load(base + D)
+    for split in tl.static_range(1, SPLITS):
+        m = tl.maximum(m, tl.load(base + split * BLOCK_G * (D + 2) + D))
+    total = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    for split in tl.static_range(SPLITS):
+        part = base + split * BLOCK_G * (D + 2)
+        w = tl.exp(tl.load(part + D) - m)  # an empty split's max is -inf: weight 0
+        total += tl.load(part + D + 1) * w
+        acc += tl.load(part[:, None] + d[None, :]) * w[:, None]
+    heads = kvh * G + g
+    tl.store(out_ptr + b * o_stride_b + heads[:, None] * D + d[None, :], (acc / total[:, None]).to(out_ptr.dtype.element_ty),
+             mask=(g < G)[:, None])
+
+
+def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
+                     v_cache: torch.Tensor, cache_pos: torch.Tensor, num_heads: int, splits: int | None = None
                      ) -> torch.Tensor:
-    """q [B, H, D] (one token per row); k_cache, v_cache [>=B, Hkv, L, D] (row b is slot b);
-    cache_pos [B]: row b attends to its cache positions ``[0, min(cache_pos[b], L - 1)]``.
-    Returns [B, H, D]."""
-    b, h, d = q.shape
-    hkv = k_cache.shape[1]
-    assert q.stride(-1) == 1 and k_cache.stride(-1) == 1 and k_cache.stride() == v_cache.stride()
-    group = h // hkv
-    out = torch.empty_like(q)
-    _decode_attn_kernel[(b, hkv)](
-        q, k_cache, v_cache, cache_pos, out,
-        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        out.stride(0), out.stride(1), k_cache.shape[2], d**-0.5,
-        G=group, BLOCK_G=max(16, next_pow2(group)), BLOCK_N=64, D=d, num_warps=4, num_stages=3)
+    """One decode token per batch row, from its qkv projection to its attention output.
+
+    qkv [B, (H + 2 Hkv) * D] (q, k, v heads stacked); cos, sin [B, D] in qkv's dtype (the step's
+    M-RoPE tables); k_cache, v_cache [>=B, Hkv, L, D] (row b is slot b); cache_pos [B]: row b's
+    rotated key and its value go to position ``p = min(cache_pos[b], L - 1)`` and its rotated query
+    attends to ``[0, p]``. The positions before ``p`` are cut into ``splits`` parts attended in
+    parallel, then combined (default: enough parts for ~64 programs, at most 8; one part, and no
+    combining kernel, from 64 (row, KV head) pairs). Returns [B, H * D].
+    """
+    b = qkv.shape[0]
+    hkv, d = k_cache.shape[1], k_cache.shape[-1]
+    assert d == next_pow2(d) and qkv.stride(-1) == 1 and k_cache.stride(-1) == 1 and cos.stride() == sin.stride()
+    assert k_cache.stride() == v_cache.stride() and qkv.shape[1] == (num_heads + 2 * hkv) * d and cos.stride(-1) == 1
+    if splits is None:
+        splits = max(1, min(8, 64 // (b * hkv)))
+    group = num_heads // hkv
+    block_g = max(16, next_pow2(group))
+    out = torch.empty(b, num_heads * d, device=qkv.device, dtype=qkv.dtype)
+    parts = out if splits == 1 else torch.empty(b, hkv, splits, block_g, d + 2, device=qkv.device,
+                                                dtype=torch.float32)
+    _decode_attn_split_kernel[(b, hkv, splits)](
+        qkv, cos, sin, k_cache, v_cache, cache_pos, parts,
+        qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.shape[2],
+        d**-0.5, H=num_heads, HKV=hkv, G=group, BLOCK_G=block_g, SPLITS=splits, BLOCK_N=64, D=d,
+        num_warps=4, num_stages=3)
+    if splits > 1:
+        _decode_attn_combine_kernel[(b, hkv)](parts, out, out.stride(0), HKV=hkv, G=group, BLOCK_G=block_g,
+                                              SPLITS=splits, D=d, num_warps=4)
     return out

@@ -333,23 +333,37 @@ def _norm_weights(model: Qwen2LM) -> list[torch.Tensor]:
         layers[i + 1].input_layernorm.weight if i + 1 < len(layers) else model.norm.weight)]
 
 
-def _fused_layers(model: Qwen2LM, kv: torch.Tensor, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                  slot_rows: torch.Tensor, at_rows: torch.Tensor,
-                  attend: Callable[[int, torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """h [N, hidden] token rows -> final-normed [N, hidden]; ``attend(layer, q [N, H, D]) -> [N, H * D]``."""
+def _fused_layers(model: Qwen2LM, h: torch.Tensor, attend: Callable[[int, torch.Tensor], torch.Tensor]
+                  ) -> torch.Tensor:
+    """h [N, hidden] token rows -> final-normed [N, hidden]; ``attend(layer, qkv [N, (H + 2 Hkv) * D])
+    -> [N, H * D]`` rotates, writes the layer's keys and values into the cache, and attends."""
     from service.llm import gpu_ops as ops
 
-    cfg = model.cfg
-    eps = cfg.rms_norm_eps
+    eps = model.cfg.rms_norm_eps
     norms = _norm_weights(model)
     _, x = ops.rms_norm(h, model.layers[0].input_layernorm.weight, eps)
     for i, block in enumerate(model.layers):
         qkv = F.linear(x, block.qkv_proj.weight, block.qkv_proj.bias)
-        q = ops.rope_kv(qkv, cos, sin, kv[i, 0], kv[i, 1], slot_rows, at_rows, cfg.num_heads, cfg.num_kv_heads)
-        h, x = ops.rms_norm(F.linear(attend(i, q), block.o_proj.weight), norms[2 * i], eps, residual=h)
+        h, x = ops.rms_norm(F.linear(attend(i, qkv), block.o_proj.weight), norms[2 * i], eps, residual=h)
         mlp = F.linear(ops.silu_mul(F.linear(x, block.gate_up_proj.weight)), block.down_proj.weight)
         h, x = ops.rms_norm(mlp, norms[2 * i + 1], eps, residual=h)
     return x
+
+
+def _rope_kv_then(model: Qwen2LM, kv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slot_rows: torch.Tensor,
+                  at_rows: torch.Tensor, attend: Callable[[int, torch.Tensor], torch.Tensor]
+                  ) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """An ``attend(layer, qkv)`` for ``_fused_layers`` made of ``rope_kv`` (cos, sin [N, D]; token n
+    goes to cache position ``at_rows[n]`` of slot ``slot_rows[n]``), then ``attend(layer, q [N, H, D])``."""
+    from service.llm import gpu_ops as ops
+
+    cfg = model.cfg
+
+    def rope_then_attend(i: int, qkv: torch.Tensor) -> torch.Tensor:
+        q = ops.rope_kv(qkv, cos, sin, kv[i, 0], kv[i, 1], slot_rows, at_rows, cfg.num_heads, cfg.num_kv_heads)
+        return attend(i, q)
+
+    return rope_then_attend
 
 
 def prefill_fused(model: Qwen2LM, kv: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor,
@@ -401,17 +415,19 @@ def prefill_fused_at(model: Qwen2LM, kv: torch.Tensor, embeds: torch.Tensor, pos
         out = F.scaled_dot_product_attention(q, keys, values, is_causal=True)
         return out.transpose(1, 2).reshape(b * t, -1)
 
-    x = _fused_layers(model, kv, embeds.reshape(b * t, hidden), cos.reshape(b * t, -1), sin.reshape(b * t, -1),
-                      slots[:, None].expand(b, t).contiguous().view(-1), at.contiguous().view(-1), attend)
+    x = _fused_layers(model, embeds.reshape(b * t, hidden),
+                      _rope_kv_then(model, kv, cos.reshape(b * t, -1), sin.reshape(b * t, -1),
+                                    slots[:, None].expand(b, t).contiguous().view(-1), at.contiguous().view(-1), attend))
     return x.view(b, t, hidden)
 
 
 def decode_step_fused(model: Qwen2LM, kv: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
                       cache_pos: torch.Tensor, *, attention: str = "triton") -> torch.Tensor:
-    """``decode_step`` with the fused kernels: 9 kernels a layer at batch 1.
+    """``decode_step`` with the fused kernels: 9 kernels a layer (8 when the attention is not split).
 
-    ``attention``: ``triton`` (our decode kernel; it reads only ``[0, cache_pos]``, so the window
-    ``L`` of ``kv`` may be the whole cache), or ``sdpa`` / ``matmul`` over the window ``L``.
+    ``attention``: ``triton`` (our decode kernel, which also rotates q and k and writes the cache; it
+    reads only ``[0, cache_pos]``, so the window ``L`` of ``kv`` may be the whole cache), or
+    ``sdpa`` / ``matmul`` over the window ``L`` (after ``rope_kv``).
     """
     from service.llm import gpu_ops as ops
 
@@ -419,18 +435,18 @@ def decode_step_fused(model: Qwen2LM, kv: torch.Tensor, tokens: torch.Tensor, po
     length = kv.shape[4]
     h = model.embed(tokens)  # [B, hidden]
     cos, sin = rope(model, positions[:, :, None], h.dtype)
-    rows = torch.arange(b, device=tokens.device)
+    cos, sin = cos[:, 0], sin[:, 0]  # [B, D]
     if attention == "triton":
-        def attend(i: int, q: torch.Tensor) -> torch.Tensor:
-            return ops.decode_attention(q, kv[i, 0], kv[i, 1], cache_pos).view(b, -1)
+        def attend(i: int, qkv: torch.Tensor) -> torch.Tensor:
+            return ops.decode_attention(qkv, cos, sin, kv[i, 0], kv[i, 1], cache_pos, model.cfg.num_heads)
     else:
         mask = (torch.arange(length, device=tokens.device)[None, :] <= cache_pos[:, None])[:, None, None, :]
 
-        def attend(i: int, q: torch.Tensor) -> torch.Tensor:
+        def attend_q(i: int, q: torch.Tensor) -> torch.Tensor:
             return _attend(q[:, :, None], kv[i, 0], kv[i, 1], mask, attention).view(b, -1)
 
-    x = _fused_layers(model, kv, h, cos[:, 0], sin[:, 0], rows, cache_pos, attend)
-    return model.logits(x)
+        attend = _rope_kv_then(model, kv, cos, sin, torch.arange(b, device=tokens.device), cache_pos, attend_q)
+    return model.logits(_fused_layers(model, h, attend))
 
 
 # -- loading --------------------------------------------------------------------------------------

@@ -83,20 +83,38 @@ def test_rope_kv_rotates_and_scatters_into_the_cache(dtype: torch.dtype) -> None
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("heads", "kv_heads"), [(12, 2), (28, 4), (4, 4)])
-def test_decode_attention_matches_masked_sdpa(heads: int, kv_heads: int, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(("heads", "kv_heads", "splits"), [(12, 2, 8), (28, 4, 3), (4, 4, 1)])
+def test_decode_attention_rotates_writes_the_cache_and_attends(heads: int, kv_heads: int, splits: int,
+                                                                dtype: torch.dtype) -> None:
     from service.llm import gpu_ops as ops
+    from service.llm.model import _rotate
 
-    b, d, length = 3, 32, 150
-    q = torch.randn(b, heads, d, dtype=dtype, device=DEVICE)
+    b, d, length = 4, 32, 150
+    qkv = torch.randn(b, (heads + 2 * kv_heads) * d, dtype=dtype, device=DEVICE)
+    angle = 10 * torch.randn(b, d, device=DEVICE)
+    cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
     k_cache = torch.randn(b + 1, kv_heads, length, d, dtype=dtype, device=DEVICE)
     v_cache = torch.randn(b + 1, kv_heads, length, d, dtype=dtype, device=DEVICE)
-    at = torch.tensor([0, 70, 400], device=DEVICE)  # the last attends to the whole window
-    out = ops.decode_attention(q, k_cache, v_cache, at)
-    mask = (torch.arange(length, device=DEVICE)[None] <= at[:, None])[:, None, None]
-    ref = F.scaled_dot_product_attention(q[:, :, None].float(), k_cache[:b].float(), v_cache[:b].float(),
-                                         attn_mask=mask, enable_gqa=True)[:, :, 0]
-    assert rel_err(out, ref) < 2e-3
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    # nothing before it; fewer positions than splits; a ragged split; past the window (clamped)
+    at = torch.tensor([0, 5, 70, 400], device=DEVICE)
+    out = ops.decode_attention(qkv, cos, sin, k_cache, v_cache, at, heads, splits=splits)
+
+    q, k, v = qkv.view(b, -1, d).split([heads, kv_heads, kv_heads], dim=1)
+    c, s = cos[:, None, None], sin[:, None, None]
+    q, k = _rotate(q[:, :, None], c, s), _rotate(k[:, :, None], c, s)  # [B, heads, 1, D]
+    end = at.clamp(max=length - 1)
+    for i in range(b):
+        k_ref[i, :, end[i]], v_ref[i, :, end[i]] = k[i, :, 0], v[i]
+    # the GPU may contract a rope product and the sum into one FMA: one rounding apart at most
+    tol = {"rtol": 2 * torch.finfo(dtype).eps, "atol": 16 * torch.finfo(dtype).eps}
+    torch.testing.assert_close(k_cache, k_ref, **tol)
+    assert torch.equal(v_cache, v_ref)  # and nothing else in either cache moved
+    mask = (torch.arange(length, device=DEVICE)[None] <= end[:, None])[:, None, None]
+    ref = F.scaled_dot_product_attention(q.float(), k_ref[:b].float(), v_ref[:b].float(), attn_mask=mask,
+                                         enable_gqa=True)[:, :, 0]
+    assert out.shape == (b, heads * d)
+    assert rel_err(out.view(b, heads, d), ref) < 2e-3
 
 
 def _inputs(path: Path, dtype: torch.dtype):
@@ -184,3 +202,4 @@ def test_engine_on_the_fused_path_answers_like_the_plain_path(tiny_checkpoint: P
             engine.close()
     agree = sum(a == b for a, b in zip(answers[False], answers[True], strict=True))
     assert agree >= 3, answers  # fp16 rounding order may flip a near tie; most answers must agree
+
