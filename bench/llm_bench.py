@@ -399,7 +399,11 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma list of scenarios to run (default: all)")
     ap.add_argument("--budget-s", type=float, default=420.0)
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--switch-interval", type=float, default=None,
+                    help="sys.setswitchinterval for this process (the GIL hand-over; Python's default 0.005 s)")
     args = ap.parse_args()
+    if args.switch_interval is not None:
+        sys.setswitchinterval(args.switch_interval)
     skip = set(filter(None, args.skip.split(",")))
     only = set(filter(None, args.only.split(",")))
 
@@ -418,7 +422,8 @@ def main() -> None:
 
     RESULTS["env"] = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
                       "torch": torch.__version__, "python": platform.python_version(),
-                      "date": time.strftime("%Y-%m-%d"), "argv": sys.argv[1:], "smoke": smoke}
+                      "date": time.strftime("%Y-%m-%d"), "argv": sys.argv[1:], "smoke": smoke,
+                      "switch_interval_s": sys.getswitchinterval()}
     try:
         import transformers
         import triton
@@ -842,6 +847,7 @@ def http_overhead(engine: LLMEngine, ckpt: Path, image: Image, device: torch.dev
         install_error_handlers(app)
         metrics = Metrics()
         app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+        app.add_middleware(ServerClock)  # outermost: the whole app, from the request to its last byte
         app.state.settings = settings
         app.include_router(router, dependencies=[Depends(require_api_key)])
         app.state.llm = LLMWorker(settings, store, metrics, engine=engine, fingerprint="fp")  # type: ignore[arg-type]
@@ -853,6 +859,28 @@ def http_overhead(engine: LLMEngine, ckpt: Path, image: Image, device: torch.dev
         while not server.started and time.monotonic() < deadline:
             time.sleep(0.02)
         return server, thread, port
+
+    server_ms: list[float] = []  # each request's time inside the app (ServerClock)
+
+    class ServerClock:
+        """ASGI wrapper: how long each request spends in the app, from its arrival to its last byte
+        handed to uvicorn. The client's time minus this is uvicorn, the socket and the client."""
+
+        def __init__(self, app: Any) -> None:
+            self.app = app
+
+        async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+            if scope["type"] != "http":
+                await self.app(scope, receive, send)
+                return
+            start = time.perf_counter()
+
+            async def timed_send(message: Any) -> None:
+                await send(message)
+                if message["type"] == "http.response.body" and not message.get("more_body"):
+                    server_ms.append((time.perf_counter() - start) * 1e3)
+
+            await self.app(scope, receive, timed_send)
 
     def direct(tokens: int) -> float:
         t0 = time.perf_counter()
@@ -871,10 +899,16 @@ def http_overhead(engine: LLMEngine, ckpt: Path, image: Image, device: torch.dev
                                          capture_output=True, text=True, timeout=300, check=True)
                     return json.loads(out.stdout)
 
-                h, raw = client(HTTP_CLIENT), client(RAW_HTTP_CLIENT)
+                server_ms.clear()
+                h = client(HTTP_CLIENT)
+                in_app = server_ms[-reps:]
+                raw = client(RAW_HTTP_CLIENT)
                 d = [direct(tokens) for _ in range(reps)]
                 row = {"http_ms": med(h), "direct_ms": med(d), "overhead_ms": round(med(h) - med(d), 3),
-                       "raw_socket_http_ms": med(raw), "raw_socket_overhead_ms": round(med(raw) - med(d), 3)}
+                       "raw_socket_http_ms": med(raw), "raw_socket_overhead_ms": round(med(raw) - med(d), 3),
+                       # where the overhead is: inside the app (routes, engine hand-off) or around it
+                       "in_app_ms": med(in_app), "in_app_over_direct_ms": round(med(in_app) - med(d), 3),
+                       "outside_app_ms": round(med(h) - med(in_app), 3)}
                 if name == "standin":  # the first run's method too: httpx in this process
                     with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as client:
                         def inproc() -> float:

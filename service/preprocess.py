@@ -548,7 +548,8 @@ def _check_uint8_chw(image: torch.Tensor) -> None:
 
 
 def patchify(images: torch.Tensor, cfg: PreprocessConfig, *, resized: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """uint8 [3, H, W] (any device) -> (pixel_values float32 [gh*gw, 3*tp*ps*ps], grid_thw int64 [1, 3]).
+    """uint8 [3, H, W] (any device) -> (pixel_values float32 [gh*gw, 3*tp*ps*ps] on that device,
+    grid_thw int64 [1, 3] on the CPU).
 
     Resizes with :func:`resize_tensor` unless ``resized`` says the caller already did (the PIL path).
     Pure tensor code: runs wherever ``images`` lives.
@@ -581,7 +582,9 @@ def _to_patches(values: torch.Tensor, cfg: PreprocessConfig) -> tuple[torch.Tens
     # A still image is one frame repeated temporal_patch_size times.
     patches = patches.unsqueeze(5).expand(*patches.shape[:5], tp, ps, ps)
     pixel_values = patches.reshape(grid_h * grid_w, channels * tp * ps * ps)
-    grid_thw = torch.tensor([[1, grid_h, grid_w]], dtype=torch.int64, device=values.device)
+    # on the host, wherever the pixels are: it is read there, and building a CUDA tensor from host
+    # values waits for the device to finish everything queued (the batch in flight)
+    grid_thw = torch.tensor([[1, grid_h, grid_w]], dtype=torch.int64)
     return pixel_values, grid_thw
 
 
@@ -598,7 +601,7 @@ def image_to_tensor(image: PIL.Image.Image) -> torch.Tensor:
 
 def preprocess(image: PIL.Image.Image, cfg: PreprocessConfig,
                device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """One image -> (pixel_values, grid_thw) on ``device``, equal to HF's processor.
+    """One image -> (pixel_values on ``device``, grid_thw on the CPU), equal to HF's processor.
 
     CPU: PIL resizes (HF's exact resize). Elsewhere: upload uint8, resize on the device.
     """

@@ -183,3 +183,22 @@ def test_graph_replays_in_flight_keep_their_outputs(tiny_checkpoint, image_bytes
     for b, out in zip(plan, got, strict=True):
         for have, want in zip(out, enc.forward(b), strict=True):
             torch.testing.assert_close(have.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_launch_does_not_wait_for_the_device(tiny_checkpoint, image_bytes):
+    """``launch`` queues a batch behind the one in flight without waiting for it: no operation in
+    it may synchronize with the device (a CUDA tensor built from host values does), or the GPU
+    idles while the host prepares every next batch."""
+    enc = VisionEncoder(tiny_checkpoint, device="cuda", dtype=torch.bfloat16)
+    sizes = [(112, 112), (112, 112), (150, 110), (300, 90)]  # graphed and eager batches, resized or not
+    batch = [enc.preprocess(image_bytes(w, h, seed=60 + i)) for i, (w, h) in enumerate(sizes)]
+    plan = [batch[:2], batch[2:], batch[1:3]]
+    for b in plan:  # warm: lazily built tables and graphs may copy to the device once
+        enc.finish(enc.launch(b))
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        launched = [enc.launch(b) for b in plan]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(len(enc.finish(one)) == len(b) for one, b in zip(launched, plan, strict=True))
