@@ -81,14 +81,25 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--top", type=int, default=20)
     ap.add_argument("--splits", type=int, default=None, help="decode attention's cache splits (default: its own)")
+    ap.add_argument("--gate-up", default=None,
+                    help="BLOCK_N,BLOCK_K,stages,warps of the fused gate/up kernel, or 'off' (cuBLAS + silu_mul)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.gate_up is not None:  # a sweep, as for --splits
+        import torch.nn.functional as F
+
+        from service.llm import gpu_ops
+        if args.gate_up == "off":
+            gpu_ops.gate_up_silu = lambda x, w: gpu_ops.silu_mul(F.linear(x, w))
+        else:
+            bn, bk, st, nw = (int(v) for v in args.gate_up.split(","))
+            gpu_ops.gate_up_silu.__kwdefaults__ = {"block_n": bn, "block_k": bk, "num_stages": st, "num_warps": nw}
     if args.splits is not None:  # a sweep: the engine never passes it, so set the function's default
         from service.llm import gpu_ops
         gpu_ops.decode_attention.__defaults__ = (args.splits,)
     cfg = TextConfig.from_dict(TEXT_2B)
     lm = random_model(cfg, device=torch.device("cuda"), dtype=torch.bfloat16)
-    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "splits": args.splits,
+    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "splits": args.splits, "gate_up": args.gate_up,
               "runs": [profile_batch(lm, int(b), args.context, args.max_len, args.steps, args.top)
                        for b in args.batch.split(",")]}
     print(json.dumps(result, indent=1))

@@ -203,3 +203,16 @@ def test_engine_on_the_fused_path_answers_like_the_plain_path(tiny_checkpoint: P
     agree = sum(a == b for a, b in zip(answers[False], answers[True], strict=True))
     assert agree >= 3, answers  # fp16 rounding order may flip a near tie; most answers must agree
 
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "inter", "k"), [(1, 40, 96), (5, 33, 200), (16, 64, 64)])
+def test_gate_up_silu_matches_the_two_step_path(rows: int, inter: int, k: int, dtype: torch.dtype) -> None:
+    from service.llm import gpu_ops as ops
+
+    x = torch.randn(rows, k, dtype=dtype, device=DEVICE)
+    w = (torch.randn(2 * inter, k, device=DEVICE) / k**0.5).to(dtype)
+    got = ops.gate_up_silu(x, w, block_n=16, block_k=64)  # ragged N and K tiles
+    gate, up = F.linear(x.float(), w.float()).chunk(2, dim=-1)
+    assert got.shape == (rows, inter) and got.dtype == dtype
+    assert rel_err(got, F.silu(gate) * up) < 5e-3
+
