@@ -272,7 +272,7 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_
     rotated key and its value go to position ``p = min(cache_pos[b], L - 1)`` and its rotated query
     attends to ``[0, p]``. The positions before ``p`` are cut into ``splits`` parts attended in
     parallel, then combined (default: enough parts for ~64 programs, at most 8; one part, and no
-    combining kernel, from 64 (row, KV head) pairs). Returns [B, H * D].
+    combining kernel, from 33 (row, KV head) pairs: batch 32 of 2 KV heads). Returns [B, H * D].
     """
     b = qkv.shape[0]
     hkv, d = k_cache.shape[1], k_cache.shape[-1]
