@@ -759,19 +759,20 @@ def bench_7b(tmp: Path, device: torch.device, dtype: torch.dtype, smoke: bool, g
 
 # The HTTP clients run in their own process: the server's overhead, not the client's, and no share of
 # the server's GIL. Each defines ``ask()`` (one request, checked for 200) over one keep-alive
-# connection; argv: port, JSON body, timed requests, warm-up requests -> a JSON list of ms.
+# connection; argv: port, JSON body, warm-up requests; driven line by line (``_CLIENT_LOOP``).
 _CLIENT_ARGS = """
-import json, sys, time
-port, body, n, warm = int(sys.argv[1]), sys.argv[2].encode(), int(sys.argv[3]), int(sys.argv[4])
+import sys, time
+port, body, warm = int(sys.argv[1]), sys.argv[2].encode(), int(sys.argv[3])
 """
+# warm-up requests, then "ready"; then one timed request per line on stdin, its ms on stdout
 _CLIENT_LOOP = """
-out = []
-for i in range(warm + n):
+for _ in range(warm):
+    ask()
+print("ready", flush=True)
+for _ in sys.stdin:
     t = time.perf_counter()
     ask()
-    if i >= warm:
-        out.append((time.perf_counter() - t) * 1e3)
-print(json.dumps(out))
+    print((time.perf_counter() - t) * 1e3, flush=True)
 """
 HTTP_CLIENT = _CLIENT_ARGS + """
 import http.client
@@ -807,9 +808,10 @@ def ask():
 """ + _CLIENT_LOOP
 
 
-def http_overhead(engine: LLMEngine, ckpt: Path, image: Image, device: torch.device, reps: int = 30) -> None:
+def http_overhead(engine: LLMEngine, ckpt: Path, image: Image, device: torch.device, reps: int = 60) -> None:
     """POST /v1/questions through uvicorn + our routes against ``engine.generate`` directly, same
-    seen image, same question; median of ``reps`` each. The client runs in another process
+    seen image, same question, ``reps`` of each alternating; the overhead is the median of the
+    pairs' differences. The client runs in another process
     (http.client, one keep-alive connection). Features come from a stand-in store (no Redis: the
     routes and the engine only) and from a real Redis (what a deployment does per question)."""
     import subprocess
@@ -894,18 +896,38 @@ def http_overhead(engine: LLMEngine, ckpt: Path, image: Image, device: torch.dev
                 body = json.dumps({"image_id": image_id, "question": QUESTIONS[0], "max_tokens": tokens})
                 for _ in range(5):
                     direct(tokens)
-                def client(script: str) -> list[float]:
-                    out = subprocess.run([sys.executable, "-c", script, str(port), body, str(reps), "5"],  # noqa: B023
-                                         capture_output=True, text=True, timeout=300, check=True)
-                    return json.loads(out.stdout)
+
+                def paired(script: str) -> tuple[list[float], list[float]]:
+                    """``reps`` HTTP requests and ``reps`` direct calls, alternating (HTTP first, then
+                    direct first), so that a drift of the GPU or host between phases cancels."""
+                    client = subprocess.Popen([sys.executable, "-c", script, str(port), body, "5"],  # noqa: B023
+                                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                    assert client.stdin is not None and client.stdout is not None
+                    try:
+                        if client.stdout.readline().strip() != "ready":
+                            raise RuntimeError("the HTTP client failed to start")
+                        http, here = [], []
+                        for i in range(reps):
+                            if i % 2:
+                                here.append(direct(tokens))  # noqa: B023
+                            client.stdin.write("go\n")
+                            client.stdin.flush()
+                            http.append(float(client.stdout.readline()))
+                            if not i % 2:
+                                here.append(direct(tokens))  # noqa: B023
+                        return http, here
+                    finally:
+                        client.stdin.close()
+                        client.wait(timeout=30)
 
                 server_ms.clear()
-                h = client(HTTP_CLIENT)
-                in_app = server_ms[-reps:]
-                raw = client(RAW_HTTP_CLIENT)
-                d = [direct(tokens) for _ in range(reps)]
-                row = {"http_ms": med(h), "direct_ms": med(d), "overhead_ms": round(med(h) - med(d), 3),
-                       "raw_socket_http_ms": med(raw), "raw_socket_overhead_ms": round(med(raw) - med(d), 3),
+                h, d = paired(HTTP_CLIENT)
+                in_app = list(server_ms)[5:]  # past the client's warm-up
+                raw, d_raw = paired(RAW_HTTP_CLIENT)
+                row = {"http_ms": med(h), "direct_ms": med(d),
+                       "overhead_ms": med([a - b for a, b in zip(h, d, strict=True)]),  # median of the pairs
+                       "raw_socket_http_ms": med(raw),
+                       "raw_socket_overhead_ms": med([a - b for a, b in zip(raw, d_raw, strict=True)]),
                        # where the overhead is: inside the app (routes, engine hand-off) or around it
                        "in_app_ms": med(in_app), "in_app_over_direct_ms": round(med(in_app) - med(d), 3),
                        "outside_app_ms": round(med(h) - med(in_app), 3)}
