@@ -795,15 +795,21 @@ request = (b"POST /v1/questions HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\nContent-Type:
 sock = socket.create_connection(("127.0.0.1", port))
 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
+def recv():
+    chunk = sock.recv(65536)
+    if not chunk:
+        raise ConnectionError("the server closed the connection")
+    return chunk
+
 def ask():
     sock.sendall(request)
     data = b""
     while b"\\r\\n\\r\\n" not in data:
-        data += sock.recv(65536)
+        data += recv()
     head, _, rest = data.partition(b"\\r\\n\\r\\n")
     length = int(next(line.split(b":")[1] for line in head.split(b"\\r\\n") if line.lower().startswith(b"content-length")))
     while len(rest) < length:
-        rest += sock.recv(65536)
+        rest += recv()
     assert head.startswith(b"HTTP/1.1 200"), head[:40]
 """ + _CLIENT_LOOP
 
@@ -900,9 +906,11 @@ def http_overhead(engine: LLMEngine, ckpt: Path, image: Image, device: torch.dev
                 def paired(script: str) -> tuple[list[float], list[float]]:
                     """``reps`` HTTP requests and ``reps`` direct calls, alternating (HTTP first, then
                     direct first), so that a drift of the GPU or host between phases cancels."""
-                    client = subprocess.Popen([sys.executable, "-c", script, str(port), body, "5"],  # noqa: B023
+                    client = subprocess.Popen([sys.executable, "-c", script, str(port), body, str(warm)],  # noqa: B023
                                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
                     assert client.stdin is not None and client.stdout is not None
+                    watchdog = threading.Timer(300, client.kill)  # a stuck request ends the run, not the bench
+                    watchdog.start()
                     try:
                         if client.stdout.readline().strip() != "ready":
                             raise RuntimeError("the HTTP client failed to start")
@@ -917,12 +925,17 @@ def http_overhead(engine: LLMEngine, ckpt: Path, image: Image, device: torch.dev
                                 here.append(direct(tokens))  # noqa: B023
                         return http, here
                     finally:
+                        watchdog.cancel()
                         client.stdin.close()
                         client.wait(timeout=30)
 
+                warm = 5
                 server_ms.clear()
                 h, d = paired(HTTP_CLIENT)
-                in_app = list(server_ms)[5:]  # past the client's warm-up
+                deadline = time.monotonic() + 2  # the server thread records a request after its last byte
+                while len(server_ms) < warm + reps and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                in_app = list(server_ms)[warm:]  # past the client's warm-up
                 raw, d_raw = paired(RAW_HTTP_CLIENT)
                 row = {"http_ms": med(h), "direct_ms": med(d),
                        "overhead_ms": med([a - b for a, b in zip(h, d, strict=True)]),  # median of the pairs

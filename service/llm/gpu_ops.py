@@ -334,6 +334,7 @@ def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, *, block_n: int = 64, bl
     m, k = x.shape
     inter = weight.shape[0] // 2
     assert m <= 16 and x.is_contiguous() and weight.is_contiguous() and weight.shape[1] == k
+    assert weight.numel() < 2**31, "the kernel's offsets are 32-bit"
     out = torch.empty(m, inter, device=x.device, dtype=x.dtype)
     _gate_up_silu_kernel[(triton.cdiv(inter, block_n),)](
         x, weight, out, m, inter, k, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,

@@ -325,6 +325,14 @@ def test_resize_pil_and_image_to_tensor() -> None:
     assert image_to_tensor(noise_image(5, 4, mode="L")).shape == (3, 4, 5)  # converted like HF
 
 
+def test_the_grid_stays_on_the_host_wherever_the_pixels_are() -> None:
+    """Building it on the pixels' device would, on CUDA, wait for everything queued there (a CUDA
+    tensor made from host values synchronizes the stream): the batch in flight."""
+    pixels, grid = patchify(torch.empty(3, 56, 56, dtype=torch.uint8, device="meta"), DEFAULT)
+    assert pixels.device.type == "meta" and grid.device.type == "cpu"
+    assert grid.tolist() == [[1, 4, 4]]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_path_equals_cpu_path() -> None:
     for width, height in SIZES:

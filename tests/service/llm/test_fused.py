@@ -83,8 +83,9 @@ def test_rope_kv_rotates_and_scatters_into_the_cache(dtype: torch.dtype) -> None
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("heads", "kv_heads", "splits"), [(12, 2, 8), (28, 4, 3), (4, 4, 1)])
-def test_decode_attention_rotates_writes_the_cache_and_attends(heads: int, kv_heads: int, splits: int,
+@pytest.mark.parametrize(("heads", "kv_heads", "splits"),
+                         [(12, 2, 8), (28, 4, 3), (4, 4, 1), (12, 2, 1), (12, 2, None)])  # None: the default
+def test_decode_attention_rotates_writes_the_cache_and_attends(heads: int, kv_heads: int, splits: int | None,
                                                                 dtype: torch.dtype) -> None:
     from service.llm import gpu_ops as ops
     from service.llm.model import _rotate
