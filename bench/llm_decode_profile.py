@@ -83,8 +83,15 @@ def main() -> None:
     ap.add_argument("--splits", type=int, default=None, help="decode attention's cache splits (default: its own)")
     ap.add_argument("--gate-up", default=None,
                     help="BLOCK_N,BLOCK_K,stages,warps of the fused gate/up kernel, or 'off' (cuBLAS + silu_mul)")
+    ap.add_argument("--down", default=None,
+                    help="parts,BLOCK_N,BLOCK_K,stages,warps of the split-K down projection")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.down is not None:  # a sweep, as for --splits
+        from service.llm import gpu_ops
+        pt, bn, bk, st, nw = (int(v) for v in args.down.split(","))
+        gpu_ops.linear_parts.__kwdefaults__ = {"parts": pt, "block_n": bn, "block_k": bk, "num_stages": st,
+                                               "num_warps": nw}
     if args.gate_up is not None:  # a sweep, as for --splits
         import torch.nn.functional as F
 
@@ -99,7 +106,7 @@ def main() -> None:
         gpu_ops.decode_attention.__defaults__ = (args.splits,)
     cfg = TextConfig.from_dict(TEXT_2B)
     lm = random_model(cfg, device=torch.device("cuda"), dtype=torch.bfloat16)
-    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "splits": args.splits, "gate_up": args.gate_up,
+    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "splits": args.splits, "gate_up": args.gate_up, "down": args.down,
               "runs": [profile_batch(lm, int(b), args.context, args.max_len, args.steps, args.top)
                        for b in args.batch.split(",")]}
     print(json.dumps(result, indent=1))

@@ -10,6 +10,9 @@ Each one replaces a chain of small PyTorch ops that would otherwise cost a kerne
 - ``silu_mul(gate_up)``: SiLU(gate) * up;
 - ``gate_up_silu(x, weight)``: the gate/up projection and SiLU(gate) * up in one kernel, for up to
   16 rows (a decode step): narrower tiles than cuBLAS picks there, and no [rows, 2 I] round trip;
+- ``linear_parts(x, weight)`` then ``rms_norm_of_parts(parts, ...)``: a few-row projection split
+  along K into fp32 partial sums, which the residual-add + RMSNorm kernel adds up (the down
+  projection: no separate reduction kernel, deterministic);
 - ``decode_attention(qkv, cos, sin, k_cache, v_cache, cache_pos)``: a decode step's attention
   from the qkv projection: q and k rotated, k and v written into the cache, then one query token
   per batch row over the row's cache ``[0, cache_pos]`` (the bound is read on the device, so one
@@ -38,12 +41,18 @@ install_interpreter_fix()  # loop bounds read from memory, under TRITON_INTERPRE
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr, n_cols, eps,
-                     HAS_RES: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr, n_cols, eps, part_stride,
+                     HAS_RES: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     m = cols < n_cols
-    x = tl.load(x_ptr + row * n_cols + cols, mask=m, other=0.0)
+    if PARTS == 0:
+        x = tl.load(x_ptr + row * n_cols + cols, mask=m, other=0.0)
+    else:  # x is a projection's fp32 partial sums [PARTS, rows, n_cols]: summed, then rounded as its output
+        acc = tl.zeros([BLOCK], tl.float32)
+        for part in tl.static_range(PARTS):
+            acc += tl.load(x_ptr + part * part_stride + row * n_cols + cols, mask=m, other=0.0)
+        x = acc.to(y_ptr.dtype.element_ty)
     if HAS_RES:
         r = tl.load(res_ptr + row * n_cols + cols, mask=m, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(res_out_ptr.dtype.element_ty)
@@ -71,9 +80,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     else:
         r2, h = x2, x2
     block = next_pow2(n)
-    _rms_norm_kernel[(rows,)](x2, r2, weight, y, h, n, eps, HAS_RES=residual is not None, BLOCK=block,
+    _rms_norm_kernel[(rows,)](x2, r2, weight, y, h, n, eps, 0, HAS_RES=residual is not None, PARTS=0, BLOCK=block,
                               num_warps=max(1, min(8, block // 256)))
     return h.view(x.shape), y.view(x.shape)
+
+
+def rms_norm_of_parts(parts: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rms_norm(sum(parts).to(residual.dtype), weight, eps, residual)`` in one kernel: parts
+    [P, rows, n] fp32 (``linear_parts``), residual [rows, n] -> (h, y) as ``rms_norm``."""
+    p, rows, n = parts.shape
+    assert parts.is_contiguous() and residual.is_contiguous() and residual.shape == (rows, n)
+    y, h = torch.empty_like(residual), torch.empty_like(residual)
+    block = next_pow2(n)
+    _rms_norm_kernel[(rows,)](parts, residual, weight, y, h, n, eps, rows * n, HAS_RES=True, PARTS=p, BLOCK=block,
+                              num_warps=max(1, min(8, block // 256)))
+    return h, y
 
 
 # -- rotary embedding + KV-cache write ------------------------------------------------------------
@@ -338,6 +360,49 @@ def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, *, block_n: int = 64, bl
     out = torch.empty(m, inter, device=x.device, dtype=x.dtype)
     _gate_up_silu_kernel[(triton.cdiv(inter, block_n),)](
         x, weight, out, m, inter, k, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_stages=num_stages, num_warps=num_warps)
+    return out
+
+
+# -- split-K projection for few rows (its partial sums go to rms_norm_of_parts) -------------------
+
+
+@triton.jit
+def _linear_parts_kernel(x_ptr, w_ptr, out_ptr, M, N, K, k_per_part,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    part = tl.program_id(1)
+    m = tl.arange(0, BLOCK_M)
+    k = tl.arange(0, BLOCK_K)
+    nm = n < N
+    lo = part * k_per_part
+    hi = tl.minimum(lo + k_per_part, K)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    for k0 in range(lo, hi, BLOCK_K):
+        km = (k0 + k) < hi
+        x = tl.load(x_ptr + m[:, None] * K + (k0 + k)[None, :], mask=(m < M)[:, None] & km[None, :], other=0.0)
+        w = tl.load(w_ptr + n[:, None] * K + (k0 + k)[None, :], mask=nm[:, None] & km[None, :], other=0.0)
+        acc += tl.dot(x, tl.trans(w))
+    tl.store(out_ptr + part * M * N + m[:, None] * N + n[None, :], acc, mask=(m < M)[:, None] & nm[None, :])
+
+
+def linear_parts(x: torch.Tensor, weight: torch.Tensor, *, parts: int = 8, block_n: int = 32, block_k: int = 128,
+                 num_stages: int = 3, num_warps: int = 4) -> torch.Tensor:
+    """x [M, K] @ weight [N, K]^T for at most 16 rows, as ``parts`` fp32 partial sums [parts, M, N]
+    over slices of K (their sum is the product; ``rms_norm_of_parts`` adds them up).
+
+    A decode step's down projection has few output columns (hidden) and a long K: split along K,
+    many more programs read the weights at once, and no separate reduction kernel runs (cuBLAS's
+    split-K adds one).
+    """
+    m, k = x.shape
+    n = weight.shape[0]
+    assert m <= 16 and x.is_contiguous() and weight.is_contiguous() and weight.shape[1] == k
+    assert weight.numel() < 2**31, "the kernel's offsets are 32-bit"
+    k_per_part = triton.cdiv(triton.cdiv(k, parts), block_k) * block_k
+    out = torch.empty(parts, m, n, device=x.device, dtype=torch.float32)
+    _linear_parts_kernel[(triton.cdiv(n, block_n), parts)](
+        x, weight, out, m, n, k, k_per_part, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
         num_stages=num_stages, num_warps=num_warps)
     return out
 

@@ -341,14 +341,17 @@ def _fused_layers(model: Qwen2LM, h: torch.Tensor, attend: Callable[[int, torch.
 
     eps = model.cfg.rms_norm_eps
     norms = _norm_weights(model)
-    few = h.shape[0] <= 16  # a decode step: the gate/up projection reads its weights in one kernel with SwiGLU
+    few = h.shape[0] <= 16  # a decode step (or a small prefill): the MLP on our few-row kernels
     _, x = ops.rms_norm(h, model.layers[0].input_layernorm.weight, eps)
     for i, block in enumerate(model.layers):
         qkv = F.linear(x, block.qkv_proj.weight, block.qkv_proj.bias)
         h, x = ops.rms_norm(F.linear(attend(i, qkv), block.o_proj.weight), norms[2 * i], eps, residual=h)
-        act = ops.gate_up_silu(x, block.gate_up_proj.weight) if few else ops.silu_mul(F.linear(x, block.gate_up_proj.weight))
-        mlp = F.linear(act, block.down_proj.weight)
-        h, x = ops.rms_norm(mlp, norms[2 * i + 1], eps, residual=h)
+        if few:  # the MLP's weights read by our kernels: SwiGLU in the first, the residual norm after the second
+            parts = ops.linear_parts(ops.gate_up_silu(x, block.gate_up_proj.weight), block.down_proj.weight)
+            h, x = ops.rms_norm_of_parts(parts, norms[2 * i + 1], eps, residual=h)
+        else:
+            mlp = F.linear(ops.silu_mul(F.linear(x, block.gate_up_proj.weight)), block.down_proj.weight)
+            h, x = ops.rms_norm(mlp, norms[2 * i + 1], eps, residual=h)
     return x
 
 
@@ -425,7 +428,7 @@ def prefill_fused_at(model: Qwen2LM, kv: torch.Tensor, embeds: torch.Tensor, pos
 
 def decode_step_fused(model: Qwen2LM, kv: torch.Tensor, tokens: torch.Tensor, positions: torch.Tensor,
                       cache_pos: torch.Tensor, *, attention: str = "triton") -> torch.Tensor:
-    """``decode_step`` with the fused kernels: 8 kernels a layer at batch 1.
+    """``decode_step`` with the fused kernels: 8 kernels a layer at batch 1 (cuBLAS only for qkv and o).
 
     ``attention``: ``triton`` (our decode kernel, which also rotates q and k and writes the cache; it
     reads only ``[0, cache_pos]``, so the window ``L`` of ``kv`` may be the whole cache), or

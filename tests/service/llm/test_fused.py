@@ -217,3 +217,22 @@ def test_gate_up_silu_matches_the_two_step_path(rows: int, inter: int, k: int, d
     assert got.shape == (rows, inter) and got.dtype == dtype
     assert rel_err(got, F.silu(gate) * up) < 5e-3
 
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "n", "k", "parts"), [(1, 40, 300, 4), (7, 33, 96, 3), (16, 64, 64, 1)])
+def test_linear_parts_then_rms_norm_of_parts(rows: int, n: int, k: int, parts: int, dtype: torch.dtype) -> None:
+    from service.llm import gpu_ops as ops
+
+    x = torch.randn(rows, k, dtype=dtype, device=DEVICE)
+    w = (torch.randn(n, k, device=DEVICE) / k**0.5).to(dtype)
+    got = ops.linear_parts(x, w, parts=parts, block_n=16, block_k=32)  # ragged K slices and N tiles
+    assert got.shape == (parts, rows, n) and got.dtype == torch.float32
+    product = F.linear(x.float(), w.float())
+    assert rel_err(got.sum(0), product) < 1e-3
+    residual = torch.randn(rows, n, dtype=dtype, device=DEVICE)
+    norm_w = (1 + 0.1 * torch.randn(n, device=DEVICE)).to(dtype)
+    h, y = ops.rms_norm_of_parts(got, norm_w, 1e-6, residual)
+    want_h, want_y = ops.rms_norm(got.sum(0).to(dtype), norm_w, 1e-6, residual=residual)
+    torch.testing.assert_close(h, want_h, atol=2 * torch.finfo(dtype).eps, rtol=2 * torch.finfo(dtype).eps)
+    torch.testing.assert_close(y, want_y, atol=4e-3, rtol=4e-3)
+
