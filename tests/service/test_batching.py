@@ -171,7 +171,8 @@ async def test_a_failing_finish_fails_its_jobs_and_the_loop_goes_on():
     await q.stop()
 
 
-async def test_stop_fails_batches_in_flight():
+def held_finish():
+    """A finish stage that signals ``finishing`` and then holds its batch until ``gate`` is set."""
     gate = threading.Event()
     finishing = threading.Event()
 
@@ -180,6 +181,11 @@ async def test_stop_fails_batches_in_flight():
         gate.wait(5)
         return items
 
+    return finish, finishing, gate
+
+
+async def test_stop_fails_batches_in_flight():
+    finish, finishing, gate = held_finish()
     q = make_queue(lambda items: items, finish=finish, max_cost=1, max_wait_s=0)
     q.start()
     job = asyncio.create_task(q.submit(7))
@@ -194,14 +200,7 @@ async def test_stop_fails_batches_in_flight():
 async def test_stop_fails_a_job_waiting_for_a_free_slot_at_once():
     """With every slot busy, the next job waits in the queue (not in a half-formed batch), so stop()
     fails it with shutting_down at once rather than leaving it to its timeout."""
-    gate = threading.Event()
-    finishing = threading.Event()
-
-    def finish(items):
-        finishing.set()
-        gate.wait(5)
-        return items
-
+    finish, finishing, gate = held_finish()
     q = make_queue(lambda items: items, finish=finish, max_cost=1, max_wait_s=0, max_in_flight=1, timeout_s=30)
     q.start()
     first = asyncio.create_task(q.submit(1))
