@@ -36,6 +36,15 @@ def check_device(*tensors: torch.Tensor) -> None:
             raise ValueError(f"triton kernel got a {t.device.type} tensor; set TRITON_INTERPRET=1 for CPU")
 
 
+def to_device_async(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without waiting for the work already queued there: from pinned
+    memory the copy is queued on the stream; from pageable memory a copy may first wait for the
+    stream to drain (the batch in flight)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def as_rows(t: torch.Tensor, n: int) -> torch.Tensor:
     """``t`` [..., n] as an [M, n] view with a unit column stride (copied only when it has none)."""
     t2 = t.reshape(-1, n)

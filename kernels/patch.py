@@ -82,6 +82,7 @@ def _grid_key(grid_thw: torch.Tensor | list) -> tuple[tuple[int, int, int], ...]
 def build_meta(
     grid: tuple[tuple[int, int, int], ...], spatial_merge_size: int, inv_freq: torch.Tensor, scaling: float = 1.0
 ) -> VisionMeta:
+    from ._utils import to_device_async
     from .rope_vision import rope_angles, rope_positions
 
     lengths = [h * w for t, h, w in grid for _ in range(t)]
@@ -92,7 +93,7 @@ def build_meta(
         cos.mul_(scaling)
         sin.mul_(scaling)
     return VisionMeta(
-        grid=grid, lengths=lengths, cu_seqlens=cu.to(inv_freq.device, non_blocking=True),
+        grid=grid, lengths=lengths, cu_seqlens=to_device_async(cu, inv_freq.device),
         max_seqlen=max(lengths) if lengths else 0, cos=cos, sin=sin,
     )
 

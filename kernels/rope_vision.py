@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch import nn
 
-from ._utils import check_device, install_interpreter_fix, next_pow2
+from ._utils import check_device, install_interpreter_fix, next_pow2, to_device_async
 
 install_interpreter_fix()
 
@@ -54,7 +54,7 @@ def rope_angles(
     Column j < D/4 is h * inv_freq[j], column D/4 + j is w * inv_freq[j]: exactly HF's first D/2
     columns, computed with the same fp32 ops.
     """
-    pos = positions.to(inv_freq.device, non_blocking=True).float()  # [S, 2]
+    pos = to_device_async(positions, inv_freq.device).float()  # [S, 2]
     freqs = pos[:, :, None] * inv_freq.float()[None, None, :]  # [S, 2, D/4]
     ang = freqs.reshape(pos.shape[0], -1)  # [S, D/2] = cat(f_h, f_w)
     return padded_table(ang.cos()), padded_table(ang.sin())

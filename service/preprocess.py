@@ -593,10 +593,16 @@ def _rgb(image: PIL.Image.Image) -> PIL.Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
-def image_to_tensor(image: PIL.Image.Image) -> torch.Tensor:
-    """uint8 [3, H, W] on the CPU, no resize (non-RGB images are converted as HF does)."""
+def image_to_tensor(image: PIL.Image.Image, *, pin: bool = False) -> torch.Tensor:
+    """uint8 [3, H, W] on the CPU, no resize (non-RGB images are converted as HF does). ``pin``: in
+    pinned memory (needs CUDA), so that a copy to the device is queued, not waited for; the
+    channel-first layout is then written there directly, without a pageable copy in between."""
     array = np.array(_rgb(image), dtype=np.uint8)  # a writable copy: torch refuses read-only buffers
-    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+    hwc = torch.from_numpy(array)
+    if not pin:
+        return hwc.permute(2, 0, 1).contiguous()
+    chw = torch.empty((3, array.shape[0], array.shape[1]), dtype=torch.uint8, pin_memory=True)
+    return chw.copy_(hwc.permute(2, 0, 1))
 
 
 def preprocess(image: PIL.Image.Image, cfg: PreprocessConfig,
@@ -608,5 +614,5 @@ def preprocess(image: PIL.Image.Image, cfg: PreprocessConfig,
     device = torch.device(device)
     if device.type == "cpu":
         return patchify(image_to_tensor(resize_pil(image, cfg)), cfg, resized=True)
-    uploaded = image_to_tensor(image).to(device, non_blocking=True)
+    uploaded = image_to_tensor(image, pin=device.type == "cuda").to(device, non_blocking=True)
     return patchify(uploaded, cfg)

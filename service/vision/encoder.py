@@ -124,10 +124,10 @@ class VisionEncoder:
             self.patched = kernels.patch(self.tower)
             log.info("vision tower patched with splitvl kernels: %s", self.patched)
             # One CUDA graph per batch of up to graph_max_images equal grids: removes the launch gaps
-            # that dominate small forwards.
-            # room for the graphs warmup records (1 to graph_max_images of 448², 1 and 2 of 224²) and
-            # 16 more for other sizes, so serving never evicts the warmed ones
-            self.graphs = VisionGraphs(self.tower, max_graphs=graph_max_images + 2 + 16)
+            # that dominate small forwards. Room for the graphs warmup records and 16 more for other
+            # sizes, so serving never evicts the warmed ones.
+            warmed = sum(1 for _, count in self._warm_plan() if count <= graph_max_images)
+            self.graphs = VisionGraphs(self.tower, max_graphs=warmed + 16)
         # One forward at a time: the batcher already serialises, this guards direct callers.
         self._lock = threading.Lock()
 
@@ -149,7 +149,7 @@ class VisionEncoder:
         height, width = target_size(image.height, image.width, cfg)
         # pinned: the forward's copy to the device is then asynchronous; from pageable memory it would
         # wait for everything queued on the stream first (the batch in flight), undoing launch/finish
-        pixels = image_to_tensor(image).pin_memory()
+        pixels = image_to_tensor(image, pin=True)
         return Patches(pixel_values=pixels, grid_thw=(1, height // cfg.patch_size, width // cfg.patch_size))
 
     def forward(self, batch: list[Patches]) -> list[torch.Tensor]:
@@ -210,18 +210,22 @@ class VisionEncoder:
     def num_tokens(self, patches: Patches) -> int:
         return patches.num_patches // self.spatial_merge_size**2
 
+    def _warm_plan(self) -> list[tuple[tuple[int, int, int], int]]:
+        """(grid, images) of the forwards ``warmup`` runs: on CUDA the kernels' patch-count buckets
+        and the graphs of 1 to graph_max_images images of 448² (and 1, 2 of 224²); else one small one."""
+        if not self.patched:
+            side = self.preprocess_config.merge_size  # the smallest grid: one merge window
+            return [((1, side, side), 1)]
+        counts = sorted({*range(1, self.graph_max_images + 1), 8, 16})
+        return [((1, 16, 16), n) for n in (1, 2)] + [((1, 32, 32), n) for n in counts]
+
     def warmup(self, max_patches: int = 16384) -> None:
         """Pay lazy initialisation before serving: on CUDA, every patch-count bucket the kernels tune
         for (powers of two) and the CUDA graphs of 1 to graph_max_images images of the common grids; on
         CPU, one small forward."""
         cfg = self.preprocess_config
         dim = 3 * cfg.temporal_patch_size * cfg.patch_size**2
-        side = cfg.merge_size  # the smallest grid: one merge window
-        plan = [((1, side, side), 1)]
-        if self.patched:
-            counts = sorted({*range(1, self.graph_max_images + 1), 8, 16})
-            plan = [((1, 16, 16), n) for n in (1, 2)] + [((1, 32, 32), n) for n in counts]
-        for grid, count in plan:
+        for grid, count in self._warm_plan():
             patches = grid[0] * grid[1] * grid[2]
             if patches * count > max_patches and count > 1:
                 continue
