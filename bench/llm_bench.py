@@ -316,13 +316,24 @@ def rounded(row: dict[str, Any]) -> dict[str, Any]:
     return {k: round(v, 3 if abs(v) < 10 else 1) if isinstance(v, float) else v for k, v in row.items()}
 
 
+def decode_runner(lm: Qwen2LM, batch: int, max_len: int, *, graphs: bool, window_buckets: bool) -> DecodeRunner:
+    """A decode runner of ``batch`` slots over a random KV cache, one batch bucket."""
+    kv = allocate_kv_cache(lm.cfg, batch, max_len, device=lm.device, dtype=lm.dtype)
+    kv.normal_()
+    return DecodeRunner(lm, kv, use_graphs=graphs, window_buckets=window_buckets, batch_buckets=[batch])
+
+
+def enter_slots(runner: DecodeRunner, context: int) -> None:
+    """Every slot active at cache position ``context`` (its next step attends that far)."""
+    n = runner.slots
+    runner.set_slots(range(n), [100 + s for s in range(n)], [context] * n, [context + 10] * n)
+
+
 def pure_decode_ms(lm: Qwen2LM, fn: Any, *, batch: int, window: int, max_len: int, graphs: bool,
                    window_buckets: bool, steps: int = 50, context: int = 300) -> float:
     """Back-to-back decode steps of the runner (tokens copied to the host each step, never read)."""
-    kv = allocate_kv_cache(lm.cfg, batch, max_len, device=lm.device, dtype=lm.dtype)
-    kv.normal_()
-    runner = DecodeRunner(lm, kv, use_graphs=graphs, window_buckets=window_buckets, batch_buckets=[batch])
-    runner.set_slots(range(batch), [100 + s for s in range(batch)], [context] * batch, [context + 10] * batch)
+    runner = decode_runner(lm, batch, max_len, graphs=graphs, window_buckets=window_buckets)
+    enter_slots(runner, context)
     b, w = runner.bucket(batch, window)
     with torch.inference_mode():
         for _ in range(3):
@@ -333,7 +344,7 @@ def pure_decode_ms(lm: Qwen2LM, fn: Any, *, batch: int, window: int, max_len: in
             runner.launch(fn, b, w)
         sync()
     ms = (time.perf_counter() - t0) * 1e3 / steps
-    del runner, kv
+    del runner
     return ms
 
 
@@ -880,6 +891,7 @@ def http_overhead(engine: LLMEngine, ckpt: Path, image: Image, device: torch.dev
 
     access_times = AccessTimes()
     access_log.addHandler(access_times)
+    level = access_log.level
     access_log.setLevel(logging.INFO)
 
     def direct(tokens: int) -> float:
@@ -919,7 +931,10 @@ def http_overhead(engine: LLMEngine, ckpt: Path, image: Image, device: torch.dev
                     finally:
                         watchdog.cancel()
                         client.stdin.close()
-                        client.wait(timeout=30)
+                        try:
+                            client.wait(timeout=30)
+                        except subprocess.TimeoutExpired:  # never left running, nor hiding the first error
+                            client.kill()
 
                 warm = 5
                 server_ms.clear()
@@ -963,6 +978,7 @@ def http_overhead(engine: LLMEngine, ckpt: Path, image: Image, device: torch.dev
             measure("redis", FeatureStore(redis_server.url))
     finally:
         access_log.removeHandler(access_times)
+        access_log.setLevel(level)
 
 
 def summary(r: dict[str, Any]) -> None:

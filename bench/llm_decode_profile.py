@@ -24,10 +24,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from llm_prefill_profile import TEXT_2B  # noqa: E402  (bench/ is on sys.path when this script runs)
+import llm_bench  # noqa: E402  (bench/ is on sys.path when this script runs)
+from llm_prefill_profile import TEXT_2B  # noqa: E402
 
 from service.llm.cuda_graphs import DecodeRunner  # noqa: E402
-from service.llm.model import TextConfig, allocate_kv_cache, decode_step_fused, random_model  # noqa: E402
+from service.llm.model import TextConfig, decode_step_fused, random_model  # noqa: E402
 
 
 def step_ms(runner: DecodeRunner, fn: partial, batch: int, steps: int) -> list[float]:
@@ -43,20 +44,18 @@ def step_ms(runner: DecodeRunner, fn: partial, batch: int, steps: int) -> list[f
 
 def profile_batch(lm: torch.nn.Module, batch: int, context: int, max_len: int, steps: int, top: int) -> dict:
     fn = partial(decode_step_fused, attention="triton")
-    kv = allocate_kv_cache(lm.cfg, batch, max_len, device=lm.device, dtype=lm.dtype)
-    kv.normal_()
-    runner = DecodeRunner(lm, kv, use_graphs=True, window_buckets=False, batch_buckets=[batch])
+    runner = llm_bench.decode_runner(lm, batch, max_len, graphs=True, window_buckets=False)
     out: dict = {"batch": batch, "context": context}
     with torch.inference_mode():
         # each round re-enters the slots at the same context, so every replay attends as far
         times: list[float] = []
         for _ in range(5):
-            runner.set_slots(range(batch), [100 + s for s in range(batch)], [context] * batch, [context + 10] * batch)
+            llm_bench.enter_slots(runner, context)
             step_ms(runner, fn, batch, 3)  # capture and warm up
             times += step_ms(runner, fn, batch, steps)
         out["ms_per_step_median"] = round(statistics.median(times), 4)
         out["ms_per_step_p10_p90"] = [round(q, 4) for q in statistics.quantiles(times, n=10)[::8]]
-        runner.set_slots(range(batch), [100 + s for s in range(batch)], [context] * batch, [context + 10] * batch)
+        llm_bench.enter_slots(runner, context)
         reps = 20
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             step_ms(runner, fn, batch, reps)
@@ -69,7 +68,7 @@ def profile_batch(lm: torch.nn.Module, batch: int, context: int, max_len: int, s
     out["kernels"] = [{"name": e.key[:80], "per_step": round(e.count / reps, 1),
                        "us_each": round(e.self_device_time_total / e.count, 2),
                        "ms_per_step": round(e.self_device_time_total / reps / 1e3, 4)} for e in kernels[:top]]
-    del runner, kv
+    del runner
     return out
 
 
