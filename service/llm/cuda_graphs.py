@@ -29,7 +29,7 @@ never reads past each token's own cache position.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -114,7 +114,9 @@ class DecodeRunner(_CacheRunner):
         """``state[rows, slots] = values`` in one host-to-device copy, queued behind the steps on their
         way (no wait for them)."""
         if slots:
-            host = torch.tensor([list(slots), *(list(v) for v in values)], dtype=torch.long)
+            # pinned: from pageable memory the copy may wait for the steps already queued
+            host = torch.tensor([list(slots), *(list(v) for v in values)], dtype=torch.long,
+                                pin_memory=self.device.type == "cuda")
             both = host.to(self.device, non_blocking=True)
             self.state[rows].index_copy_(1, both[0], both[1:])
 
@@ -238,6 +240,9 @@ class PrefillShape:
     causal: bool  # all real rows start at 0 and window == tokens
     images: bool  # some row has image embeddings
     logits: bool  # compute the LM head and argmax at each row's last token
+    # padded to a bucket (only those are recorded as graphs: an exact shape is a one-off); the
+    # dimensions alone identify the work, so this takes no part in equality
+    bucketed: bool = field(default=False, compare=False)
 
 
 class PrefillRunner(_CacheRunner):
@@ -288,7 +293,7 @@ class PrefillRunner(_CacheRunner):
             t = min(token_bucket(longest), self.max_len)
             if b * t <= self.max_graph_tokens:
                 window = t if from_zero else window_bucket(end, self.max_len)
-                return PrefillShape(b, t, window, from_zero, images, logits)
+                return PrefillShape(b, t, window, from_zero, images, logits, bucketed=True)
         return PrefillShape(n, longest, end, from_zero and end == longest, images, logits)
 
     @staticmethod
@@ -380,8 +385,8 @@ class PrefillRunner(_CacheRunner):
         """Prefill ``rows`` (one per slot) without waiting for the device; see the class doc."""
         shape = self.shape(rows, logits=logits)
         key = (id(fn), shape)
-        graphed = (self.bucketed and self.use_graphs and shape.rows * shape.tokens <= self.max_graph_tokens
-                   and shape.rows <= self._max_rows and (key in self._graphs or len(self._graphs) < self.max_graphs))
+        graphed = (self.use_graphs and shape.bucketed and shape.rows <= self._max_rows
+                   and (key in self._graphs or len(self._graphs) < self.max_graphs))
         host = self._host_meta(rows, shape)
         if graphed:
             meta, images = self._static(shape)

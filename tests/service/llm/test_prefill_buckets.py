@@ -51,6 +51,9 @@ def test_buckets_and_shapes() -> None:
     runner.max_graph_tokens = 100  # too big for a graph: as it is, unpadded
     assert runner.shape(questions, logits=True) == PrefillShape(3, 20, 283, False, False, True)
     assert runner.shape(prefix, logits=False) == PrefillShape(1, 271, 271, True, True, False)
+    # an exact shape that happens to fit max_graph_tokens is still a one-off: never recorded as a graph
+    assert not runner.shape(questions, logits=True).bucketed
+    assert runner.shape(questions[2:], logits=True).bucketed  # 1 row x 16 tokens: still bucketed
     runner.bucketed = False
     assert runner.shape(questions[2:], logits=True) == PrefillShape(1, 3, 10, False, False, True)
 
