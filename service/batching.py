@@ -132,7 +132,10 @@ class BatchQueue(Generic[T, R]):
                     if remaining <= 0:
                         break
                     try:
-                        job = await asyncio.wait_for(self._queue.get(), timeout=remaining)
+                        # asyncio.timeout, not wait_for: on 3.11 wait_for may return a get() that finished
+                        # as stop() cancelled this task, swallowing the cancellation (stop would hang)
+                        async with asyncio.timeout(remaining):
+                            job = await self._queue.get()
                     except TimeoutError:
                         break
                 if spent + job.cost > self.max_cost:
