@@ -71,7 +71,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
     x2 = x.reshape(-1, n)
     if not x2.is_contiguous():
         x2 = x2.contiguous()
-    rows = x2.shape[0]
     y = torch.empty_like(x2)
     if residual is not None:
         r2 = residual.reshape(-1, n)
@@ -79,9 +78,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
         h = torch.empty_like(x2)
     else:
         r2, h = x2, x2
-    block = next_pow2(n)
-    _rms_norm_kernel[(rows,)](x2, r2, weight, y, h, n, eps, 0, HAS_RES=residual is not None, PARTS=0, BLOCK=block,
-                              num_warps=max(1, min(8, block // 256)))
+    _launch_rms_norm(x2, r2, weight, y, h, eps, has_res=residual is not None)
     return h.view(x.shape), y.view(x.shape)
 
 
@@ -89,13 +86,19 @@ def rms_norm_of_parts(parts: torch.Tensor, weight: torch.Tensor, eps: float, res
                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """``rms_norm(sum(parts).to(residual.dtype), weight, eps, residual)`` in one kernel: parts
     [P, rows, n] fp32 (``linear_parts``), residual [rows, n] -> (h, y) as ``rms_norm``."""
-    p, rows, n = parts.shape
-    assert parts.is_contiguous() and residual.is_contiguous() and residual.shape == (rows, n)
+    assert parts.is_contiguous() and residual.is_contiguous() and residual.shape == parts.shape[1:]
     y, h = torch.empty_like(residual), torch.empty_like(residual)
-    block = next_pow2(n)
-    _rms_norm_kernel[(rows,)](parts, residual, weight, y, h, n, eps, rows * n, HAS_RES=True, PARTS=p, BLOCK=block,
-                              num_warps=max(1, min(8, block // 256)))
+    _launch_rms_norm(parts, residual, weight, y, h, eps, has_res=True, parts=parts.shape[0])
     return h, y
+
+
+def _launch_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, h: torch.Tensor,
+                     eps: float, *, has_res: bool, parts: int = 0) -> None:
+    """One program per row of y [rows, n]; x is [rows, n], or [parts, rows, n] fp32 partial sums."""
+    rows, n = y.shape
+    block = next_pow2(n)
+    _rms_norm_kernel[(rows,)](x, residual, weight, y, h, n, eps, rows * n, HAS_RES=has_res, PARTS=parts,
+                              BLOCK=block, num_warps=max(1, min(8, block // 256)))
 
 
 # -- rotary embedding + KV-cache write ------------------------------------------------------------
@@ -108,33 +111,21 @@ def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, slot_ptr, po
                     H: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    dtype = qkv_ptr.dtype.element_ty
-    offs = tl.arange(0, HALF)
-    src = qkv_ptr + row * qkv_stride + head * (2 * HALF)
-    x1 = tl.load(src + offs)
-    x2 = tl.load(src + HALF + offs)
+    d = tl.arange(0, 2 * HALF)
+    src = qkv_ptr + row * qkv_stride + head * (2 * HALF) + d
     slot = tl.load(slot_ptr + row).to(tl.int64)
     pos = tl.minimum(tl.load(pos_ptr + row), max_pos - 1).to(tl.int64)
     if head < H + HKV:
-        c1 = tl.load(cos_ptr + row * cs_stride + offs).to(tl.float32)
-        c2 = tl.load(cos_ptr + row * cs_stride + HALF + offs).to(tl.float32)
-        s1 = tl.load(sin_ptr + row * cs_stride + offs).to(tl.float32)
-        s2 = tl.load(sin_ptr + row * cs_stride + HALF + offs).to(tl.float32)
-        a1 = x1.to(tl.float32)
-        a2 = x2.to(tl.float32)
-        # x * cos + rotate_half(x) * sin, each product rounded as the eager ops round it
-        o1 = ((a1 * c1).to(dtype).to(tl.float32) + (-a2 * s1).to(dtype).to(tl.float32)).to(dtype)
-        o2 = ((a2 * c2).to(dtype).to(tl.float32) + (a1 * s2).to(dtype).to(tl.float32)).to(dtype)
+        c = tl.load(cos_ptr + row * cs_stride + d).to(tl.float32)
+        s = tl.load(sin_ptr + row * cs_stride + d).to(tl.float32)
         if head < H:
             dst = q_ptr + row * q_stride_row + head * q_stride_head
         else:
             dst = k_ptr + slot * c_stride_s + (head - H) * c_stride_h + pos * c_stride_l
-        tl.store(dst + offs, o1)
-        tl.store(dst + HALF + offs, o2)
+        tl.store(dst + d, _rotate_row(src, d, c, s, HALF))
     else:
         dst = v_ptr + slot * c_stride_s + (head - H - HKV) * c_stride_h + pos * c_stride_l
-        tl.store(dst + offs, x1)
-        tl.store(dst + HALF + offs, x2)
+        tl.store(dst + d, tl.load(src))
 
 
 def rope_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
