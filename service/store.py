@@ -22,7 +22,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 import torch
-from redis.exceptions import RedisError, ResponseError
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError, RedisError, ResponseError
 
 from service.errors import ApiError, unavailable
 from service.fingerprint import REGISTRY
@@ -97,9 +99,13 @@ class FeatureStore:
     def __init__(self, url: str, *, ttl_s: int | None = None, timeout_s: float = 5.0) -> None:
         self.url = url
         self.ttl_s = ttl_s or None
+        # After Redis restarts, every pooled connection that sat idle through the outage is closed
+        # at the server's end and fails its next command: one immediate retry on a fresh connection
+        # hides that. Without it (from_url gives the connections no retry), a restart cost one 503 per
+        # idle connection. Timeouts are not retried: a slow server would double every wait.
         self.redis = aioredis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=10,
-            retry_on_timeout=False,
+            retry=Retry(NoBackoff(), 1, supported_errors=(ConnectionError,)),
         )
 
     async def close(self) -> None:

@@ -35,6 +35,7 @@ class Outcome:
     code: str | None = None
     retry_after: str | None = None
     error: str | None = None
+    message: str | None = None
 
 
 @dataclass
@@ -64,9 +65,9 @@ class Load:
         except httpx.HTTPError as exc:
             self.outcomes.append(Outcome("?", start, time.monotonic() - start, error=repr(exc)))
             return
-        code = r.json().get("error", {}).get("code") if r.status_code >= 400 else None
-        self.outcomes.append(Outcome(kind, start, time.monotonic() - start, r.status_code, code,
-                                     r.headers.get("retry-after")))
+        error = r.json().get("error", {}) if r.status_code >= 400 else {}
+        self.outcomes.append(Outcome(kind, start, time.monotonic() - start, r.status_code, error.get("code"),
+                                     r.headers.get("retry-after"), message=error.get("message")))
 
     async def client_loop(self, seed: int, until: float) -> None:
         rng = random.Random(seed)

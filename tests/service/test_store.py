@@ -75,6 +75,25 @@ async def test_unreachable_redis_is_503():
     await store.close()
 
 
+async def test_restarted_redis_costs_no_request(redis_server, tmp_path):
+    """Connections that sat idle in the pool while Redis was down are stale once it is back: each
+    is retried on a fresh connection instead of failing one request."""
+    own = type(redis_server)(tmp_path)
+    own.start()
+    store = FeatureStore(own.url, timeout_s=1.0)
+    try:
+        assert await asyncio.gather(*[store.get("fp", f"{i:064x}") for i in range(16)]) == [None] * 16
+        own.stop()
+        with pytest.raises(ApiError) as err:  # down: a fast 503, not a hang
+            await store.get("fp", ID)
+        assert err.value.status == 503 and err.value.code == "redis_unavailable"
+        own.start()  # same port, new process: the pooled connections that were not used are closed at its end
+        assert await asyncio.gather(*[store.get("fp", f"{i:064x}") for i in range(16)]) == [None] * 16
+    finally:
+        await store.close()
+        own.stop()
+
+
 async def test_lock_lets_one_compute(redis_url):
     store = FeatureStore(redis_url)
     assert await store.lock("fp1", ID, ttl_s=5)
