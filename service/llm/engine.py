@@ -190,20 +190,21 @@ class Generation:
         finally:
             self.cancel()  # a no-op once finished
 
+    async def _next(self) -> Event:
+        """The next event; on an event loop, woken by the scheduler through a future."""
+        while True:
+            with self._cond:
+                if self._events:
+                    return self._deliver(self._events.popleft())
+                loop = asyncio.get_running_loop()
+                fut = loop.create_future()
+                self._waiter = (loop, fut)
+            await fut
+
     async def __aiter__(self) -> AsyncIterator[Event]:
-        loop = asyncio.get_running_loop()
         try:
             while True:
-                with self._cond:
-                    if self._events:
-                        fut = None
-                        event = self._deliver(self._events.popleft())
-                    else:
-                        fut = loop.create_future()
-                        self._waiter = (loop, fut)
-                if fut is not None:
-                    await fut
-                    continue
+                event = await self._next()
                 yield event
                 if isinstance(event, Finish):
                     return
@@ -213,10 +214,16 @@ class Generation:
     async def final(self) -> Finish:
         """The Finish event (the deltas' text is in ``Finish.text``); an engine failure is raised here.
         A generation made with ``deltas=False`` has no deltas, so its loop is woken once."""
-        async for event in self:
-            if isinstance(event, Finish):
-                return event
-        raise RuntimeError("generation ended without a Finish event")
+        # not ``async for event in self``: an async generator left before its end is closed by the
+        # loop's finalizer hook, a call_soon_threadsafe (a write to the loop's self-pipe) and an
+        # aclose task, per answer
+        try:
+            while True:
+                event = await self._next()
+                if isinstance(event, Finish):
+                    return event
+        finally:
+            self.cancel()  # a no-op once finished
 
     def result(self) -> Finish:
         """Block until the answer is complete."""
