@@ -125,9 +125,10 @@ class LLMWorker:
         iterator = generation.__aiter__()
         try:
             while True:
-                remaining = deadline - asyncio.get_running_loop().time()
+                # a timer per event, not a task: wait_for wrapped each token's wait in a new task
                 try:
-                    event = await asyncio.wait_for(iterator.__anext__(), timeout=max(remaining, 0.001))
+                    async with asyncio.timeout_at(deadline):
+                        event = await iterator.__anext__()
                 except StopAsyncIteration:
                     return
                 except TimeoutError:
@@ -146,9 +147,11 @@ class LLMWorker:
     async def answer(self, generation: Generation) -> Finish:
         """The final event only: one timeout for the whole answer, and the event loop is woken once,
         not once per token."""
-
+        # awaited in the request's own task: wait_for would run it in a new task, one more hop
+        # through the event loop at the start and one at the end
         try:
-            return await asyncio.wait_for(generation.final(), timeout=self.settings.request_timeout_s)
+            async with asyncio.timeout(self.settings.request_timeout_s):
+                return await generation.final()
         except TimeoutError:
             raise self._timeout() from None
         finally:
