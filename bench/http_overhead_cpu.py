@@ -117,7 +117,13 @@ class Stages:
                     return result
                 setattr(owner, attr, wrapper)
 
+        import fastapi.routing
+        import starlette.responses
+
         wrap(RequestMetricsMiddleware, "__call__", "app")
+        wrap(fastapi.routing, "solve_dependencies", "fastapi.dependencies")
+        wrap(fastapi.routing, "serialize_response", "fastapi.serialize")
+        wrap(starlette.responses.Response, "__call__", "response.send")
         wrap(LLMWorker, "ask", "route.ask")
         wrap(LLMWorker, "answer", "route.answer")
         wrap(LLMEngine, "generate", "generate")
@@ -206,8 +212,10 @@ def paired(script: str, port: int, body: str, reps: int, direct: Callable[[], fl
 
 def stage_table(http: list[dict[str, float]], direct: list[dict[str, float]]) -> list[str]:
     """Median gaps between consecutive stamps (in the order they happen), HTTP against direct."""
-    order = ["app", "route.ask", "generate", "generate.end", "route.ask.end", "route.answer", "sched.admit",
-             "sched.first_token", "sched.finish_put", "route.answer.end", "app.end", "result.end"]
+    order = ["app", "fastapi.dependencies", "fastapi.dependencies.end", "route.ask", "generate", "generate.end", "route.ask.end", "route.answer", "sched.admit",
+             "sched.first_token", "sched.finish_put", "route.answer.end",
+             "fastapi.serialize", "fastapi.serialize.end", "response.send", "response.send.end", "app.end",
+             "result.end"]
     lines = []
 
     def gaps(rows: list[dict[str, float]]) -> dict[str, float]:
