@@ -121,3 +121,69 @@ async def test_lock_unless_stored(redis_url):
     assert await store.lock_unless_stored("fp9", ID, ttl_s=5) is None  # stored: no lock needed
     assert await store.lock("fp9", ID, ttl_s=5)  # and it was not kept
     await store.close()
+
+
+async def test_lock_unless_stored_takes_the_lease_in_one_command(redis_url):
+    store = FeatureStore(redis_url)
+    r = redis.Redis.from_url(redis_url)
+    assert await store.lock_unless_stored("fp9", ID, ttl_s=2.5) is True
+    assert 0 < r.pttl(f"splitvl:lock:fp9:{ID}") <= 2500
+    assert not r.exists(f"splitvl:fp9:{ID}")
+    await store.close()
+
+
+async def test_lock_unless_stored_held_by_another_waits_for_its_record(redis_url):
+    ours, theirs = FeatureStore(redis_url), FeatureStore(redis_url)
+    assert await theirs.lock_unless_stored("fp9", ID, ttl_s=5) is True
+    assert await ours.lock_unless_stored("fp9", ID, ttl_s=5) is False
+
+    async def store_later() -> None:
+        await asyncio.sleep(0.1)
+        await theirs.put(record(fingerprint="fp9"), release_lock=True)
+
+    task = asyncio.create_task(store_later())
+    got = await ours.wait_for("fp9", ID, timeout_s=5)
+    await task
+    assert got is not None and got.image_id == ID
+    assert await ours.lock_unless_stored("fp9", ID, ttl_s=5) is None  # stored meanwhile: no lock
+    assert await ours.lock("fp9", ID, ttl_s=5)  # the holder's lock went with its store, and none was kept
+    for store in (ours, theirs):
+        await store.close()
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "not a hash"])
+async def test_lock_unless_stored_on_a_corrupt_record_then_get_drops_it(redis_url, damage):
+    store = FeatureStore(redis_url)
+    await store.put(record(fingerprint="fp9"))
+    r = redis.Redis.from_url(redis_url)
+    key = f"splitvl:fp9:{ID}"
+    if damage == "not a hash":
+        r.delete(key)
+        r.set(key, b"junk")
+    else:
+        raw = bytearray(r.hget(key, "embeds"))
+        raw[3] ^= 0x10
+        r.hset(key, "embeds", bytes(raw))
+    assert await store.lock_unless_stored("fp9", ID, ttl_s=5) is None  # something is stored: not locked
+    with pytest.raises(ApiError) as err:
+        await store.get("fp9", ID)
+    assert err.value.status == 409 and err.value.code == "corrupt_features"
+    assert not r.exists(key)
+    assert await store.lock_unless_stored("fp9", ID, ttl_s=5) is True  # dropped: a miss now
+    await store.close()
+
+
+async def test_lock_unless_stored_loads_its_script_again_after_a_flush(redis_url):
+    store = FeatureStore(redis_url)
+    assert await store.lock_unless_stored("fp9", ID, ttl_s=5) is True
+    redis.Redis.from_url(redis_url).script_flush()  # as after a Redis restart: NOSCRIPT, loaded again
+    assert await store.lock_unless_stored("fp9", "cd" * 32, ttl_s=5) is True
+    await store.close()
+
+
+async def test_lock_unless_stored_with_redis_down_is_503():
+    store = FeatureStore("redis://127.0.0.1:1/0", timeout_s=0.5)
+    with pytest.raises(ApiError) as err:
+        await store.lock_unless_stored("fp", ID, ttl_s=5)
+    assert err.value.status == 503 and err.value.code == "redis_unavailable" and err.value.retry_after
+    await store.close()
