@@ -9,7 +9,7 @@ import redis
 import torch
 
 from service.errors import ApiError
-from service.store import FeatureStore, ImageRecord
+from service.store import FeatureStore, ImageRecord, checksum
 
 ID = "ab" * 32
 
@@ -186,4 +186,35 @@ async def test_lock_unless_stored_with_redis_down_is_503():
     with pytest.raises(ApiError) as err:
         await store.lock_unless_stored("fp", ID, ttl_s=5)
     assert err.value.status == 503 and err.value.code == "redis_unavailable" and err.value.retry_after
+    await store.close()
+
+
+async def test_checksum_is_crc32_and_records_stored_with_blake2b_are_still_read(redis_url):
+    import hashlib
+
+    store = FeatureStore(redis_url)
+    rec = record(fingerprint="fp9")
+    await store.put(rec)
+    r = redis.Redis.from_url(redis_url)
+    key = f"splitvl:fp9:{ID}"
+    raw = r.hget(key, "embeds")
+    assert r.hget(key, "checksum").decode() == checksum(raw) and checksum(raw).startswith("crc32:")
+    r.hset(key, "checksum", hashlib.blake2b(raw, digest_size=16).hexdigest())  # as stored before
+    got = await store.get("fp9", ID)
+    assert got is not None and torch.equal(got.embeds, rec.embeds)
+    damaged = bytearray(raw)
+    damaged[7] ^= 0x01
+    r.hset(key, "embeds", bytes(damaged))
+    with pytest.raises(ApiError) as err:
+        await store.get("fp9", ID)
+    assert err.value.code == "corrupt_features" and not r.exists(key)
+    await store.close()
+
+
+async def test_large_embeddings_are_checksummed_off_the_loop_and_read_back(redis_url):
+    store = FeatureStore(redis_url)
+    big = ImageRecord(ID, "fp9", "tiny", (1, 64, 64), torch.randn(1024, 1024).to(torch.bfloat16))  # 2 MiB
+    await store.put(big)
+    got = await store.get("fp9", ID)
+    assert got is not None and torch.equal(got.embeds, big.embeds)
     await store.close()
