@@ -36,7 +36,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from bench.llm_bench import HTTP_CLIENT, RAW_HTTP_CLIENT  # noqa: E402
-from service.llm.engine import Finish, Generation, LLMEngine  # noqa: E402
+from service.llm.engine import LLMEngine  # noqa: E402
+from service.llm.generation import Finish, Generation  # noqa: E402
 from service.ports import free_port  # noqa: E402
 from service.store import ImageRecord  # noqa: E402
 

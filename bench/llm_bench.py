@@ -52,7 +52,8 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from service.llm.cuda_graphs import DecodeRunner, PrefillRow, PrefillRunner  # noqa: E402
-from service.llm.engine import Delta, Finish, LLMEngine  # noqa: E402
+from service.llm.engine import LLMEngine  # noqa: E402
+from service.llm.generation import Delta, Finish  # noqa: E402
 from service.llm.model import (  # noqa: E402
     Qwen2LM,
     TextConfig,

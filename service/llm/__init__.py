@@ -5,7 +5,8 @@ question, max_tokens, temperature, top_p, seed)`` returns a ``Generation`` strea
 events and a final ``Finish``; see ``service.llm.engine``.
 """
 
-from service.llm.engine import Delta, Finish, Generation, LLMEngine, sample_token
+from service.llm.engine import LLMEngine, sample_token
+from service.llm.generation import Delta, Finish, Generation
 from service.llm.model import Qwen2LM, TextConfig, decode_step, load_model, prefill
 from service.llm.prompt import Prompt, PromptBuilder, StreamDecoder, positions
 

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from service.errors import ApiError, unavailable
-from service.llm.engine import Delta, Finish, Generation
+from service.llm.generation import Delta, Finish, Generation
 from service.llm.openai_schema import ChatRequest, ImageInput, check_parameters, parse_messages
 from service.llm.routes import LLM, sse
 from service.llm.vision_client import encode_image

@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.errors import ApiError
-from service.llm.engine import Delta, Finish, Generation
+from service.llm.generation import Delta, Finish, Generation
 from service.llm.worker import LLMWorker
 
 

@@ -12,7 +12,8 @@ from service.checkpoint import resolve_model_path
 from service.config import Settings
 from service.errors import ApiError, unavailable
 from service.fingerprint import model_key
-from service.llm.engine import Delta, Finish, Generation, LLMEngine, PrefixNotCached
+from service.llm.engine import LLMEngine, PrefixNotCached
+from service.llm.generation import Delta, Finish, Generation
 from service.metrics import Metrics
 from service.store import FeatureStore, ImageRecord
 

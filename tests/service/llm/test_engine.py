@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from service.errors import ApiError
-from service.llm.engine import Delta, Finish, Generation, LLMEngine, PrefixNotCached, sample_token
+from service.llm.engine import LLMEngine, PrefixNotCached, sample_token
+from service.llm.generation import Delta, Finish, Generation
 
 from . import Features, copy_checkpoint, oracle, random_image
 
