@@ -1,7 +1,7 @@
 """The vision worker's upload request path on the CPU: HTTP + Redis work per upload, no model.
 
     PYTHONPATH=. python bench/upload_path_cpu.py [--runs 3] [--duration 8] [--clients 16] \\
-        [--code DIR ...] [--out upload.json]
+        [--code DIR ...] [--out upload.json] [--profile DIR]
 
 Runs the real vision app (``create_app(settings, "vision")``: routes, worker, batcher, feature
 store) under uvicorn (uvloop + httptools, as ``splitvl serve vision``) in a child process, against
@@ -26,6 +26,10 @@ number that does not depend on how the 2 cores are shared with the client), and 
 phase durations (``Server-Timing``) p50. Redis runs with ``maxmemory 2gb`` + LRU (the new phase
 writes ~300 MB/s) and is emptied before each phase.
 
+With ``--profile DIR`` the server's event-loop thread runs under cProfile during each measured phase
+(and only then): ``DIR/{tree}-{run}-{phase}.prof``, for ``python -m pstats``. cProfile slows the
+server several-fold: the CPU numbers of a profiled run say nothing, only the profile's proportions do.
+
 A baseline tree for comparison: ``git archive COMMIT | tar -x -C /tmp/base`` and ``--code /tmp/base
 --code .``.
 """
@@ -38,6 +42,7 @@ import io
 import itertools
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -86,7 +91,28 @@ class StandInEncoder:
         return [self.embeds for _ in batch]
 
 
-def serve(port: int, redis_url: str, log_level: str) -> None:
+def profile_on_signal(prefix: str) -> None:
+    """Each SIGUSR1 starts a fresh cProfile of this (the event loop's) thread, or stops the running one
+    and writes it to ``{prefix}{n}.prof``: the parent brackets each measured phase with two signals."""
+    import cProfile
+    import signal
+
+    state: dict[str, Any] = {"profiler": None, "n": 0}
+
+    def toggle(signum: int, frame: Any) -> None:
+        profiler = state["profiler"]
+        if profiler is None:
+            state["profiler"] = profiler = cProfile.Profile()
+            profiler.enable()
+            return
+        profiler.disable()
+        profiler.dump_stats(f"{prefix}{state['n']}.prof")
+        state["profiler"], state["n"] = None, state["n"] + 1
+
+    signal.signal(signal.SIGUSR1, toggle)
+
+
+def serve(port: int, redis_url: str, log_level: str, profile: str | None = None) -> None:
     import uvicorn
 
     from service.app import create_app
@@ -97,6 +123,8 @@ def serve(port: int, redis_url: str, log_level: str) -> None:
                         host="127.0.0.1", port=port)
     configure_logging(settings.log_level, settings.log_format, show_pid=False)
     app = create_app(settings, "vision", workers={"vision_encoder": StandInEncoder()})
+    if profile:
+        profile_on_signal(profile)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level=log_level, log_config=None, access_log=False)
 
 
@@ -138,7 +166,7 @@ def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
 class Server:
     """This script's ``serve`` in a child process that imports ``service`` from ``code``."""
 
-    def __init__(self, code: Path, redis_url: str, log: Path, log_level: str) -> None:
+    def __init__(self, code: Path, redis_url: str, log: Path, log_level: str, profile: str | None = None) -> None:
         from service.ports import free_port, wait_until_ready
 
         self.port = free_port()
@@ -147,7 +175,7 @@ class Server:
         env = {**os.environ, "PYTHONPATH": str(code), "TOKENIZERS_PARALLELISM": "false"}
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), "serve", "--port", str(self.port), "--redis-url", redis_url,
-             "--log-level", log_level], cwd=code, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+             "--log-level", log_level, *(["--profile", profile] if profile else [])], cwd=code, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         wait_until_ready(self.url, self.proc, 120, lambda: log.read_text(errors="replace")[-3000:])
 
     def stop(self) -> None:
@@ -210,8 +238,10 @@ def note(phase: Phase, started: float, response: Any) -> None:
         phase.timings[name].append(float(dur))
 
 
-async def drive(url: str, bodies: Any, clients: int, duration_s: float, pids: tuple[int, int]) -> Phase:
-    """``clients`` connections posting ``next(bodies)`` until ``duration_s`` has passed."""
+async def drive(url: str, bodies: Any, clients: int, duration_s: float, pids: tuple[int, int],
+                profile: bool = False) -> Phase:
+    """``clients`` connections posting ``next(bodies)`` until ``duration_s`` has passed; with ``profile``
+    the server (``pids[0]``) is signalled to profile the measured interval."""
     import httpx
 
     phase = Phase()
@@ -225,12 +255,16 @@ async def drive(url: str, bodies: Any, clients: int, duration_s: float, pids: tu
 
         # open the connections first: the measured phase starts with all of them warm
         await asyncio.gather(*(http.get("/healthz") for _ in range(clients)))
+        if profile:
+            os.kill(pids[0], signal.SIGUSR1)
         cpu = [cpu_seconds(p) for p in pids]
         began = time.perf_counter()
         deadline = began + duration_s
         await asyncio.gather(*(client() for _ in range(clients)))
         phase.seconds = time.perf_counter() - began
         phase.server_cpu_s, phase.redis_cpu_s = (cpu_seconds(p) - c for p, c in zip(pids, cpu, strict=True))
+        if profile:
+            os.kill(pids[0], signal.SIGUSR1)
     return phase
 
 
@@ -250,13 +284,14 @@ async def measure(url: str, redis_url: str, base: bytes, tag: str, args: argpars
     # warm the server's code paths and connections before measuring
     await drive(url, unique_bodies(base, f"warm-{tag}"), args.clients, 1.0, pids)
     await r.flushall()
-    out["new"] = (await drive(url, unique_bodies(base, tag), args.clients, args.duration, pids)).summary()
+    profile = args.profile is not None
+    out["new"] = (await drive(url, unique_bodies(base, tag), args.clients, args.duration, pids, profile)).summary()
     await r.flushall()
     pool = [base + f"{tag}:repeat:{i}".encode() for i in range(REPEAT_POOL)]
     async with httpx.AsyncClient(base_url=url, timeout=60) as http:
         for body in pool:
             (await http.post("/v1/images", content=body, headers={"Content-Type": "image/jpeg"})).raise_for_status()
-    out["repeat"] = (await drive(url, itertools.cycle(pool), args.clients, args.duration, pids)).summary()
+    out["repeat"] = (await drive(url, itertools.cycle(pool), args.clients, args.duration, pids, profile)).summary()
     await r.aclose()
     return out
 
@@ -281,7 +316,11 @@ def main() -> None:
                         "(repeat to alternate several); default this checkout")
     parser.add_argument("--log-level", default="info", help="the server's (info: an access line per request)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--profile", type=Path, help="write cProfile stats of each measured phase here "
+                        "(the server's CPU numbers are then meaningless)")
     args = parser.parse_args()
+    if args.profile:
+        args.profile.mkdir(parents=True, exist_ok=True)
     trees = [p.resolve() for p in (args.code or [ROOT])]
     base = base_jpeg()
     results: dict[str, list[dict[str, Any]]] = defaultdict(list)
@@ -289,7 +328,9 @@ def main() -> None:
         redis_proc, redis_url = start_redis(Path(tmp))
         try:
             for run, (i, tree) in itertools.product(range(args.runs), enumerate(trees)):
-                server = Server(tree, redis_url, Path(tmp) / f"server-{i}-{run}.log", args.log_level)
+                # the server numbers its profiles in phase order: 0 new, 1 repeat
+                profile = str(args.profile.resolve() / f"{i}-{run}-") if args.profile else None
+                server = Server(tree, redis_url, Path(tmp) / f"server-{i}-{run}.log", args.log_level, profile)
                 try:
                     got = asyncio.run(measure(server.url, redis_url, base, f"{i}-{run}", args,
                                               (server.proc.pid, redis_proc.pid)))
@@ -320,7 +361,8 @@ if __name__ == "__main__":
         serve_args.add_argument("--port", type=int, required=True)
         serve_args.add_argument("--redis-url", required=True)
         serve_args.add_argument("--log-level", default="info")
+        serve_args.add_argument("--profile")
         a = serve_args.parse_args()
-        serve(a.port, a.redis_url, a.log_level)
+        serve(a.port, a.redis_url, a.log_level, a.profile)
     else:
         main()
