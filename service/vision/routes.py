@@ -90,9 +90,10 @@ async def upload_image(request: Request, vision: Vision) -> Response:
     timings = Timings()
     data = await read_upload(request, vision.settings.max_upload_bytes)
     timings.mark("read")
-    record, cached = await vision.encode(data, timings)
+    embeddings = wants_embeddings(request)
+    record, cached = await vision.encode(data, timings, load=embeddings)
     meta = record.metadata(cached=cached)
-    if wants_embeddings(request):
+    if embeddings:
         return Response(embeddings_file(record), media_type="application/octet-stream",
                         headers={**metadata_headers(meta), "Server-Timing": timings.header()})
     return JSONResponse(meta, headers={"Server-Timing": timings.header()})

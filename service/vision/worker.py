@@ -97,9 +97,9 @@ class VisionWorker:
         await self.batcher.stop()
         self._preprocess_pool.shutdown(wait=False, cancel_futures=True)
 
-    async def _stored(self, image_id: str, *, with_embeds: bool = True) -> ImageRecord | None:
+    async def _stored(self, image_id: str, *, with_embeds: bool = True, load: bool = True) -> ImageRecord | None:
         """The stored record, checked against this tower; one that does not fit it is dropped (409)."""
-        record = await self.store.get(self.fingerprint, image_id, with_embeds=with_embeds)
+        record = await self.store.get(self.fingerprint, image_id, with_embeds=with_embeds, load=load)
         if record is not None:
             t, h, w = record.grid_thw
             merge = self.encoder.spatial_merge_size
@@ -109,10 +109,10 @@ class VisionWorker:
                                                     f"grid {list(record.grid_thw)} of this model")
         return record
 
-    async def _reusable(self, image_id: str) -> ImageRecord | None:
+    async def _reusable(self, image_id: str, *, load: bool = True) -> ImageRecord | None:
         """The stored record, or None when there is none or it was damaged (dropped: compute it again)."""
         try:
-            return await self._stored(image_id)
+            return await self._stored(image_id, load=load)
         except ApiError as exc:
             if exc.code != "corrupt_features":
                 raise
@@ -124,9 +124,12 @@ class VisionWorker:
             raise ApiError(404, "image_not_found", f"image {image_id} is not stored (never uploaded, deleted or evicted): upload it again")
         return record
 
-    async def encode(self, data: bytes, timings: Timings | None = None) -> tuple[ImageRecord, bool]:
+    async def encode(self, data: bytes, timings: Timings | None = None, *,
+                     load: bool = True) -> tuple[ImageRecord, bool]:
         """The stored record for these bytes, computing it at most once; True when it was cached.
-        ``timings`` collects how long each phase took (the route sends them as ``Server-Timing``)."""
+        ``timings`` collects how long each phase took (the route sends them as ``Server-Timing``).
+        With ``load=False`` (the caller answers with metadata only) a record found stored is checked
+        in full but its embeds may be a meta tensor; a computed or shared one always has them."""
         timings = timings if timings is not None else Timings()
         if not data:
             raise ApiError(400, "empty_image", "the request carried no image bytes: send the image as multipart field 'file' or as the raw body")
@@ -135,7 +138,7 @@ class VisionWorker:
         # hashing a large upload takes milliseconds: a thread, not the event loop (hashlib releases the GIL)
         image_id = await asyncio.to_thread(image_id_of, data) if len(data) > 1 << 20 else image_id_of(data)
         timings.mark("hash")
-        record = await self._reusable(image_id)
+        record = await self._reusable(image_id, load=load)
         timings.mark("lookup")
         if record is not None:
             self.metrics.cache.labels("features", "hit").inc()

@@ -66,6 +66,28 @@ async def test_corrupt_bytes_are_refused_and_dropped(redis_url):
     await store.close()
 
 
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated, checksum fixed"])
+async def test_get_without_load_checks_the_bytes_as_fully(redis_url, damage):
+    """``load=False`` (an upload answered with metadata) skips the tensor copy, not a check."""
+    store = FeatureStore(redis_url)
+    await store.put(record())
+    got = await store.get("fp1", ID, load=False)
+    assert got is not None and got.embeds.is_meta and got.embeds.shape == (6, 64)
+    assert got.embeds.dtype == torch.bfloat16 and got.metadata() == record().metadata()
+    r = redis.Redis.from_url(redis_url)
+    key = f"splitvl:fp1:{ID}"
+    raw = r.hget(key, "embeds")
+    if damage == "flipped byte":
+        r.hset(key, "embeds", bytes([raw[0] ^ 0xFF]) + raw[1:])
+    else:  # the checksum passes: only the size tells
+        r.hset(key, mapping={"embeds": raw[:-2], "checksum": checksum(raw[:-2])})
+    with pytest.raises(ApiError) as err:
+        await store.get("fp1", ID, load=False)
+    assert err.value.code == "corrupt_features" and not r.exists(key)
+    r.close()
+    await store.close()
+
+
 async def test_unreachable_redis_is_503():
     store = FeatureStore("redis://127.0.0.1:1/0", timeout_s=0.5)
     with pytest.raises(ApiError) as err:
