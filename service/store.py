@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import json
 import math
+import os
 import time
 import zlib
 from dataclasses import dataclass
@@ -26,7 +27,8 @@ import redis.asyncio as aioredis
 import torch
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError, RedisError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError, ResponseError
 
 from service.errors import ApiError, unavailable
 from service.fingerprint import REGISTRY
@@ -47,15 +49,29 @@ def parse_dtype(name: str) -> torch.dtype:
         raise ValueError(f"unsupported dtype {name!r}; use one of {sorted(_DTYPES)}") from None
 
 
-# FeatureStore.lock_unless_stored in one command: -1 when the record is stored (no lock taken), else
-# SET NX PX of the lock (ARGV[1] ms): 1 taken, 0 held by another worker. Atomic, so no worker stores
-# the record between the check and the lock, and a lock is never taken only to be dropped again.
+# An image's compute lock (KEYS[1]), unless its record (KEYS[2], optional) is stored: -1 when it is
+# (no lock taken), else 1 taken, 0 held by another. Atomic, so no worker stores the record between
+# the check and the lock, and a lock is never taken only to be dropped again. The lock's value is
+# the taker's token (ARGV[1]; lease ARGV[2] ms): the connection's one retry re-sends the same token,
+# so an attempt whose reply was lost after it took the lock finds its own token and has it, where a
+# bare SET NX would answer "held by another" and the worker would wait a lease on its own lock.
 # The record is not read here: a stored record's fields come from HMGET (``get``), since a Lua
 # script that returned them would copy the ~1 MB of embeddings in Redis twice more per hit.
-_LOCK_UNLESS_STORED = """
-if redis.call('EXISTS', KEYS[1]) == 1 then return -1 end
-if redis.call('SET', KEYS[2], '1', 'NX', 'PX', ARGV[1]) then return 1 end
+_TAKE_LOCK = """
+if KEYS[2] and redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
 return 0
+"""
+# Extend (ARGV[2] ms) or, without ARGV[2], delete the lock only while it holds our token (ARGV[1]):
+# a worker whose lease ran out must not extend or free the lock another worker has taken since.
+_OWN_LOCK = """
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if ARGV[2] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+return redis.call('DEL', KEYS[1])
 """
 
 
@@ -146,11 +162,13 @@ class FeatureStore:
         # idle connection. Timeouts are not retried: a slow server would double every wait.
         self.redis = aioredis.Redis.from_url(
             url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=10,
-            retry=Retry(NoBackoff(), 1, supported_errors=(ConnectionError,)),
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
         )
         # EVALSHA by its digest; redis-py loads the script again when the server answers NOSCRIPT
         # (a restarted or flushed Redis)
-        self._lock_unless_stored = self.redis.register_script(_LOCK_UNLESS_STORED)
+        self._take_lock = self.redis.register_script(_TAKE_LOCK)
+        self._own_lock = self.redis.register_script(_OWN_LOCK)
+        self._tokens: dict[str, str] = {}  # lock key -> the token of the lock this store holds
 
     async def close(self) -> None:
         await self.redis.aclose()
@@ -194,8 +212,10 @@ class FeatureStore:
         pipe.hset(key, mapping=mapping)
         if model_key is not None:
             pipe.hset(REGISTRY, model_key, record.fingerprint)
-        if release_lock:
-            pipe.delete(self._lock_key(record.fingerprint, record.image_id))
+        if release_lock:  # a plain DEL: the record it guards is stored in the same transaction
+            lock_key = self._lock_key(record.fingerprint, record.image_id)
+            self._tokens.pop(lock_key, None)
+            pipe.delete(lock_key)
         pipe.set(f"{PREFIX}:id:{record.image_id}", record.fingerprint)
         if self.ttl_s:
             pipe.expire(key, self.ttl_s)
@@ -278,25 +298,39 @@ class FeatureStore:
         value = await self._call(self.redis.hget(REGISTRY, model_key))
         return value.decode() if value is not None else None
 
+    async def _take(self, fingerprint: str, image_id: str, ttl_s: float, *, unless_stored: bool) -> int:
+        lock_key = self._lock_key(fingerprint, image_id)
+        token = os.urandom(8).hex()
+        keys = [lock_key, self.key(fingerprint, image_id)] if unless_stored else [lock_key]
+        taken = int(await self._call(self._take_lock(keys=keys, args=[token, int(ttl_s * 1000)])))
+        if taken == 1:
+            self._tokens[lock_key] = token
+        return taken
+
     async def lock(self, fingerprint: str, image_id: str, ttl_s: float) -> bool:
-        key = self._lock_key(fingerprint, image_id)
-        return bool(await self._call(self.redis.set(key, b"1", nx=True, px=int(ttl_s * 1000))))
+        """Take this image's compute lock for ``ttl_s``: False when another holder has it."""
+        return await self._take(fingerprint, image_id, ttl_s, unless_stored=False) == 1
 
     async def lock_unless_stored(self, fingerprint: str, image_id: str, ttl_s: float) -> bool | None:
         """Take this image's compute lock in the same round trip that checks for its record: True when
-        taken, False when another worker holds it, None when the record is stored already (a worker
-        that stored it between our miss and now; the lock is not kept)."""
-        # one EVALSHA rather than a MULTI pipeline (SET NX, EXISTS): half the client CPU of a miss's
-        # second round trip, and no DEL of a lock taken for a record that turned out to be stored
-        keys = [self.key(fingerprint, image_id), self._lock_key(fingerprint, image_id)]
-        taken = await self._call(self._lock_unless_stored(keys=keys, args=[int(ttl_s * 1000)]))
+        taken, False when another holder has it, None when the record is stored already (a worker
+        that stored it between our miss and now; no lock is taken)."""
+        taken = await self._take(fingerprint, image_id, ttl_s, unless_stored=True)
         return None if taken == -1 else bool(taken)
 
     async def extend_lock(self, fingerprint: str, image_id: str, ttl_s: float) -> None:
-        await self._call(self.redis.pexpire(self._lock_key(fingerprint, image_id), int(ttl_s * 1000)))
+        """Renew the lease of a lock this store holds (nothing when it lost it)."""
+        lock_key = self._lock_key(fingerprint, image_id)
+        token = self._tokens.get(lock_key)
+        if token is not None:
+            await self._call(self._own_lock(keys=[lock_key], args=[token, int(ttl_s * 1000)]))
 
     async def unlock(self, fingerprint: str, image_id: str) -> None:
-        await self._call(self.redis.delete(self._lock_key(fingerprint, image_id)))
+        """Free a lock this store holds; one another worker took after our lease ran out stays."""
+        lock_key = self._lock_key(fingerprint, image_id)
+        token = self._tokens.pop(lock_key, None)
+        if token is not None:
+            await self._call(self._own_lock(keys=[lock_key], args=[token]))
 
     async def wait_for(self, fingerprint: str, image_id: str, timeout_s: float) -> ImageRecord | None:
         """Wait while another worker holds the lock for this image; None when it gave up or it expired."""

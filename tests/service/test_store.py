@@ -133,6 +133,78 @@ async def test_lock_lets_one_compute(redis_url):
     await store.close()
 
 
+class LostReplyProxy:
+    """A TCP proxy in front of Redis that, once armed, lets Redis run the first command whose bytes
+    hold ``trigger`` and then cuts the client's connection instead of passing the reply on."""
+
+    def __init__(self, upstream_port: int, trigger: bytes) -> None:
+        self.upstream_port, self.trigger, self.armed, self.fired = upstream_port, trigger, False, False
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        redis_r, redis_w = await asyncio.open_connection("127.0.0.1", self.upstream_port)
+        cut = asyncio.Event()
+
+        async def upstream() -> None:
+            while (data := await client_r.read(1 << 16)) and not cut.is_set():
+                if self.armed and not self.fired and self.trigger in data:
+                    self.fired = True
+                    cut.set()  # Redis still runs it: the reply is what is lost
+                redis_w.write(data)
+                await redis_w.drain()
+
+        async def downstream() -> None:
+            while data := await redis_r.read(1 << 16):
+                if cut.is_set():
+                    break
+                client_w.write(data)
+                await client_w.drain()
+            client_w.transport.abort()
+
+        await asyncio.gather(upstream(), downstream(), return_exceptions=True)
+        redis_w.close()
+
+
+async def test_a_lock_whose_reply_was_lost_is_still_ours(redis_server, redis_url):
+    """The connection's retry re-sends a lock command that Redis had run: the lock is ours, not
+    "held by another" (a worker would then wait a whole lease on its own lock)."""
+    proxy = LostReplyProxy(redis_server.port, b"EVALSHA")
+    store = FeatureStore(f"redis://127.0.0.1:{await proxy.start()}/0", timeout_s=2.0)
+    other = FeatureStore(redis_url)
+    try:
+        assert await store.lock_unless_stored("fp9", "cd" * 32, ttl_s=5) is True  # script loaded
+        proxy.armed = True
+        assert await store.lock_unless_stored("fp9", ID, ttl_s=5) is True
+        assert proxy.fired
+        assert await other.lock_unless_stored("fp9", ID, ttl_s=5) is False  # and it is held
+        await store.unlock("fp9", ID)
+        assert await other.lock("fp9", ID, ttl_s=5)
+    finally:
+        await store.close()
+        await other.close()
+        proxy.server.close()
+
+
+async def test_only_the_holder_extends_or_frees_a_lock(redis_url):
+    ours, theirs = FeatureStore(redis_url), FeatureStore(redis_url)
+    r = redis.Redis.from_url(redis_url)
+    assert await ours.lock("fp9", ID, ttl_s=0.2)
+    await asyncio.sleep(0.3)  # our lease ran out ...
+    assert await theirs.lock("fp9", ID, ttl_s=5)  # ... and another worker took the lock
+    await ours.extend_lock("fp9", ID, ttl_s=60)
+    await ours.unlock("fp9", ID)
+    assert 0 < r.pttl(f"splitvl:lock:fp9:{ID}") <= 5000  # neither extended nor freed by us
+    await theirs.extend_lock("fp9", ID, ttl_s=60)
+    assert r.pttl(f"splitvl:lock:fp9:{ID}") > 5000
+    await theirs.unlock("fp9", ID)
+    assert not r.exists(f"splitvl:lock:fp9:{ID}")
+    await ours.close()
+    await theirs.close()
+
+
 async def test_lock_unless_stored(redis_url):
     store = FeatureStore(redis_url)
     rec = record(fingerprint="fp9")
