@@ -18,14 +18,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import statistics
-import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +32,24 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.llm_bench import HTTP_CLIENT, RAW_HTTP_CLIENT  # noqa: E402
+from bench.question_http import (  # noqa: E402
+    HTTP_CLIENT,
+    RAW_HTTP_CLIENT,
+    StandInStore,
+    in_app_times,
+    paired,
+    redis_store,
+    serving,
+    wait_for_count,
+)
 from service.llm.engine import LLMEngine  # noqa: E402
 from service.llm.generation import Finish, Generation  # noqa: E402
-from service.ports import free_port  # noqa: E402
 from service.store import ImageRecord  # noqa: E402
 
 IMAGE_ID = "ab" * 32
 QUESTION = "What is in this picture?"
 GRID = (1, 8, 8)  # 16 image tokens after the 2x2 merge
+WARM = 20  # requests (and direct calls) before the timed ones
 
 
 def med(xs: list[float]) -> float:
@@ -62,48 +68,37 @@ def checkpoint() -> Path:
     return path
 
 
-class StandIn:
-    """The feature store's read path, answering from memory (no Redis)."""
-
-    def __init__(self, record: ImageRecord) -> None:
-        self.record = record
-
-    async def registered_fingerprint(self, key: str) -> str:
-        return "fp"
-
-    async def get(self, fingerprint: str, image_id: str, *, with_embeds: bool = True) -> ImageRecord:
-        return self.record
-
-    async def other_fingerprint(self, fingerprint: str, image_id: str) -> None:
-        return None
-
-
 class Stages:
     """perf_counter stamps of one request's hand-offs, from wrappers around the real functions."""
 
     def __init__(self) -> None:
         self.current: dict[str, float] = {}
-        self.done: list[dict[str, float]] = []
         self.on = False
+
+    def begin(self, name: str) -> None:
+        """A request's first stamp: whatever came before (the client's warm-up requests) is dropped."""
+        self.current = {}
+        self.stamp(name)
 
     def stamp(self, name: str) -> None:
         if self.on:
             self.current.setdefault(name, time.perf_counter())
 
-    def finish(self) -> None:
+    def finish(self, into: list[dict[str, float]]) -> None:
+        """The request's stamps go to ``into``; the next request starts with none."""
         if self.on:
-            self.done.append(self.current)
-            self.current = {}
+            into.append(self.current)
+        self.current = {}
 
     def install(self) -> None:
         from service.llm.worker import LLMWorker
         from service.metrics import RequestMetricsMiddleware
 
-        def wrap(owner: Any, attr: str, name: str, *, after: bool = False) -> None:
+        def wrap(owner: Any, attr: str, name: str, *, after: bool = False, begins: bool = False) -> None:
             fn = getattr(owner, attr)
             if asyncio.iscoroutinefunction(fn):
                 async def awrapper(*args: Any, **kwargs: Any) -> Any:
-                    self.stamp(name)
+                    (self.begin if begins else self.stamp)(name)
                     result = await fn(*args, **kwargs)
                     self.stamp(name + ".end")
                     return result
@@ -121,7 +116,7 @@ class Stages:
         import fastapi.routing
         import starlette.responses
 
-        wrap(RequestMetricsMiddleware, "__call__", "app")
+        wrap(RequestMetricsMiddleware, "__call__", "app", begins=True)
         wrap(fastapi.routing, "solve_dependencies", "fastapi.dependencies")
         wrap(fastapi.routing, "serialize_response", "fastapi.serialize")
         wrap(starlette.responses.Response, "__call__", "response.send")
@@ -141,74 +136,6 @@ class Stages:
 
 
 STAGES = Stages()
-
-
-def serve(app: Any) -> tuple[Any, threading.Thread, int]:
-    import uvicorn
-
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.02)
-    return server, thread, port
-
-
-def build_app(ckpt: Path, engine: LLMEngine, store: Any) -> Any:
-    """The LLM routes, middleware, error handlers and auth dependency as ``create_app`` mounts them."""
-    from fastapi import Depends, FastAPI
-
-    from service.app import require_api_key
-    from service.config import Settings
-    from service.errors import install_error_handlers
-    from service.llm.routes import router
-    from service.llm.worker import LLMWorker
-    from service.metrics import Metrics, RequestMetricsMiddleware
-
-    settings = Settings(model=str(ckpt), redis_url="redis://127.0.0.1:1/0", device="cpu", max_new_tokens=4096)
-    app = FastAPI()
-    install_error_handlers(app)
-    metrics = Metrics()
-    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
-    app.state.settings = settings
-    app.include_router(router, dependencies=[Depends(require_api_key)])
-    app.state.llm = LLMWorker(settings, store, metrics, engine=engine, fingerprint="fp")
-    return app
-
-
-def paired(script: str, port: int, body: str, reps: int, direct: Callable[[], float],
-           after_http: Callable[[], None], idle_s: float = 0.0) -> tuple[list[float], list[float]]:
-    """``reps`` HTTP requests from a client process and ``reps`` direct calls, alternating."""
-    warm = 20
-    client = subprocess.Popen([sys.executable, "-c", script, str(port), body, str(warm)],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert client.stdin is not None and client.stdout is not None
-    try:
-        if client.stdout.readline().strip() != "ready":
-            raise RuntimeError("the HTTP client failed to start")
-        http, here = [], []
-        for i in range(reps):
-            if i % 2:
-                time.sleep(idle_s)
-                here.append(direct())
-            STAGES.current = {}
-            time.sleep(idle_s)
-            client.stdin.write("go\n")
-            client.stdin.flush()
-            http.append(float(client.stdout.readline()))
-            after_http()
-            if not i % 2:
-                time.sleep(idle_s)
-                here.append(direct())
-        return http, here
-    finally:
-        client.stdin.close()
-        try:
-            client.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            client.kill()
 
 
 def stage_table(http: list[dict[str, float]], direct: list[dict[str, float]]) -> list[str]:
@@ -262,22 +189,8 @@ def main() -> None:
     embeds = torch.randn(t * h * w // 4, engine.hidden_size)
     record = ImageRecord(IMAGE_ID, "fp", "bench", GRID, embeds)
 
-    from service.metrics import access_log
-
-    in_app: list[float] = []
-
-    class AccessTimes(logging.Handler):
-        def emit(self, rec: logging.LogRecord) -> None:
-            if getattr(rec, "path", None) == "/v1/questions":
-                in_app.append(rec.duration_ms)  # type: ignore[attr-defined]
-
-    access_log.addHandler(AccessTimes())
-    access_log.setLevel(logging.INFO)
-    access_log.propagate = False
-
-    def run(store_name: str, store: Any) -> None:
-        server, thread, port = serve(build_app(ckpt, engine, store))
-        try:
+    def run(store_name: str, store: Any, in_app: list[float]) -> None:
+        with serving(engine, ckpt, store, "cpu", record.fingerprint) as port:
             for _ in range(args.rounds):
                 for tokens in [int(x) for x in args.tokens.split(",")]:
                     body = json.dumps({"image_id": IMAGE_ID, "question": QUESTION, "max_tokens": tokens})
@@ -285,31 +198,23 @@ def main() -> None:
                     direct_stages: list[dict[str, float]] = []
 
                     def direct(tokens: int = tokens, direct_stages: list = direct_stages) -> float:
-                        STAGES.current = {}
                         t0 = time.perf_counter()
-                        STAGES.stamp("route.ask")
+                        STAGES.begin("route.ask")
                         engine.generate(embeds, GRID, f"fp:{IMAGE_ID}", QUESTION, tokens, deltas=False).result()
                         STAGES.stamp("result.end")
                         elapsed = (time.perf_counter() - t0) * 1e3
-                        if STAGES.on:
-                            direct_stages.append(STAGES.current)
+                        STAGES.finish(direct_stages)
                         return elapsed
 
-                    def after_http(http_stages: list = http_stages) -> None:
-                        if STAGES.on:
-                            http_stages.append(STAGES.current)
-
-                    for _ in range(20):
+                    for _ in range(WARM):
                         direct()
                     STAGES.on = args.stages
                     for client_name in ("http", "raw") if args.client == "both" else (args.client,):
                         script = HTTP_CLIENT if client_name == "http" else RAW_HTTP_CLIENT
                         in_app.clear()
-                        h, d = paired(script, port, body, args.reps, direct, after_http, args.idle_ms / 1e3)
-                        deadline = time.monotonic() + 2
-                        while len(in_app) < 20 + args.reps and time.monotonic() < deadline:
-                            time.sleep(0.01)
-                        span = in_app[20:]
+                        h, d = paired(script, port, body, args.reps, direct, warm=WARM, idle_s=args.idle_ms / 1e3,
+                                      after_http=partial(STAGES.finish, http_stages))
+                        span = wait_for_count(in_app, WARM + args.reps)[WARM:]
                         diffs = [a - b for a, b in zip(h, d, strict=True)]
                         print(f"{store_name:8} {client_name:4} tokens={tokens:<3} reps={args.reps} "
                               f"http={med(h):.3f} direct={med(d):.3f} overhead={med(diffs):.3f} "
@@ -318,29 +223,17 @@ def main() -> None:
                     STAGES.on = False
                     if args.stages:
                         print("\n".join(stage_table(http_stages, direct_stages)), flush=True)
-        finally:
-            server.should_exit = True
-            thread.join(timeout=10)
 
     try:
-        for store_name in args.store.split(","):
-            if store_name == "standin":
-                run("standin", StandIn(record))
-            else:
-                from service.embedded_redis import EmbeddedRedis
-                from service.store import FeatureStore
-
-                with EmbeddedRedis() as redis_server:
-                    async def put(url: str = redis_server.url) -> None:
-                        store = FeatureStore(url)
-                        await store.put(record)
-                        await store.close()
-
-                    asyncio.run(put())
-                    run("redis", FeatureStore(redis_server.url))
+        with in_app_times() as in_app:
+            for store_name in args.store.split(","):
+                if store_name == "standin":
+                    run("standin", StandInStore(record), in_app)
+                else:
+                    with redis_store(record) as store:
+                        run("redis", store, in_app)
     finally:
         engine.close()
-
 
 if __name__ == "__main__":
     main()

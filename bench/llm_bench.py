@@ -31,13 +31,11 @@ import argparse
 import asyncio
 import faulthandler
 import json
-import logging
 import os
 import platform
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -51,6 +49,16 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.question_http import (  # noqa: E402
+    HTTP_CLIENT,
+    RAW_HTTP_CLIENT,
+    StandInStore,
+    in_app_times,
+    paired,
+    redis_store,
+    serving,
+    wait_for_count,
+)
 from service.llm.cuda_graphs import DecodeRunner, PrefillRow, PrefillRunner  # noqa: E402
 from service.llm.engine import LLMEngine  # noqa: E402
 from service.llm.generation import Delta, Finish  # noqa: E402
@@ -66,7 +74,6 @@ from service.llm.model import (  # noqa: E402
     prefill_fused_at,
     random_model,
 )
-from service.ports import free_port  # noqa: E402
 
 QUESTIONS = ["What is in this picture?", "How many people are there?", "Is it day or night? Answer briefly.",
              "Describe the image in detail.", "What colour is the car?"]
@@ -770,181 +777,34 @@ def bench_7b(tmp: Path, device: torch.device, dtype: torch.dtype, smoke: bool, g
 
 
 
-# The HTTP clients run in their own process: the server's overhead, not the client's, and no share of
-# the server's GIL. Each defines ``ask()`` (one request, checked for 200) over one keep-alive
-# connection; argv: port, JSON body, warm-up requests; driven line by line (``_CLIENT_LOOP``).
-_CLIENT_ARGS = """
-import sys, time
-port, body, warm = int(sys.argv[1]), sys.argv[2].encode(), int(sys.argv[3])
-"""
-# warm-up requests, then "ready"; then one timed request per line on stdin, its ms on stdout
-_CLIENT_LOOP = """
-for _ in range(warm):
-    ask()
-print("ready", flush=True)
-for _ in sys.stdin:
-    t = time.perf_counter()
-    ask()
-    print((time.perf_counter() - t) * 1e3, flush=True)
-"""
-HTTP_CLIENT = _CLIENT_ARGS + """
-import http.client
-conn = http.client.HTTPConnection("127.0.0.1", port)
-
-def ask():
-    conn.request("POST", "/v1/questions", body, {"Content-Type": "application/json"})
-    r = conn.getresponse()
-    r.read()
-    assert r.status == 200, r.status
-""" + _CLIENT_LOOP
-
-# The same requests over a bare socket: the request bytes are built once and the response is read by
-# its Content-Length, so the client's own Python (http.client parses headers with the email package)
-# counts as little as possible.
-RAW_HTTP_CLIENT = _CLIENT_ARGS + """
-import socket
-request = (b"POST /v1/questions HTTP/1.1\\r\\nHost: 127.0.0.1\\r\\nContent-Type: application/json\\r\\n"
-           b"Content-Length: %d\\r\\n\\r\\n" % len(body)) + body
-sock = socket.create_connection(("127.0.0.1", port))
-sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-def recv():
-    chunk = sock.recv(65536)
-    if not chunk:
-        raise ConnectionError("the server closed the connection")
-    return chunk
-
-def ask():
-    sock.sendall(request)
-    data = b""
-    while b"\\r\\n\\r\\n" not in data:
-        data += recv()
-    head, _, rest = data.partition(b"\\r\\n\\r\\n")
-    length = int(next(line.split(b":")[1] for line in head.split(b"\\r\\n") if line.lower().startswith(b"content-length")))
-    while len(rest) < length:
-        rest += recv()
-    assert head.startswith(b"HTTP/1.1 200"), head[:40]
-""" + _CLIENT_LOOP
-
-
 def http_overhead(engine: LLMEngine, ckpt: Path, image: Image, device: torch.device, reps: int = 60) -> None:
     """POST /v1/questions through uvicorn + our routes against ``engine.generate`` directly, same
-    seen image, same question, ``reps`` of each alternating; the overhead is the median of the
-    pairs' differences. The client runs in another process
-    (http.client, one keep-alive connection). Features come from a stand-in store (no Redis: the
-    routes and the engine only) and from a real Redis (what a deployment does per question)."""
-    import subprocess
-
+    seen image, same question, ``reps`` of each alternating (``bench/question_http.py``); the
+    overhead is the median of the pairs' differences. Features come from a stand-in store (no
+    Redis: the routes and the engine only) and from a real Redis (what a deployment does per question)."""
     import httpx
-    import uvicorn
-    from fastapi import Depends, FastAPI
 
-    from service.app import require_api_key
-    from service.config import Settings
-    from service.embedded_redis import EmbeddedRedis
-    from service.errors import install_error_handlers
-    from service.llm.routes import router
-    from service.llm.worker import LLMWorker
-    from service.metrics import Metrics, RequestMetricsMiddleware, access_log
-    from service.store import FeatureStore, ImageRecord
+    from service.store import ImageRecord
 
     image_id = "ab" * 32
     features = ImageRecord(image_id, "fp", "bench", image.grid, image.embeds.cpu())
-
-    class StandIn:
-        async def registered_fingerprint(self, key: str) -> str:
-            return "fp"
-
-        async def get(self, fingerprint: str, image_id: str, *, with_embeds: bool = True) -> ImageRecord:
-            return features
-
-        async def other_fingerprint(self, fingerprint: str, image_id: str) -> None:
-            return None
-
-    def serve(store: Any) -> tuple[uvicorn.Server, threading.Thread, int]:
-        settings = Settings(model=str(ckpt), redis_url="redis://127.0.0.1:1/0", device=device.type,
-                            max_new_tokens=4096)
-        app = FastAPI()  # the routes, middleware and auth dependency as create_app mounts them
-        install_error_handlers(app)
-        metrics = Metrics()
-        app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
-        app.state.settings = settings
-        app.include_router(router, dependencies=[Depends(require_api_key)])
-        app.state.llm = LLMWorker(settings, store, metrics, engine=engine, fingerprint="fp")  # type: ignore[arg-type]
-        port = free_port()
-        server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
-        thread = threading.Thread(target=server.run, daemon=True)
-        thread.start()
-        deadline = time.monotonic() + 30
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
-        return server, thread, port
-
-    # each request's time inside the app, from the access log line the metrics middleware writes
-    # (arrival to the last byte handed to uvicorn); the client's time minus it is uvicorn, the
-    # socket and the client
-    server_ms: list[float] = []
-
-    class AccessTimes(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            if getattr(record, "path", None) == "/v1/questions":
-                server_ms.append(record.duration_ms)  # type: ignore[attr-defined]
-
-    access_times = AccessTimes()
-    access_log.addHandler(access_times)
-    level = access_log.level
-    access_log.setLevel(logging.INFO)
+    warm = 5
 
     def direct(tokens: int) -> float:
         t0 = time.perf_counter()
         engine.generate(image.embeds, image.grid, f"fp:{image_id}", QUESTIONS[0], tokens, deltas=False).result()
         return (time.perf_counter() - t0) * 1e3
 
-    def measure(name: str, store: Any) -> None:
-        server, thread, port = serve(store)
-        try:
+    def measure(name: str, store: Any, server_ms: list[float]) -> None:
+        with serving(engine, ckpt, store, device.type, "fp") as port:
             for tokens in (1, 32):
                 body = json.dumps({"image_id": image_id, "question": QUESTIONS[0], "max_tokens": tokens})
                 for _ in range(5):
                     direct(tokens)
-
-                def paired(script: str) -> tuple[list[float], list[float]]:
-                    """``reps`` HTTP requests and ``reps`` direct calls, alternating (HTTP first, then
-                    direct first), so that a drift of the GPU or host between phases cancels."""
-                    client = subprocess.Popen([sys.executable, "-c", script, str(port), body, str(warm)],  # noqa: B023
-                                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-                    assert client.stdin is not None and client.stdout is not None
-                    watchdog = threading.Timer(300, client.kill)  # a stuck request ends the run, not the bench
-                    watchdog.start()
-                    try:
-                        if client.stdout.readline().strip() != "ready":
-                            raise RuntimeError("the HTTP client failed to start")
-                        http, here = [], []
-                        for i in range(reps):
-                            if i % 2:
-                                here.append(direct(tokens))  # noqa: B023
-                            client.stdin.write("go\n")
-                            client.stdin.flush()
-                            http.append(float(client.stdout.readline()))
-                            if not i % 2:
-                                here.append(direct(tokens))  # noqa: B023
-                        return http, here
-                    finally:
-                        watchdog.cancel()
-                        client.stdin.close()
-                        try:
-                            client.wait(timeout=30)
-                        except subprocess.TimeoutExpired:  # never left running, nor hiding the first error
-                            client.kill()
-
-                warm = 5
                 server_ms.clear()
-                h, d = paired(HTTP_CLIENT)
-                deadline = time.monotonic() + 2  # the server thread logs a request after its last byte
-                while len(server_ms) < warm + reps and time.monotonic() < deadline:
-                    time.sleep(0.01)
-                in_app = list(server_ms)[warm:]  # past the client's warm-up
-                raw, d_raw = paired(RAW_HTTP_CLIENT)
+                h, d = paired(HTTP_CLIENT, port, body, reps, partial(direct, tokens), warm=warm)
+                in_app = wait_for_count(server_ms, warm + reps)[warm:]  # past the client's warm-up
+                raw, d_raw = paired(RAW_HTTP_CLIENT, port, body, reps, partial(direct, tokens), warm=warm)
                 row = {"http_ms": med(h), "direct_ms": med(d),
                        "overhead_ms": med([a - b for a, b in zip(h, d, strict=True)]),  # median of the pairs
                        "raw_socket_http_ms": med(raw),
@@ -963,23 +823,11 @@ def http_overhead(engine: LLMEngine, ckpt: Path, image: Image, device: torch.dev
                             inproc()
                         row["httpx_in_process_ms"] = med([inproc() for _ in range(reps)])
                 record(f"http.{name}.max_tokens_{tokens}", row)
-        finally:
-            server.should_exit = True
-            thread.join(timeout=10)
 
-    try:
-        measure("standin", StandIn())
-        with EmbeddedRedis() as redis_server:
-            async def put() -> None:
-                store = FeatureStore(redis_server.url)
-                await store.put(features)
-                await store.close()
-
-            asyncio.run(put())
-            measure("redis", FeatureStore(redis_server.url))
-    finally:
-        access_log.removeHandler(access_times)
-        access_log.setLevel(level)
+    with in_app_times() as server_ms:
+        measure("standin", StandInStore(features), server_ms)
+        with redis_store(features) as store:
+            measure("redis", store, server_ms)
 
 
 def summary(r: dict[str, Any]) -> None:
