@@ -127,10 +127,6 @@ class ImageRecord:
         return out
 
 
-def tensor_bytes(t: torch.Tensor) -> bytes:
-    return t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes()
-
-
 def _serialize(t: torch.Tensor) -> tuple[memoryview, str]:
     # the tensor's own memory, not a copy: redis-py sends a memoryview as it is (a fresh ~1 MB bytes
     # object per upload cost page faults under load), and nothing writes to the embeddings meanwhile
