@@ -126,8 +126,9 @@ class Generation:
         finally:
             self.cancel()  # a no-op once finished
 
-    async def _next(self) -> Event:
-        """The next event; on an event loop, woken by the scheduler through a future."""
+    async def next_event(self) -> Event:
+        """The next event, on an event loop (woken by the scheduler through a future); an engine
+        failure is raised here. Whoever stops before the ``Finish`` calls ``cancel()``."""
         while True:
             with self._cond:
                 if self._events:
@@ -140,7 +141,7 @@ class Generation:
     async def __aiter__(self) -> AsyncIterator[Event]:
         try:
             while True:
-                event = await self._next()
+                event = await self.next_event()
                 yield event
                 if isinstance(event, Finish):
                     return
@@ -155,7 +156,7 @@ class Generation:
         # aclose task, per answer
         try:
             while True:
-                event = await self._next()
+                event = await self.next_event()
                 if isinstance(event, Finish):
                     return event
         finally:

@@ -123,23 +123,19 @@ class LLMWorker:
     async def events(self, generation: Generation) -> AsyncIterator[Delta | Finish]:
         """The generation's events, failing with 503 when it runs past the request timeout."""
         deadline = asyncio.get_running_loop().time() + self.settings.request_timeout_s
-        iterator = generation.__aiter__()
         try:
             while True:
                 # a timer per event, not a task: wait_for wrapped each token's wait in a new task
                 try:
                     async with asyncio.timeout_at(deadline):
-                        event = await iterator.__anext__()
-                except StopAsyncIteration:
-                    return
+                        event = await generation.next_event()
                 except TimeoutError:
                     raise self._timeout() from None
                 yield event
                 if isinstance(event, Finish):
                     return
         finally:
-            generation.cancel()
-            await iterator.aclose()
+            generation.cancel()  # a no-op once finished; frees the slot of a client that left
 
     def _timeout(self) -> ApiError:
         return unavailable("timeout", f"the answer took longer than {self.settings.request_timeout_s:g} s; "
@@ -150,10 +146,8 @@ class LLMWorker:
         not once per token."""
         # awaited in the request's own task: wait_for would run it in a new task, one more hop
         # through the event loop at the start and one at the end
-        try:
+        try:  # final() cancels the generation when it is left early
             async with asyncio.timeout(self.settings.request_timeout_s):
                 return await generation.final()
         except TimeoutError:
             raise self._timeout() from None
-        finally:
-            generation.cancel()
