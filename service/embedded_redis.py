@@ -27,22 +27,36 @@ def redis_binary() -> str:
 
 
 class EmbeddedRedis:
-    """redis-server on a unix socket in a private directory; no persistence; stopped on exit."""
+    """redis-server on a unix socket in a private directory, or on ``127.0.0.1:tcp_port`` (what a
+    separate Redis host costs, for benchmarks); no persistence; stopped on exit."""
 
-    def __init__(self, maxmemory: str = "0") -> None:
+    def __init__(self, maxmemory: str = "0", *, tcp_port: int | None = None) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="splitvl-redis-"))
         self.socket = self.dir / "redis.sock"
         self.maxmemory = maxmemory
+        self.tcp_port = tcp_port
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"unix://{self.socket}?db=0"
+        return f"redis://127.0.0.1:{self.tcp_port}/0" if self.tcp_port else f"unix://{self.socket}?db=0"
+
+    def _connect(self) -> socket.socket:
+        if self.tcp_port:
+            return socket.create_connection(("127.0.0.1", self.tcp_port), timeout=0.2)
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(0.2)
+        s.connect(str(self.socket))
+        return s
+
+    def _listen(self) -> list[str]:
+        if self.tcp_port:
+            return ["--port", str(self.tcp_port), "--bind", "127.0.0.1"]
+        return ["--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700"]
 
     def start(self, timeout_s: float = 10.0) -> str:
         self.proc = subprocess.Popen(
-            [redis_binary(), "--port", "0", "--unixsocket", str(self.socket), "--unixsocketperm", "700",
-             "--save", "", "--appendonly", "no", "--dir", str(self.dir),
+            [redis_binary(), *self._listen(), "--save", "", "--appendonly", "no", "--dir", str(self.dir),
              "--maxmemory", self.maxmemory, "--maxmemory-policy", "allkeys-lru"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
@@ -51,9 +65,7 @@ class EmbeddedRedis:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"embedded redis-server exited with code {self.proc.returncode}")
             try:
-                with socket.socket(socket.AF_UNIX) as s:
-                    s.settimeout(0.2)
-                    s.connect(str(self.socket))
+                with self._connect() as s:
                     s.sendall(b"PING\r\n")
                     if s.recv(16).startswith(b"+PONG"):
                         return self.url
