@@ -309,6 +309,10 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_
     return out
 
 
+# the most rows gate_up_silu and linear_parts take: one 16-row tile (a tl.dot's smallest M)
+FEW_ROWS = 16
+
+
 # -- gate/up projection with SwiGLU, for few rows -------------------------------------------------
 
 
@@ -346,11 +350,11 @@ def gate_up_silu(x: torch.Tensor, weight: torch.Tensor, *, block_n: int = 64, bl
     """
     m, k = x.shape
     inter = weight.shape[0] // 2
-    assert m <= 16 and x.is_contiguous() and weight.is_contiguous() and weight.shape[1] == k
+    assert m <= FEW_ROWS and x.is_contiguous() and weight.is_contiguous() and weight.shape[1] == k
     assert weight.numel() < 2**31, "the kernel's offsets are 32-bit"
     out = torch.empty(m, inter, device=x.device, dtype=x.dtype)
     _gate_up_silu_kernel[(triton.cdiv(inter, block_n),)](
-        x, weight, out, m, inter, k, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
+        x, weight, out, m, inter, k, BLOCK_M=FEW_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
         num_stages=num_stages, num_warps=num_warps)
     return out
 
@@ -388,12 +392,12 @@ def linear_parts(x: torch.Tensor, weight: torch.Tensor, *, parts: int = 8, block
     """
     m, k = x.shape
     n = weight.shape[0]
-    assert m <= 16 and x.is_contiguous() and weight.is_contiguous() and weight.shape[1] == k
+    assert m <= FEW_ROWS and x.is_contiguous() and weight.is_contiguous() and weight.shape[1] == k
     assert weight.numel() < 2**31, "the kernel's offsets are 32-bit"
     k_per_part = triton.cdiv(triton.cdiv(k, parts), block_k) * block_k
     out = torch.empty(parts, m, n, device=x.device, dtype=torch.float32)
     _linear_parts_kernel[(triton.cdiv(n, block_n), parts)](
-        x, weight, out, m, n, k, k_per_part, BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k,
+        x, weight, out, m, n, k, k_per_part, BLOCK_M=FEW_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
         num_stages=num_stages, num_warps=num_warps)
     return out
 

@@ -341,7 +341,7 @@ def _fused_layers(model: Qwen2LM, h: torch.Tensor, attend: Callable[[int, torch.
 
     eps = model.cfg.rms_norm_eps
     norms = _norm_weights(model)
-    few = h.shape[0] <= 16  # a decode step (or a small prefill): the MLP on our few-row kernels
+    few = h.shape[0] <= ops.FEW_ROWS  # a decode step (or a small prefill): the MLP on our few-row kernels
     _, x = ops.rms_norm(h, model.layers[0].input_layernorm.weight, eps)
     for i, block in enumerate(model.layers):
         qkv = F.linear(x, block.qkv_proj.weight, block.qkv_proj.bias)
