@@ -11,6 +11,9 @@ Usage (CUDA only, tower already ``kernels.patch``-ed, eval mode, bf16)::
     embeds = graphs(pixel_values, grid_thw)  # [S/4, hidden] -- a view of a static buffer:
                                              # copy it (or consume it) before the next call
 
+``output`` picks what the graph returns from the tower's output (default: ``pooler_output``); a
+family with more features per image (Qwen3-VL's DeepStack) returns them stacked, [K, S/4, hidden].
+
 Inputs must have the same grid as a captured bucket to replay; new grids are captured on first
 sight (a warm-up forward plus the capture, tens of milliseconds). Calls must come from one thread
 at a time (the static buffers are shared).
@@ -20,28 +23,30 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
-from .patch import _grid_key
+from .tower import grid_key
 
 
 @dataclasses.dataclass
 class _Entry:
     graph: torch.cuda.CUDAGraph
     static_in: torch.Tensor
-    out: torch.Tensor  # pooler_output [S/4, hidden]
-    last_hidden: torch.Tensor
+    out: torch.Tensor  # output(tower(...)), e.g. pooler_output [S/4, hidden]
     keep: Any  # the per-grid metadata the graph reads (kept alive with it)
 
 
 class VisionGraphs:
-    def __init__(self, tower: nn.Module, max_graphs: int = 16, warmup: int = 2) -> None:
+    def __init__(self, tower: nn.Module, max_graphs: int = 16, warmup: int = 2,
+                 output: Callable[[Any], torch.Tensor] | None = None) -> None:
         if not getattr(tower, "_splitvl_patched", False):
-            raise ValueError("VisionGraphs needs a tower patched with kernels.patch (Qwen2-VL)")
+            raise ValueError("VisionGraphs needs a tower with a fused forward (kernels.patch)")
         self.tower = tower
+        self.output = output or (lambda out: out.pooler_output)
         self.max_graphs = max_graphs
         self.warmup = warmup
         self.pool = torch.cuda.graph_pool_handle()  # one memory pool shared by all buckets
@@ -65,12 +70,12 @@ class VisionGraphs:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.graph(graph, pool=self.pool):
-            res = tower(static_in, grid_thw=grid_cpu)
-        return _Entry(graph, static_in, res.pooler_output, res.last_hidden_state, meta)
+            out = self.output(tower(static_in, grid_thw=grid_cpu))
+        return _Entry(graph, static_in, out, meta)
 
     @torch.no_grad()
     def __call__(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor | list) -> torch.Tensor:
-        key = _grid_key(grid_thw)
+        key = grid_key(grid_thw)
         entry = self._graphs.get(key)
         if entry is None:
             entry = self._capture(key, pixel_values)

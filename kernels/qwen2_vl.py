@@ -1,0 +1,171 @@
+"""Qwen2-VL's vision tower on our kernels (``kernels.patch`` calls ``patch_tower``).
+
+Per forward, for S patches of C = embed_dim:
+
+- the tower's forward: cu_seqlens, per-image lengths and the rotary cos/sin tables [S, D/2] are
+  built once per forward and cached per grid (HF rebuilds positions with a Python loop and keeps
+  [S, D] tables); the residual stream is updated in place;
+- every block: ``qkv GEMM (cuBLAS) -> rotary pass (rope_qk) -> attention (cuDNN for equal-size
+  batches, our Triton varlen kernel for mixed sizes) -> proj GEMM -> fused (residual add + norm2)
+  -> fc1 GEMM with bias + QuickGELU (our TMA GEMM's epilogue from 4096 rows, else cuBLAS + one
+  bias/act pass) -> fc2 GEMM -> fused (residual add + next block's norm1)``; the last block's
+  second add is fused with the merger's ``ln_q``;
+- the patch embedding: the Conv3d whose kernel equals its stride is one GEMM over the flattened
+  patches (same weight tensor, viewed);
+- the merger: GEMM + (bias + exact GELU) + GEMM.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .tower import (
+    FusedVisionAttention,
+    LinearPatchEmbed,
+    VisionMeta,
+    build_meta,
+    cached_meta,
+    fuse_class,
+    linear_bias_act,
+)
+
+
+class FusedVisionMlp(nn.Module):
+    def __init__(self, orig: nn.Module, act: str, mode: str) -> None:
+        super().__init__()
+        self.fc1 = orig.fc1
+        self.fc2 = orig.fc2
+        self.act = act
+        self.mode = mode
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        f = linear_bias_act(y, self.fc1, self.act, self.mode)  # [S, 4C]
+        return F.linear(f, self.fc2.weight, self.fc2.bias)
+
+
+class FusedVisionBlock(nn.Module):
+    """Qwen2-VL vision block on our kernels; same submodule names as ``Qwen2VLVisionBlock``."""
+
+    def __init__(self, orig: nn.Module, act: str, attention: str, mlp: str, rope_gemm: bool = False) -> None:
+        super().__init__()
+        from .layer_norm import TritonLayerNorm
+
+        self.norm1 = TritonLayerNorm.from_torch(orig.norm1)
+        self.norm2 = TritonLayerNorm.from_torch(orig.norm2)
+        self.attn = FusedVisionAttention(orig.attn, attention, rope_gemm=rope_gemm, gemm=mlp)
+        self.mlp = FusedVisionMlp(orig.mlp, act, mlp)
+
+    def fused(
+        self, h: torch.Tensor, y: torch.Tensor, meta: VisionMeta, next_norm: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, norm1(h)) -> (h', next_norm(h')), updating the stream h [S, C] in place."""
+        from .layer_norm import add_layer_norm
+
+        a = self.attn(y, meta)
+        h, y = add_layer_norm(a, h, self.norm2.weight, self.norm2.bias, self.norm2.eps, out_sum=h, out=a)
+        m = self.mlp(y)
+        return add_layer_norm(m, h, next_norm.weight, next_norm.bias, next_norm.eps, out_sum=h, out=m)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        max_seqlen: int | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """HF's block signature (used only if something drives the blocks with HF's own loop)."""
+        from .layer_norm import add_layer_norm
+
+        if position_embeddings is None:
+            raise ValueError("FusedVisionBlock needs position_embeddings=(cos, sin)")
+        from .rope_vision import rope_tables
+
+        cos, sin = rope_tables(*position_embeddings, self.attn.head_dim)
+        cu = cu_seqlens.to(torch.int32)
+        lengths = (cu[1:] - cu[:-1]).tolist()
+        meta = VisionMeta(grid=(), lengths=lengths, cu_seqlens=cu, max_seqlen=max(lengths), cos=cos, sin=sin)
+        h = hidden_states
+        a = self.attn(self.norm1(h), meta)
+        h, y = add_layer_norm(a, h, self.norm2.weight, self.norm2.bias, self.norm2.eps)
+        return h + self.mlp(y)
+
+
+class FusedPatchMerger(nn.Module):
+    """``ln_q`` (fused upstream with the last residual add) -> GEMM -> bias + exact GELU -> GEMM."""
+
+    def __init__(self, orig: nn.Module, mlp: str) -> None:
+        super().__init__()
+        from .layer_norm import TritonLayerNorm
+
+        gelu = orig.mlp[1]
+        if not isinstance(gelu, nn.GELU) or gelu.approximate != "none":
+            raise ValueError(f"merger activation must be exact nn.GELU, got {gelu!r}")
+        self.hidden_size = orig.hidden_size
+        self.ln_q = TritonLayerNorm.from_torch(orig.ln_q)
+        self.mlp = orig.mlp  # Sequential(Linear, GELU, Linear): keeps keys mlp.0.*, mlp.2.*
+        self.mode = mlp
+
+    def project(self, y: torch.Tensor) -> torch.Tensor:
+        """y = ln_q(h) [S, C] -> [S / m^2, out_dim]."""
+        f = linear_bias_act(y.reshape(-1, self.hidden_size), self.mlp[0], "gelu", self.mode)
+        fc2 = self.mlp[2]
+        return F.linear(f, fc2.weight, fc2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(self.ln_q(x))
+
+
+def fused_forward(self: nn.Module, hidden_states: torch.Tensor, grid_thw: torch.Tensor | list,
+                         **kwargs: Any) -> Any:
+    """Replacement for ``Qwen2VisionTransformerPretrainedModel.forward``; same inputs and output
+    type (``last_hidden_state`` [S, C] before the merger, ``pooler_output`` [S/4, hidden_size])."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    meta = self.splitvl_meta(grid_thw)
+    blocks = self.blocks
+    h = self.patch_embed(hidden_states)  # [S, C], ours: updated in place below
+    y = blocks[0].norm1(h)
+    for i, blk in enumerate(blocks):
+        nxt = blocks[i + 1].norm1 if i + 1 < len(blocks) else self.merger.ln_q
+        h, y = blk.fused(h, y, meta, nxt)
+    merged = self.merger.project(y)
+    return BaseModelOutputWithPooling(last_hidden_state=h, pooler_output=merged)
+
+
+
+
+def splitvl_meta(self: nn.Module, grid_thw: torch.Tensor | list) -> VisionMeta:
+    """cu_seqlens / max length / rotary tables for this grid (cached per grid)."""
+    rot = self.rotary_pos_emb
+    scaling = float(getattr(rot, "attention_scaling", 1.0))
+    return cached_meta(self, grid_thw, lambda grid: build_meta(grid, self.spatial_merge_size, rot.inv_freq, scaling))
+
+
+def patch_tower(tower: nn.Module, prefix: str, attention: str, mlp: str, rope_gemm: bool) -> dict[str, str]:
+    cfg = tower.config
+    act = cfg.hidden_act
+    from .activations import act_code
+
+    act_code(act)  # raises for an activation we have no kernel for
+    done: dict[str, str] = {}
+    p = f"{prefix}." if prefix else ""
+    done[f"{p}patch_embed"] = f"{type(tower.patch_embed).__name__} -> LinearPatchEmbed"
+    tower.patch_embed = LinearPatchEmbed(tower.patch_embed)
+    for i, blk in enumerate(tower.blocks):
+        done[f"{p}blocks.{i}"] = (
+            f"{type(blk).__name__} -> FusedVisionBlock(attention={attention}, mlp={mlp}, act={act}, "
+            f"rope_gemm={rope_gemm})"
+        )
+        tower.blocks[i] = FusedVisionBlock(blk, act, attention, mlp, rope_gemm)
+    done[f"{p}merger"] = f"{type(tower.merger).__name__} -> FusedPatchMerger"
+    tower.merger = FusedPatchMerger(tower.merger, mlp)
+    old = fuse_class(tower, fused_forward, splitvl_meta)
+    done[prefix or "<model>"] = f"{old}.forward -> fused forward (cached cu_seqlens + rotary, fused residual+LN)"
+    return done
+
+

@@ -1,0 +1,205 @@
+"""What every patched Qwen-VL tower shares: per-grid metadata, the patch embedding as a GEMM, the
+fused attention (qkv GEMM -> rotary -> packed attention -> proj GEMM), bias + activation GEMMs, and
+the per-grid metadata cache the fused forwards read.
+
+A family's module (``qwen2_vl.py``, ``qwen2_5_vl.py``, ...) builds its blocks from these pieces and
+says only how its tower differs.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Below this many rows our GEMM loses to cuBLAS (H100: 1024 rows, 128x256 tiles fill 80 of 132 SMs)
+TRITON_GEMM_MIN_ROWS = 4096
+
+META_CACHE_SIZE = 32
+
+
+@dataclasses.dataclass
+class VisionMeta:
+    """Per-grid data every block needs; built once per forward (and cached per grid)."""
+
+    grid: tuple[tuple[int, int, int], ...]
+    lengths: list[int]  # tokens per attention segment (one per frame)
+    cu_seqlens: torch.Tensor  # [n + 1] int32, device
+    max_seqlen: int
+    cos: torch.Tensor  # [S, D/2] fp32, device
+    sin: torch.Tensor
+
+
+def grid_key(grid_thw: torch.Tensor | list) -> tuple[tuple[int, int, int], ...]:
+    rows = grid_thw.tolist() if isinstance(grid_thw, torch.Tensor) else grid_thw
+    return tuple((int(t), int(h), int(w)) for t, h, w in rows)
+
+
+def build_meta(
+    grid: tuple[tuple[int, int, int], ...], spatial_merge_size: int, inv_freq: torch.Tensor, scaling: float = 1.0
+) -> VisionMeta:
+    from ._utils import to_device_async
+    from .rope_vision import rope_angles, rope_positions
+
+    lengths = [h * w for t, h, w in grid for _ in range(t)]
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0).to(torch.int32)
+    cos, sin = rope_angles(rope_positions(grid, spatial_merge_size), inv_freq)
+    if scaling != 1.0:  # in place: keeps the tables' padded rows (see rope_vision.padded_table)
+        cos.mul_(scaling)
+        sin.mul_(scaling)
+    return VisionMeta(
+        grid=grid, lengths=lengths, cu_seqlens=to_device_async(cu, inv_freq.device),
+        max_seqlen=max(lengths) if lengths else 0, cos=cos, sin=sin,
+    )
+
+
+class LinearPatchEmbed(nn.Module):
+    """Conv3d with kernel == stride over pre-cut patches is a GEMM: [S, C*T*P*P] @ W^T."""
+
+    def __init__(self, orig: nn.Module) -> None:
+        super().__init__()
+        self.proj = orig.proj  # keep the Conv3d (state-dict key patch_embed.proj.weight)
+        self.in_channels = orig.in_channels
+        self.temporal_patch_size = orig.temporal_patch_size
+        self.patch_size = orig.patch_size
+        self.embed_dim = orig.embed_dim
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        w = self.proj.weight  # [E, C, T, P, P] contiguous -> [E, C*T*P*P] view
+        x = hidden_states.reshape(-1, w[0].numel()).to(w.dtype)
+        return F.linear(x, w.view(w.shape[0], -1), self.proj.bias)
+
+
+def use_triton_gemm(mode: str, x: torch.Tensor) -> bool:
+    if mode == "triton":
+        return True
+    if mode != "auto" or x.shape[0] < TRITON_GEMM_MIN_ROWS:
+        return False
+    from .gemm import hopper
+
+    return hopper(x)
+
+
+def linear_bias_act(x: torch.Tensor, linear: nn.Linear, act: str, mode: str) -> torch.Tensor:
+    """``act(linear(x))``: bias and activation in our GEMM's epilogue (see ``use_triton_gemm``), else
+    cuBLAS without the bias and one in-place bias + activation pass."""
+    from .activations import bias_act
+    from .gemm import linear_act
+
+    if use_triton_gemm(mode, x):
+        return linear_act(x, linear.weight, linear.bias, act)
+    f = F.linear(x, linear.weight)
+    return bias_act(f, linear.bias, act, out=f)
+
+
+class FusedVisionAttention(nn.Module):
+    """qkv GEMM (+ rotary in its epilogue) -> packed attention -> proj GEMM.
+
+    With ``rope_gemm`` the q/k rows of ``qkv.weight``/``qkv.bias`` are stored pair-interleaved
+    (``rope_vision.interleave_qk_rows``) so the GEMM epilogue can rotate adjacent columns; hooks
+    convert to and from HF's order in ``state_dict()`` / ``load_state_dict()``.
+    """
+
+    def __init__(self, orig: nn.Module, backend: str, rope_gemm: bool = False, gemm: str = "auto") -> None:
+        super().__init__()
+        self.qkv = orig.qkv
+        self.proj = orig.proj
+        self.num_heads = orig.num_heads
+        self.head_dim = orig.head_dim
+        self.backend = backend
+        self.gemm = gemm
+        self.rope_gemm = False
+        if rope_gemm:
+            self.set_rope_gemm(True)
+        self.register_state_dict_post_hook(_qkv_to_hf_order)
+        self.register_load_state_dict_pre_hook(_qkv_from_hf_order)
+
+    @torch.no_grad()
+    def set_rope_gemm(self, on: bool) -> None:
+        """Switch the stored q/k row order (and so the rotary path); a no-op if already so."""
+        from .rope_vision import interleave_qk_rows
+
+        if on == self.rope_gemm:
+            return
+        for t in (self.qkv.weight, self.qkv.bias):
+            if t is not None:
+                interleave_qk_rows(t.data, self.num_heads, inverse=not on)
+        self.rope_gemm = on
+
+    def forward(self, y: torch.Tensor, meta: VisionMeta) -> torch.Tensor:
+        """y [S, C] (normed) -> proj(attn(rope(qkv(y)))) [S, C]."""
+        from .attention import attention
+        from .gemm import linear_act
+
+        hd = self.num_heads * self.head_dim
+        if self.rope_gemm and use_triton_gemm(self.gemm, y):
+            rope = (meta.cos, meta.sin, 2 * hd, self.head_dim)
+            qkv = linear_act(y, self.qkv.weight, self.qkv.bias, rope=rope)  # [S, 3C], q/k rotated
+            pre = True
+        else:
+            qkv = F.linear(y, self.qkv.weight, self.qkv.bias)  # [S, 3C]
+            pre = False
+        a = attention(qkv, meta.cu_seqlens, meta.max_seqlen, self.num_heads, meta.cos, meta.sin,
+                      backend=self.backend, lengths=meta.lengths, prerotated=pre,
+                      interleaved=self.rope_gemm)  # [S, C]
+        return F.linear(a, self.proj.weight, self.proj.bias)
+
+
+def _reorder_qkv(module: nn.Module, state_dict: dict, prefix: str, inverse: bool) -> None:
+    """Convert the qkv weight/bias entries of ``state_dict`` between HF's q/k row order and the
+    interleaved one (``inverse``: back to HF's), for a module storing them interleaved."""
+    if not getattr(module, "rope_gemm", False):
+        return
+    from .rope_vision import interleave_qk_rows
+
+    for name in ("qkv.weight", "qkv.bias"):
+        key = prefix + name
+        if key in state_dict and state_dict[key] is not None:
+            state_dict[key] = interleave_qk_rows(state_dict[key].detach().clone(), module.num_heads, inverse=inverse)
+
+
+def _qkv_to_hf_order(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    _reorder_qkv(module, state_dict, prefix, inverse=True)
+
+
+def _qkv_from_hf_order(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+    _reorder_qkv(module, state_dict, prefix, inverse=False)
+
+
+
+
+def cached_meta(tower: nn.Module, grid_thw: torch.Tensor | list, build: Callable[[tuple], Any]) -> Any:
+    """``build(grid)`` for this grid, LRU-cached (bounded) on the tower: the per-grid metadata
+    (cu_seqlens, rotary tables, window order, ...) is built once per image size."""
+    key = grid_key(grid_thw)
+    cache: collections.OrderedDict = tower.__dict__.setdefault("_splitvl_meta_cache", collections.OrderedDict())
+    meta = cache.get(key)
+    if meta is not None:
+        cache.move_to_end(key)
+        return meta
+    meta = cache[key] = build(key)
+    while len(cache) > META_CACHE_SIZE:
+        cache.popitem(last=False)
+    return meta
+
+
+_SUBCLASSES: dict[tuple[type, Callable], type] = {}
+
+
+def fuse_class(tower: nn.Module, forward: Callable, meta: Callable) -> str:
+    """Give ``tower`` a subclass of its own class whose ``forward`` is ``forward`` and whose
+    ``splitvl_meta(grid_thw)`` is ``meta``; returns the old class name. Subclassing (rather than
+    setting attributes) keeps ``isinstance`` checks and HF's class-level hooks working."""
+    cls = type(tower)
+    key = (cls, forward)
+    if key not in _SUBCLASSES:
+        _SUBCLASSES[key] = type(f"Splitvl{cls.__name__}", (cls,),
+                                {"forward": forward, "splitvl_meta": meta, "_splitvl_patched": True})
+    tower.__class__ = _SUBCLASSES[key]
+    return cls.__name__
