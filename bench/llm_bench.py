@@ -141,7 +141,8 @@ def guarded(name: str, budget: float) -> Callable[[Callable[[], None]], None]:
 def make_checkpoint(path: Path, text: dict, vision: dict, *, smoke: bool) -> Any:
     from transformers import Qwen2VLConfig
 
-    from service.tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, _build_tokenizer
+    from service.models.qwen2_vl import CHAT_TEMPLATE
+    from service.tiny import SPECIAL_TOKENS, _build_tokenizer
 
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = _build_tokenizer(400)

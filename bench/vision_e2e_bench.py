@@ -48,7 +48,8 @@ def make_checkpoint(path: Path) -> Path:
     from transformers import Qwen2VLConfig
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
-    from service.tiny import perturb_, preprocessor_config
+    from service.models import family
+    from service.tiny import perturb_
 
     config = Qwen2VLConfig(vision_config=VISION_2B, text_config={"hidden_size": 1536, "num_hidden_layers": 1,
                                                                   "num_attention_heads": 12, "num_key_value_heads": 2,
@@ -58,7 +59,7 @@ def make_checkpoint(path: Path) -> Path:
     perturb_(tower, seed=0)
     save_file({f"visual.{k}": v.to(torch.bfloat16).contiguous() for k, v in tower.state_dict().items()},
               path / "model.safetensors", metadata={"format": "pt"})
-    (path / "preprocessor_config.json").write_text(json.dumps(preprocessor_config(3136, 12845056)))
+    (path / "preprocessor_config.json").write_text(json.dumps(family("qwen2_vl").tiny_preprocessor(3136, 12845056)))
     return path
 
 

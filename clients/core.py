@@ -164,9 +164,11 @@ def embeddings_of(data: bytes, cached: bool | None = None) -> Embeddings:
         header = json.loads(data[8 : 8 + n])
         meta, embeds, grid = header["__metadata__"], header["image_embeds"], header["image_grid_thw"]
         t, h, w = (int(x) for x in struct.unpack("<3q", data[8 + n + grid["data_offsets"][0]:][:24]))
+        deepstack = header.get("deepstack_image_embeds")
         info = ImageInfo(meta["image_id"], meta.get("model", ""), meta.get("fingerprint", ""), (t, h, w),
                          int(embeds["shape"][0]), int(embeds["shape"][1]),
-                         _SAFETENSORS_DTYPES.get(embeds["dtype"], embeds["dtype"].lower()), cached)
+                         _SAFETENSORS_DTYPES.get(embeds["dtype"], embeds["dtype"].lower()), cached,
+                         int(deepstack["shape"][0]) if deepstack else 0)
     except (struct.error, ValueError, KeyError, TypeError, IndexError) as exc:
         raise SplitVLError(200, "invalid_response", f"the embeddings file does not parse: {exc}") from exc
     return Embeddings(info, data)

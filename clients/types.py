@@ -36,12 +36,13 @@ class ImageInfo:
     hidden_size: int
     dtype: str
     cached: bool | None = None  # upload only: true when nothing was computed
+    deepstack_layers: int = 0  # Qwen3-VL: DeepStack feature tensors stored beside the embeddings
 
     @classmethod
     def from_json(cls, body: dict[str, Any]) -> ImageInfo:
         t, h, w = (int(x) for x in body["grid_thw"])
         return cls(body["image_id"], body["model"], body["fingerprint"], (t, h, w), int(body["num_tokens"]),
-                   int(body["hidden_size"]), body["dtype"], body.get("cached"))
+                   int(body["hidden_size"]), body["dtype"], body.get("cached"), int(body.get("deepstack_layers", 0)))
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,8 @@ class Answer:
 @dataclass(frozen=True)
 class Embeddings:
     """An image's embeddings file (safetensors): ``image_embeds`` [num_tokens, hidden_size] in the
-    stored dtype and ``image_grid_thw`` [1, 3] int64."""
+    stored dtype, ``image_grid_thw`` [1, 3] int64 and, for Qwen3-VL, ``deepstack_image_embeds``
+    [deepstack_layers, num_tokens, hidden_size] (in the order of the model's ``deepstack_visual_indexes``)."""
 
     info: ImageInfo
     data: bytes
@@ -81,6 +83,11 @@ class Embeddings:
     @property
     def image_grid_thw(self) -> torch.Tensor:
         return self.tensors()["image_grid_thw"]
+
+    @property
+    def deepstack_image_embeds(self) -> torch.Tensor | None:
+        """[L, num_tokens, hidden_size] for a model with DeepStack features (Qwen3-VL), else None."""
+        return self.tensors().get("deepstack_image_embeds")
 
     def save(self, path: str | Path) -> Path:
         out = Path(path)

@@ -15,6 +15,7 @@ from typing import get_args
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
+from service.checkpoint import Checkpoint, open_checkpoint
 from service.config import ROLE_ENV, Role, Settings
 from service.errors import ApiError, install_error_handlers
 from service.logs import configure_logging
@@ -41,8 +42,10 @@ async def require_api_key(request: Request) -> None:
                        headers={"WWW-Authenticate": 'Bearer realm="splitvl"'})
 
 
-def create_app(settings: Settings, role: Role, *, workers: dict | None = None) -> FastAPI:
-    """``workers`` may hand in already built workers (tests, ``serve all``); otherwise they load here."""
+def create_app(settings: Settings, role: Role, *, workers: dict | None = None,
+               checkpoint: Checkpoint | None = None) -> FastAPI:
+    """``workers`` may hand in already built workers (tests, ``serve all``); otherwise they load here,
+    from ``checkpoint`` (opened once, e.g. by the CLI to check ``--model`` early) or ``settings.model``."""
     metrics = Metrics()
 
     @asynccontextmanager
@@ -56,11 +59,17 @@ def create_app(settings: Settings, role: Role, *, workers: dict | None = None) -
         started = []
         refresher = None
         try:
+            opened = checkpoint
+            needed = (role != "llm" and given.get("vision_encoder") is None) or (
+                role != "vision" and given.get("llm_engine") is None)
+            if opened is None and needed:  # once, for both workers
+                opened = await loop.run_in_executor(None, open_checkpoint, settings.model)
             if role in ("vision", "all"):
                 from service.vision.worker import VisionWorker
 
                 encoder = given.get("vision_encoder")
-                vision = await loop.run_in_executor(None, lambda: VisionWorker(settings, store, metrics, encoder))
+                vision = await loop.run_in_executor(
+                    None, lambda: VisionWorker(settings, store, metrics, encoder, opened))
                 await vision.start()
                 started.append(vision)
                 app.state.vision = vision
@@ -71,7 +80,7 @@ def create_app(settings: Settings, role: Role, *, workers: dict | None = None) -
                 engine = given.get("llm_engine")
                 fingerprint = app.state.vision.fingerprint if role == "all" else None
                 llm = await loop.run_in_executor(
-                    None, lambda: LLMWorker(settings, store, metrics, engine, fingerprint))
+                    None, lambda: LLMWorker(settings, store, metrics, engine, fingerprint, opened))
                 await llm.start()
                 started.append(llm)
                 app.state.llm = llm

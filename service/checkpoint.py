@@ -1,4 +1,9 @@
-"""Read a Qwen2-VL checkpoint selectively: its config, and only the tensors one worker needs.
+"""Open a checkpoint once, then read it selectively: its configs, and only the tensors one worker needs.
+
+``open_checkpoint(model)`` resolves the path (a directory, or a hub id in the local HF cache),
+reads ``config.json`` and ``preprocessor_config.json`` and finds the model family; the
+``Checkpoint`` it returns is handed to every part that needs the checkpoint, so none resolves the
+path or re-reads a config again.
 
 A worker names the part it wants (``visual`` or ``language``); with a sharded checkpoint the
 index says which shards hold that part, and only those shards are opened, and only those
@@ -16,10 +21,15 @@ import json
 import os
 import sys
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
+
+if TYPE_CHECKING:
+    from service.models import Family
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -51,6 +61,53 @@ def load_json(path: Path, name: str) -> dict:
     if not file.is_file():
         raise CheckpointError(f"{file} is missing")
     return json.loads(file.read_text())
+
+
+def load_optional_json(path: Path, name: str) -> dict | None:
+    file = path / name
+    return json.loads(file.read_text()) if file.is_file() else None
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A checkpoint, opened once (``open_checkpoint``): where it is, its configs and its family."""
+
+    name: str  # as given: a hub id or a path
+    path: Path
+    config: dict  # config.json
+    preprocessor: dict | None  # preprocessor_config.json (the vision worker needs it)
+    family: Family = field(repr=False)
+
+    def json(self, name: str) -> dict | None:
+        """Another JSON file of the checkpoint (tokenizer or generation config), or None."""
+        return load_optional_json(self.path, name)
+
+    def read_tensors(self, wanted: Callable[[str], bool], *, strip_prefix: str = "",
+                     progress: bool | None = None) -> dict[str, torch.Tensor]:
+        return read_tensors(self.path, wanted, strip_prefix=strip_prefix, progress=progress)
+
+
+def open_checkpoint(model: str | Path | Checkpoint) -> Checkpoint:
+    """Resolve ``model`` and read what every worker needs; a ``Checkpoint`` is returned as it is.
+
+    Raises ``CheckpointError`` (one line that says what to do) for a missing directory, a hub id
+    not in the local cache, an unreadable ``config.json`` or a family splitvl does not serve.
+    """
+    if isinstance(model, Checkpoint):
+        return model
+    from service.models import family_of, supported
+
+    path = resolve_model_path(model)
+    try:
+        config = load_json(path, "config.json")
+        preprocessor = load_optional_json(path, "preprocessor_config.json")
+    except (OSError, ValueError) as exc:  # unreadable or not JSON
+        raise CheckpointError(f"{path}: cannot read its config ({exc})") from exc
+    family = family_of(config)
+    if family is None:
+        kind = config.get("model_type") or (config.get("architectures") or ["no model_type"])[0]
+        raise CheckpointError(f"{path} is a {kind} checkpoint; splitvl serves {supported()}")
+    return Checkpoint(str(model), path, config, preprocessor, family)
 
 
 def canonical_key(key: str) -> str:

@@ -13,6 +13,7 @@ from pydantic import ValidationError
 
 from service.config import ROLE_ENV, Settings
 from service.logs import configure_logging
+from service.models import FAMILY_NAMES
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -103,7 +104,7 @@ def _serve_processes(settings: Settings, role: str) -> int:
 def _make_tiny(args: argparse.Namespace) -> int:
     from service.tiny import make_tiny_checkpoint
 
-    path = make_tiny_checkpoint(args.dir, seed=args.seed, shard_size=args.shard_size)
+    path = make_tiny_checkpoint(args.dir, family=args.family, seed=args.seed, shard_size=args.shard_size)
     print(path)
     return 0
 
@@ -143,8 +144,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="json: one JSON object per line, with request ids (env SPLITVL_LOG_FORMAT)")
     serve.set_defaults(func=_serve)
 
-    tiny = sub.add_parser("make-tiny", help="write a small random Qwen2-VL checkpoint to try the pipeline offline")
+    tiny = sub.add_parser("make-tiny", help="write a small random checkpoint to try the pipeline offline")
     tiny.add_argument("dir")
+    tiny.add_argument("--family", default="qwen2_vl", choices=list(FAMILY_NAMES),
+                      help="model family (default qwen2_vl)")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--shard-size", dest="shard_size", help="e.g. 40KB for a sharded checkpoint")
     tiny.set_defaults(func=_make_tiny)

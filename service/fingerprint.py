@@ -1,7 +1,8 @@
 """Model identity in the feature store.
 
-The *fingerprint* names the function image -> embeddings: it changes whenever the vision weights,
-the vision config or the preprocessing change, so features from another model are never served.
+The *fingerprint* names the function image -> features: it changes whenever the model family, the
+vision weights, the vision config or the preprocessing change, so features from another model are
+never served.
 Only a vision worker can compute it (it hashes the visual weights it loaded). It registers the
 fingerprint under the *model key* (a hash of the checkpoint's config files, which every worker can
 read), and LLM workers, which never read the visual weights, look it up there.
@@ -11,10 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-from pathlib import Path
 
 import torch
 
+from service.checkpoint import Checkpoint
 from service.preprocess import PreprocessConfig
 
 REGISTRY = "splitvl:models"
@@ -35,14 +36,11 @@ def weights_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def model_fingerprint(vision_config: dict, preprocess: PreprocessConfig, weights: str) -> str:
-    return _digest({"vision": vision_config, "preprocess": preprocess.fingerprint_fields(), "weights": weights})[:16]
+def model_fingerprint(family: str, vision_config: dict, preprocess: PreprocessConfig, weights: str) -> str:
+    return _digest({"family": family, "vision": vision_config, "preprocess": preprocess.fingerprint_fields(),
+                    "weights": weights})[:16]
 
 
-def model_key(path: Path) -> str:
+def model_key(checkpoint: Checkpoint) -> str:
     """A hash of config.json and preprocessor_config.json: the same for every worker of one checkpoint."""
-    parts = {}
-    for name in ("config.json", "preprocessor_config.json"):
-        file = path / name
-        parts[name] = json.loads(file.read_text()) if file.is_file() else None
-    return _digest(parts)[:16]
+    return _digest({"config.json": checkpoint.config, "preprocessor_config.json": checkpoint.preprocessor})[:16]

@@ -102,9 +102,10 @@ class PreprocessConfig:
         return cls.from_dict(raw)
 
     @classmethod
-    def from_dict(cls, raw: dict) -> PreprocessConfig:
-        """Build from the keys HF writes; keys that do not change the output are ignored."""
-        defaults = cls()
+    def from_dict(cls, raw: dict, defaults: PreprocessConfig | None = None) -> PreprocessConfig:
+        """Build from the keys HF writes over ``defaults`` (the family's processor defaults; else
+        Qwen2-VL's); keys that do not change the output are ignored."""
+        defaults = defaults or cls()
         size = raw.get("size") or {}
         min_pixels = _first(raw.get("min_pixels"), size.get("shortest_edge"), size.get("min_pixels"))
         max_pixels = _first(raw.get("max_pixels"), size.get("longest_edge"), size.get("max_pixels"))

@@ -3,7 +3,10 @@
 Layout (one Redis hash per image and model):
 
     splitvl:{fingerprint}:{image_id}   embeds (raw bytes, stored dtype, row-major), dtype, shape,
-                                       grid_thw, checksum, model, created
+                                       grid_thw, checksum, model, created; for a family with
+                                       DeepStack features (Qwen3-VL) also deepstack (raw bytes,
+                                       [L, *shape]) and deepstack_layers (L), under the same
+                                       checksum as embeds, so no reader sees half of them
     splitvl:id:{image_id}              fingerprint of the latest write (tells 404 from 409)
     splitvl:lock:{fingerprint}:{id}    short-lived lock: concurrent uploads of one image across
                                        workers compute it once
@@ -84,16 +87,20 @@ _CRC32 = "crc32:"
 _INLINE_BYTES = 1 << 20
 
 
-def checksum(data: bytes) -> str:
-    return f"{_CRC32}{zlib.crc32(data):08x}"
+def checksum(*parts: bytes | memoryview) -> str:
+    """CRC-32 of the parts' bytes, one after the other (the embeddings, then any DeepStack bytes)."""
+    crc = 0
+    for part in parts:
+        crc = zlib.crc32(part, crc)
+    return f"{_CRC32}{crc:08x}"
 
 
-def checksum_matches(data: bytes, digest: str) -> bool:
-    """Whether ``data`` has the stored checksum: CRC-32, or the blake2b-128 hex digest of records
-    stored before CRC-32 (still read, not rewritten)."""
+def checksum_matches(digest: str, *parts: bytes) -> bool:
+    """Whether ``parts`` have the stored checksum: CRC-32, or the blake2b-128 hex digest of records
+    stored before CRC-32 (one part; still read, not rewritten)."""
     if digest.startswith(_CRC32):
-        return checksum(data) == digest
-    return hashlib.blake2b(data, digest_size=16).hexdigest() == digest
+        return checksum(*parts) == digest
+    return len(parts) == 1 and hashlib.blake2b(parts[0], digest_size=16).hexdigest() == digest
 
 
 @dataclass(frozen=True)
@@ -103,6 +110,17 @@ class ImageRecord:
     model: str
     grid_thw: tuple[int, int, int]
     embeds: torch.Tensor  # [num_tokens, hidden_size], CPU, stored dtype
+    deepstack: torch.Tensor | None = None  # [L, num_tokens, hidden_size] (Qwen3-VL), same dtype
+
+    @classmethod
+    def from_features(cls, image_id: str, fingerprint: str, model: str, grid_thw: tuple[int, int, int],
+                      features: torch.Tensor) -> ImageRecord:
+        """From the vision encoder's stacked features [1 + L, num_tokens, hidden_size]."""
+        return cls(image_id, fingerprint, model, grid_thw, features[0], features[1:] if len(features) > 1 else None)
+
+    @property
+    def deepstack_layers(self) -> int:
+        return 0 if self.deepstack is None else int(self.deepstack.shape[0])
 
     @property
     def num_tokens(self) -> int:
@@ -122,16 +140,23 @@ class ImageRecord:
             "hidden_size": self.hidden_size,
             "dtype": dtype_name(self.embeds.dtype),
         }
+        if self.deepstack is not None:
+            out["deepstack_layers"] = self.deepstack_layers
         if cached is not None:
             out["cached"] = cached
         return out
 
 
-def _serialize(t: torch.Tensor) -> tuple[memoryview, str]:
+def _bytes_of(t: torch.Tensor) -> memoryview:
     # the tensor's own memory, not a copy: redis-py sends a memoryview as it is (a fresh ~1 MB bytes
     # object per upload cost page faults under load), and nothing writes to the embeddings meanwhile
-    data = memoryview(t.detach().contiguous().cpu().view(torch.uint8).reshape(-1).numpy())
-    return data, checksum(data)
+    return memoryview(t.detach().contiguous().cpu().view(torch.uint8).reshape(-1).numpy())
+
+
+def _serialize(record: ImageRecord) -> tuple[list[memoryview], str]:
+    """The record's feature bytes (embeddings, then DeepStack if any) and their one checksum."""
+    parts = [_bytes_of(record.embeds)] + ([] if record.deepstack is None else [_bytes_of(record.deepstack)])
+    return parts, checksum(*parts)
 
 
 def tensor_from_bytes(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -191,11 +216,12 @@ class FeatureStore:
         """Store the record in one round trip, there also registering its fingerprint under ``model_key``
         and releasing this image's compute lock when asked."""
         # large embeddings: copied and checksummed on a thread, not the event loop (zlib releases the GIL)
-        nbytes = record.embeds.numel() * record.embeds.element_size()
-        data, digest = (_serialize(record.embeds) if nbytes <= _INLINE_BYTES
-                        else await asyncio.to_thread(_serialize, record.embeds))
+        nbytes = record.embeds.nbytes + (0 if record.deepstack is None else record.deepstack.nbytes)
+        parts, digest = _serialize(record) if nbytes <= _INLINE_BYTES else await asyncio.to_thread(_serialize, record)
+        if record.deepstack is not None and tuple(record.deepstack.shape[1:]) != tuple(record.embeds.shape):
+            raise ValueError(f"deepstack {list(record.deepstack.shape)} does not fit embeds {list(record.embeds.shape)}")
         mapping = {
-            "embeds": data,
+            "embeds": parts[0],
             "dtype": dtype_name(record.embeds.dtype),
             "shape": json.dumps(list(record.embeds.shape)),
             "grid_thw": json.dumps(list(record.grid_thw)),
@@ -203,6 +229,8 @@ class FeatureStore:
             "model": record.model,
             "created": str(time.time()),
         }
+        if record.deepstack is not None:
+            mapping |= {"deepstack": parts[1], "deepstack_layers": str(record.deepstack_layers)}
         key = self.key(record.fingerprint, record.image_id)
         pipe = self.redis.pipeline(transaction=True)
         pipe.hset(key, mapping=mapping)
@@ -224,7 +252,8 @@ class FeatureStore:
         With ``load=False`` the embeddings are read and checked all the same, but not copied into a
         tensor: the record's embeds are a meta tensor of their shape (for an answer of metadata only)."""
         key = self.key(fingerprint, image_id)
-        fields = ["dtype", "shape", "grid_thw", "checksum", "model"] + (["embeds"] if with_embeds else [])
+        fields = ["dtype", "shape", "grid_thw", "checksum", "model", "deepstack_layers"] + (
+            ["embeds", "deepstack"] if with_embeds else [])
         try:
             values = await self.redis.hmget(key, fields)
         except ResponseError as exc:
@@ -244,20 +273,27 @@ class FeatureStore:
                     type(x) is int and x > 0 for x in (*shape, *grid)):
                 raise ValueError(f"shape {list(shape)} and grid_thw {list(grid)} must be 2 and 3 positive integers")
             model = got["model"].decode()
+            layers = int(got["deepstack_layers"] or 0)
+            if layers < 0:
+                raise ValueError(f"deepstack_layers {layers} is negative")
+            deep_shape = (layers, *shape)
             if with_embeds:
-                data = got["embeds"] or b""
+                parts = [got["embeds"] or b""] + ([got["deepstack"] or b""] if layers else [])
                 digest = got["checksum"].decode()
                 # a legacy blake2b digest is ~1 ms per 786 KB: always a thread for that one
-                inline = len(data) <= _INLINE_BYTES and digest.startswith(_CRC32)
-                if not (checksum_matches(data, digest) if inline
-                        else await asyncio.to_thread(checksum_matches, data, digest)):
+                inline = sum(map(len, parts)) <= _INLINE_BYTES and digest.startswith(_CRC32)
+                if not (checksum_matches(digest, *parts) if inline
+                        else await asyncio.to_thread(checksum_matches, digest, *parts)):
                     raise ValueError("checksum mismatch")
-                embeds = tensor_from_bytes(data, dtype, shape) if load else checked_meta(data, dtype, shape)
+                read = tensor_from_bytes if load else checked_meta
+                embeds = read(parts[0], dtype, shape)
+                deepstack = read(parts[1], dtype, deep_shape) if layers else None
             else:
                 embeds = torch.empty(shape, dtype=dtype, device="meta")
+                deepstack = torch.empty(deep_shape, dtype=dtype, device="meta") if layers else None
         except (ValueError, TypeError, AttributeError, RuntimeError) as exc:
             raise await self._drop_corrupt(key, image_id, str(exc)) from exc
-        return ImageRecord(image_id, fingerprint, model, grid, embeds)  # type: ignore[arg-type]
+        return ImageRecord(image_id, fingerprint, model, grid, embeds, deepstack)  # type: ignore[arg-type]
 
     async def _drop_corrupt(self, key: str, image_id: str, reason: str) -> ApiError:
         await self._call(self.redis.delete(key))

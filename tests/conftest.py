@@ -37,9 +37,24 @@ def image_bytes() -> Callable[..., bytes]:
 
 
 @pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One ``model.safetensors``, untied embeddings."""
-    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny-single"), seed=0)
+def family_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``family_checkpoint(family, **kwargs)``: a tiny checkpoint of that family (``make_tiny_checkpoint``'s
+    keyword arguments), made once per session for each distinct call."""
+    made: dict[tuple, Path] = {}
+
+    def make(family: str, **kwargs: object) -> Path:
+        key = (family, *sorted(kwargs.items()))
+        if key not in made:
+            made[key] = make_tiny_checkpoint(tmp_path_factory.mktemp(f"tiny-{family}"), family=family, **kwargs)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(family_checkpoint: Callable[..., Path]) -> Path:
+    """Qwen2-VL, one ``model.safetensors``, untied embeddings."""
+    return family_checkpoint("qwen2_vl", seed=0)
 
 
 @pytest.fixture(scope="session")

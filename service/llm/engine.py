@@ -56,7 +56,7 @@ from pathlib import Path
 
 import torch
 
-from service.checkpoint import load_json, resolve_model_path
+from service.checkpoint import Checkpoint, open_checkpoint
 from service.errors import ApiError, unavailable
 from service.llm.cuda_graphs import DecodeFn, DecodeRunner, PrefillFn, PrefillRow, PrefillRunner, Step
 from service.llm.generation import Delta, Finish, Generation, batched_wakeups
@@ -65,6 +65,7 @@ from service.llm.model import (
     allocate_kv_cache,
     decode_step,
     decode_step_fused,
+    fused_model_supported,
     fused_supported,
     load_model,
     prefill,
@@ -72,7 +73,7 @@ from service.llm.model import (
     prefill_fused,
     prefill_fused_at,
 )
-from service.llm.prompt import Prompt, PromptBuilder, StreamDecoder, positions
+from service.llm.prompt import Prompt, PromptBuilder, StreamDecoder
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +84,16 @@ class PrefixNotCached(LookupError):
 
 
 @functools.lru_cache(maxsize=64)
-def position_table(prefix_len: int, grid: tuple[int, int, int], merge: int, max_len: int,
-                   image_start: int) -> tuple[torch.Tensor, int]:
+def position_table(rule: Callable[..., tuple[torch.Tensor, int]], prefix_len: int, grid: tuple[int, int, int],
+                   merge: int, max_len: int, image_start: int) -> tuple[torch.Tensor, int]:
     """M-RoPE positions [3, max_len] and rope delta of every prompt with this image layout (read only).
 
     The text after the image counts up from one fixed offset, so a prompt of any length takes a
     slice, and the delta is the same for all of them (they all end after the image). Cached: it
-    was about half of ``generate``'s time, which runs on the thread that serves HTTP.
+    was about half of ``generate``'s time, which runs on the thread that serves HTTP. ``rule`` is
+    the family's position rule (``Family.positions``).
     """
-    return positions(prefix_len, grid, merge, max_len, image_start=image_start)
+    return rule(prefix_len, grid, merge, max_len, image_start=image_start)
 
 
 # -- sampling -------------------------------------------------------------------------------------
@@ -126,6 +128,7 @@ class _Prefix:
 class _Request:
     prompt: Prompt
     embeds: torch.Tensor  # [num_image_tokens, hidden] as given (any device, any dtype)
+    deepstack: torch.Tensor | None  # [L, num_image_tokens, hidden] (Qwen3-VL), as given
     grid: tuple[int, int, int]
     image_key: str
     positions: torch.Tensor  # [3, prompt_len] on the CPU
@@ -169,17 +172,20 @@ class LLMEngine:
     tokenizer and chat template.
     """
 
-    def __init__(self, model: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+    def __init__(self, model: str | Path | Checkpoint, *, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32,
                  max_batch_slots: int = 8, max_seq_len: int | None = None, prefix_cache_entries: int = 32,
                  max_waiting: int = 256, cuda_graphs: bool | None = None, fused: bool | None = None,
                  attention: str | None = None, lm: Qwen2LM | None = None, prefill_graphs: bool | None = None) -> None:
-        path = resolve_model_path(model)
+        checkpoint = open_checkpoint(model)
+        self.checkpoint = checkpoint
+        self.family = checkpoint.family
         self.device = torch.device(device)
         self.dtype = dtype
-        self.model: Qwen2LM = lm if lm is not None else load_model(path, device=self.device, dtype=dtype)
-        self.prompts = PromptBuilder.from_checkpoint(path)
-        config = load_json(path, "config.json")
-        self.spatial_merge_size = int((config.get("vision_config") or {}).get("spatial_merge_size", 2))
+        self.model: Qwen2LM = lm if lm is not None else load_model(checkpoint, device=self.device, dtype=dtype)
+        self.prompts = PromptBuilder.from_checkpoint(checkpoint)
+        self.spatial_merge_size = int((checkpoint.config.get("vision_config") or {}).get("spatial_merge_size", 2))
+        self.deepstack_layers = self.model.cfg.deepstack_layers
         self.hidden_size = self.model.cfg.hidden_size
         self.max_seq_len = min(max_seq_len or 4096, self.model.cfg.max_position_embeddings)
         self.max_batch_slots = max_batch_slots
@@ -187,7 +193,9 @@ class LLMEngine:
         self.max_waiting = max_waiting
         self.eos_token_ids = frozenset(self.prompts.eos_token_ids)
         self.kv = allocate_kv_cache(self.model.cfg, max_batch_slots, self.max_seq_len, device=self.device, dtype=dtype)
-        self.fused = fused_supported(self.device, dtype) if fused is None else fused
+        if fused is None:
+            fused = fused_supported(self.device, dtype) and fused_model_supported(self.model.cfg)
+        self.fused = fused
         self.attention = attention or ("triton" if self.fused else "sdpa")
         if self.attention == "triton" and not self.fused:
             raise ValueError("attention 'triton' needs the fused path (CUDA, bf16/fp16, Triton)")
@@ -204,7 +212,9 @@ class LLMEngine:
                 for batch in self.runner.batch_buckets:
                     self.runner.capture(self.decode_fn, *self.runner.bucket(batch, 1))
         if prefill_graphs is None:
-            prefill_graphs = self.runner.use_graphs
+            prefill_graphs = self.runner.use_graphs and not self.deepstack_layers
+        if prefill_graphs and self.deepstack_layers:
+            raise ValueError("bucketed prefills (prefill_graphs) do not inject DeepStack features yet")
         # prefill graphs are recorded on first use of each bucket
         self.prefiller = PrefillRunner(self.model, self.kv, use_graphs=self.runner.use_graphs) if prefill_graphs else None
         self._prefixes: OrderedDict[str, _Prefix] = OrderedDict()
@@ -225,14 +235,16 @@ class LLMEngine:
 
     def generate(self, image_embeds: torch.Tensor, grid_thw: Sequence[int] | torch.Tensor, image_key: str,
                  question: str, max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int | None = None, max_question_tokens: int | None = None, deltas: bool = True
-                 ) -> Generation:
+                 seed: int | None = None, max_question_tokens: int | None = None, deltas: bool = True,
+                 deepstack: torch.Tensor | None = None) -> Generation:
         """Queue one question about one image; returns its event stream at once.
 
         ``deltas=False``: no ``Delta`` events, only the ``Finish`` (its text decoded once, at the end),
         for callers that want the whole answer: the scheduler thread then does no per-token decoding.
 
         image_embeds [num_tokens, hidden] as the vision worker stored them (any dtype, any device);
+        deepstack [L, num_tokens, hidden] the image's DeepStack features for a model that has L > 0
+        DeepStack layers (Qwen3-VL), else None (also None, with meta embeddings, when the prefix is cached);
         grid_thw the image's patch grid (t, h, w); image_key names the image's features (the
         caller makes it from fingerprint + image id) and keys the prefix-KV cache.
         Raises ``ApiError`` 422 for an empty question, parameters out of range or a prompt that
@@ -252,6 +264,13 @@ class LLMEngine:
         if tuple(image_embeds.shape) != (num_tokens, self.hidden_size):
             raise ApiError(409, "feature_mismatch", f"image embeddings {tuple(image_embeds.shape)} do not fit this "
                            f"model: grid {list(grid)} needs ({num_tokens}, {self.hidden_size})")
+        layers = self.deepstack_layers
+        want = (layers, num_tokens, self.hidden_size)
+        if (deepstack is None and layers and not image_embeds.is_meta) or (
+                deepstack is not None and tuple(deepstack.shape) != want):
+            got = "none" if deepstack is None else tuple(deepstack.shape)
+            raise ApiError(409, "feature_mismatch", f"DeepStack features {got} do not fit this model: it needs "
+                           + (f"{want}" if layers else "none"))
         prompt = self.prompts.build(question, num_tokens)  # the only tokenization of the question
         prefix = None
         if image_embeds.is_meta:  # the caller skipped fetching the embeddings: pin the cached prefix now
@@ -265,7 +284,8 @@ class LLMEngine:
         if total + max_tokens > self.max_seq_len:
             raise ApiError(422, "context_length_exceeded", f"the prompt has {total} tokens; with max_tokens "
                            f"{max_tokens} it exceeds the context length of {self.max_seq_len}")
-        pos, delta = position_table(prompt.prefix_len, grid, merge, self.max_seq_len, prompt.image_start)
+        pos, delta = position_table(self.family.positions, prompt.prefix_len, grid, merge, self.max_seq_len,
+                                    prompt.image_start)
         pos = pos[:, :total]  # [3, total]
         generator = None
         if temperature > 0:
@@ -277,8 +297,8 @@ class LLMEngine:
         stream = Generation(total, self._wake)
         # tensors reach the device on the scheduler thread, and only when a prefill needs them (a copy
         # here would wait for the decode step running on the device)
-        request = _Request(prompt, image_embeds, grid, image_key, pos, delta, max_tokens, temperature, top_p,
-                           generator, stream, self.prompts.decoder() if deltas else None, prefix)
+        request = _Request(prompt, image_embeds, deepstack, grid, image_key, pos, delta, max_tokens, temperature,
+                           top_p, generator, stream, self.prompts.decoder() if deltas else None, prefix)
         with self._cond:
             if self._closed:
                 raise unavailable("engine_closed", "the LLM engine is shutting down")
@@ -425,11 +445,16 @@ class LLMEngine:
         length = max(end - start for _, start, end in rows)
         ids = [r.prompt.ids[start:end] + [0] * (length - end + start) for r, start, end in rows]
         x = self.model.embed(torch.tensor(ids, device=self.device))  # [N, T, hidden]
+        deepstack = None  # [L, N, T, hidden]: zero but at the image positions of rows that hold the image
         positions = []
         for b, (r, start, end) in enumerate(rows):
             lo, n = r.prompt.image_start - start, r.prompt.num_image_tokens
             if lo >= 0 and lo + n <= end - start:
                 x[b, lo : lo + n] = r.embeds.to(self.device, self.dtype, non_blocking=True)
+                if r.deepstack is not None:
+                    if deepstack is None:
+                        deepstack = x.new_zeros((self.deepstack_layers, *x.shape))
+                    deepstack[:, b, lo : lo + n] = r.deepstack.to(self.device, self.dtype, non_blocking=True)
             pos = r.positions[:, start:end].to(self.device)
             if end - start < length:  # padding continues the positions
                 pad = torch.arange(1, length - end + start + 1, device=self.device)
@@ -437,7 +462,7 @@ class LLMEngine:
             positions.append(pos)
         slots = torch.tensor([r.slot for r, _, _ in rows], device=self.device)
         hidden = self.prefill_fn(self.model, self.kv, x, torch.stack(positions, dim=1), slots,
-                                 [start for _, start, _ in rows])
+                                 [start for _, start, _ in rows], deepstack=deepstack)
         self.counters["prefill_tokens"] += sum(end - start for _, start, end in rows)
         if not logits:
             return None

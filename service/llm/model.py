@@ -1,4 +1,11 @@
-"""Qwen2-VL's language model, written for serving: fused GEMMs, a static KV cache, two pure steps.
+"""The Qwen-VL families' language model (Qwen2, Qwen3), written for serving: fused GEMMs, a static
+KV cache, two pure steps.
+
+The variants differ only in what ``TextConfig`` says: q/k/v biases (Qwen2) or per-head RMSNorm on
+q and k before the rotary (Qwen3), an explicit head size, the M-RoPE layout (contiguous t/h/w
+sections, or interleaved), and DeepStack: image features added to the hidden states at the
+image's positions after the first ``deepstack_layers`` layers (Qwen3-VL), which only a prefill
+that holds the image does.
 
 The module holds weights only. The work is done by two functions that issue 5 may compile or
 capture in CUDA graphs:
@@ -16,8 +23,8 @@ The KV cache is one preallocated tensor ``[layers, 2, slots, kv_heads, max_len, 
 (2 = keys, values). ``decode_step`` takes a view of its first ``B`` slots (and, optionally, of
 its first ``L`` positions): batch row ``b`` is slot ``b``.
 
-Numerics follow HF's ``Qwen2VLForConditionalGeneration``: RMSNorm in fp32, M-RoPE cos/sin
-computed in fp32 and cast to the activation dtype, SDPA attention with grouped KV heads.
+Numerics follow HF's ``*ForConditionalGeneration``: RMSNorm in fp32, M-RoPE cos/sin computed in
+fp32 and cast to the activation dtype, SDPA attention with grouped KV heads.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from service.checkpoint import CheckpointError, is_language, load_json, read_tensors, resolve_model_path
+from service.checkpoint import Checkpoint, CheckpointError, is_language, open_checkpoint
 
 # -- config ---------------------------------------------------------------------------------------
 
@@ -48,14 +55,18 @@ class TextConfig:
     mrope_section: tuple[int, ...]
     max_position_embeddings: int
     tie_word_embeddings: bool
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+    head_dim: int
+    qkv_bias: bool = True  # Qwen2; Qwen3 has none
+    qk_norm: bool = False  # Qwen3: per-head RMSNorm on q and k before the rotary
+    mrope_interleaved: bool = False  # Qwen3-VL: t/h/w frequencies interleaved, not in contiguous sections
+    deepstack_layers: int = 0  # Qwen3-VL: image features added after layers 0 .. L-1
 
     @classmethod
-    def from_dict(cls, config: dict) -> TextConfig:
-        """From ``config.json``: transformers 5's nested ``text_config`` or the hub's older flat layout."""
+    def from_dict(cls, config: dict, *, qkv_bias: bool = True, qk_norm: bool = False,
+                  mrope_interleaved: bool = False, deepstack_layers: int = 0,
+                  default_mrope_section: tuple[int, ...] = (16, 24, 24)) -> TextConfig:
+        """From ``config.json``: transformers 5's nested ``text_config`` or the hub's older flat layout.
+        The keyword arguments are the family's facts (``service.models``)."""
         text = {**config, **(config.get("text_config") or {})}
 
         def need(key: str) -> int:
@@ -66,10 +77,10 @@ class TextConfig:
         rope = text.get("rope_parameters") or text.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "mrope"):
-            raise CheckpointError(f"rope type {rope_type!r} is not supported (only Qwen2-VL's M-RoPE)")
+            raise CheckpointError(f"rope type {rope_type!r} is not supported (only the Qwen-VL families' M-RoPE)")
         act = text.get("hidden_act", "silu")
         if act != "silu":
-            raise CheckpointError(f"hidden_act {act!r} is not supported (Qwen2 uses silu)")
+            raise CheckpointError(f"hidden_act {act!r} is not supported (Qwen2 and Qwen3 use silu)")
         heads = need("num_attention_heads")
         cfg = cls(
             vocab_size=need("vocab_size"),
@@ -80,13 +91,18 @@ class TextConfig:
             num_kv_heads=int(text.get("num_key_value_heads") or heads),
             rms_norm_eps=float(text.get("rms_norm_eps", 1e-5)),
             rope_theta=float(rope.get("rope_theta", text.get("rope_theta", 1_000_000.0))),
-            mrope_section=tuple(int(s) for s in rope.get("mrope_section", (16, 24, 24))),
+            mrope_section=tuple(int(s) for s in rope.get("mrope_section", default_mrope_section)),
             max_position_embeddings=int(text.get("max_position_embeddings", 32768)),
             # HF ties when either level says so (pre-v5 saves put it in text_config)
             tie_word_embeddings=bool(config.get("tie_word_embeddings") or
                                      (config.get("text_config") or {}).get("tie_word_embeddings")),
+            head_dim=int(text.get("head_dim") or need("hidden_size") // heads),
+            qkv_bias=qkv_bias,
+            qk_norm=qk_norm,
+            mrope_interleaved=mrope_interleaved,
+            deepstack_layers=deepstack_layers,
         )
-        if cfg.hidden_size % cfg.num_heads or cfg.num_heads % cfg.num_kv_heads:
+        if cfg.num_heads % cfg.num_kv_heads or ("head_dim" not in text and cfg.hidden_size % cfg.num_heads):
             raise CheckpointError("hidden_size, num_attention_heads and num_key_value_heads do not divide")
         if sum(cfg.mrope_section) * 2 != cfg.head_dim or len(cfg.mrope_section) != 3:
             raise CheckpointError(f"mrope_section {list(cfg.mrope_section)} does not cover head_dim {cfg.head_dim}")
@@ -94,9 +110,17 @@ class TextConfig:
 
 
 def _rope_buffers(cfg: TextConfig, device: torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Which t/h/w position row drives each rotary frequency, and the frequencies: both [head_dim / 2]."""
+    """Which t/h/w position row drives each rotary frequency, and the frequencies: both [head_dim / 2].
+
+    Contiguous sections: t for the first ``mrope_section[0]`` frequencies, then h, then w.
+    Interleaved (Qwen3-VL): t, h, w, t, h, w, ... while h and w last (``3 * section``), then t."""
     d = cfg.head_dim
-    rows = torch.cat([torch.full((n,), i % 3, dtype=torch.long) for i, n in enumerate(cfg.mrope_section)])
+    if cfg.mrope_interleaved:
+        rows = torch.zeros(d // 2, dtype=torch.long)
+        for row, count in ((1, cfg.mrope_section[1]), (2, cfg.mrope_section[2])):
+            rows[row : 3 * count : 3] = row
+    else:
+        rows = torch.cat([torch.full((n,), i % 3, dtype=torch.long) for i, n in enumerate(cfg.mrope_section)])
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float) / d))  # on the CPU, as HF
     return (rows, inv_freq) if device is None else (rows.to(device), inv_freq.to(device))
 
@@ -121,7 +145,10 @@ class Block(nn.Module):
         super().__init__()
         qkv = (cfg.num_heads + 2 * cfg.num_kv_heads) * cfg.head_dim
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.qkv_proj = nn.Linear(cfg.hidden_size, qkv, bias=True)  # q, k, v stacked on dim 0
+        self.qkv_proj = nn.Linear(cfg.hidden_size, qkv, bias=cfg.qkv_bias)  # q, k, v stacked on dim 0
+        if cfg.qk_norm:  # per head, over head_dim
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
         self.o_proj = nn.Linear(cfg.num_heads * cfg.head_dim, cfg.hidden_size, bias=False)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)  # gate, up
@@ -129,7 +156,8 @@ class Block(nn.Module):
 
 
 class Qwen2LM(nn.Module):
-    """Weights of the language model; ``lm_head`` absent when tied (the embedding is used)."""
+    """Weights of the language model (Qwen2 or, per ``TextConfig``, Qwen3); ``lm_head`` absent when
+    tied (the embedding is used)."""
 
     def __init__(self, cfg: TextConfig) -> None:
         super().__init__()
@@ -193,9 +221,10 @@ def _qkv(model: Qwen2LM, block: Block, x: torch.Tensor, cos: torch.Tensor, sin: 
     qkv = block.qkv_proj(block.input_layernorm(x))
     q, k, v = qkv.split([cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim,
                          cfg.num_kv_heads * cfg.head_dim], dim=-1)
-    q = q.view(b, t, -1, cfg.head_dim).transpose(1, 2)
-    k = k.view(b, t, -1, cfg.head_dim).transpose(1, 2)
-    v = v.view(b, t, -1, cfg.head_dim).transpose(1, 2)
+    q, k, v = (x.view(b, t, -1, cfg.head_dim) for x in (q, k, v))  # [B, T, heads, D]
+    if cfg.qk_norm:
+        q, k = block.q_norm(q), block.k_norm(k)
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     return _rotate(q, cos, sin), _rotate(k, cos, sin), v
 
@@ -247,7 +276,7 @@ def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: tor
 
 
 def prefill(model: Qwen2LM, kv: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor,
-            slots: torch.Tensor, start: int | Sequence[int]) -> torch.Tensor:
+            slots: torch.Tensor, start: int | Sequence[int], deepstack: torch.Tensor | None = None) -> torch.Tensor:
     """Run ``T`` new tokens per slot; row ``b``'s tokens go to cache positions ``start[b] ..``.
 
     kv [layers, 2, S, Hkv, max_len, D] (written in place); embeds [B, T, hidden];
@@ -255,21 +284,24 @@ def prefill(model: Qwen2LM, kv: torch.Tensor, embeds: torch.Tensor, positions: t
     int for every row or one per row. Each token attends to the slot's cache ``[0, start + own
     index]``. Rows shorter than ``T`` are padded at the end: the padding's keys and values land
     past the row's real tokens, where nothing attends before decoding overwrites them.
-    Returns the final-normed hidden states [B, T, hidden].
+    deepstack [L, B, T, hidden] or None: added to the hidden states after layers 0 .. L-1 (zero
+    except at image positions). Returns the final-normed hidden states [B, T, hidden].
     """
     b, t, _ = embeds.shape
     end, at = _prefill_layout(kv, start, b, t, embeds.device)
-    return prefill_at(model, kv, embeds, positions, slots, at, end)
+    return prefill_at(model, kv, embeds, positions, slots, at, end, deepstack=deepstack)
 
 
 def prefill_at(model: Qwen2LM, kv: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor,
-               slots: torch.Tensor, at: torch.Tensor, window: int, *, causal: bool = False) -> torch.Tensor:
+               slots: torch.Tensor, at: torch.Tensor, window: int, *, causal: bool = False,
+               deepstack: torch.Tensor | None = None) -> torch.Tensor:
     """``prefill`` with the layout given as tensors: fixed shapes, no host syncs (CUDA-graph safe).
 
     at [B, T] long: the cache position of each token (its key and value go there, clamped to the
     cache's last position; it attends to ``[0, at]`` of its slot); ``window``: how many cache
     positions attention reads (at least every real token's ``at + 1``). ``causal`` is a hint for
     the fused path (every real row starts at 0 and ``window == T``); here the mask serves.
+    ``deepstack``: as in ``prefill``.
     """
     b, t, _ = embeds.shape
     mask = _prefill_mask(at, window)
@@ -284,6 +316,8 @@ def prefill_at(model: Qwen2LM, kv: torch.Tensor, embeds: torch.Tensor, positions
         values = kv[i, 1, slots, :, :window]
         attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True)
         x = _finish_block(block, x, attn)
+        if deepstack is not None and i < len(deepstack):
+            x = x + deepstack[i]  # zero away from the image: x + 0 leaves those rows exactly as they were
     return model.norm(x)
 
 
@@ -323,6 +357,11 @@ def fused_supported(device: torch.device | str, dtype: torch.dtype) -> bool:
     except ImportError:
         return False
     return True
+
+
+def fused_model_supported(cfg: TextConfig) -> bool:
+    """Whether the fused kernels cover this language model variant (not yet Qwen3's q/k norm)."""
+    return not cfg.qk_norm and not cfg.deepstack_layers
 
 
 def _norm_weights(model: Qwen2LM) -> list[torch.Tensor]:
@@ -372,7 +411,8 @@ def _rope_kv_then(model: Qwen2LM, kv: torch.Tensor, cos: torch.Tensor, sin: torc
 
 
 def prefill_fused(model: Qwen2LM, kv: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor,
-                  slots: torch.Tensor, start: int | Sequence[int]) -> torch.Tensor:
+                  slots: torch.Tensor, start: int | Sequence[int], deepstack: torch.Tensor | None = None
+                  ) -> torch.Tensor:
     """``prefill`` with the fused kernels (same arguments, same result up to rounding order).
 
     Attention is PyTorch's SDPA over the rows' gathered cache, KV heads repeated per group so that
@@ -382,11 +422,12 @@ def prefill_fused(model: Qwen2LM, kv: torch.Tensor, embeds: torch.Tensor, positi
     end, at = _prefill_layout(kv, start, b, t, embeds.device)
     from_zero = start == 0 if isinstance(start, int) else not any(start)
     causal = from_zero and end == t  # every row a whole prompt from position 0
-    return prefill_fused_at(model, kv, embeds, positions, slots, at, end, causal=causal)
+    return prefill_fused_at(model, kv, embeds, positions, slots, at, end, causal=causal, deepstack=deepstack)
 
 
 def prefill_fused_at(model: Qwen2LM, kv: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor,
-                     slots: torch.Tensor, at: torch.Tensor, window: int, *, causal: bool = False) -> torch.Tensor:
+                     slots: torch.Tensor, at: torch.Tensor, window: int, *, causal: bool = False,
+                     deepstack: torch.Tensor | None = None) -> torch.Tensor:
     """``prefill_at`` with the fused kernels: fixed shapes, no host syncs (CUDA-graph safe).
 
     ``causal``: every real row starts at cache position 0 and ``window == T``, so attention is
@@ -394,6 +435,8 @@ def prefill_fused_at(model: Qwen2LM, kv: torch.Tensor, embeds: torch.Tensor, pos
     whatever the causal rule gives them (their outputs are ignored).
     """
     cfg = model.cfg
+    if not fused_model_supported(cfg) or deepstack is not None:
+        raise NotImplementedError("the fused prefill has no q/k norm or DeepStack yet: use prefill_at")
     b, t, hidden = embeds.shape
     h, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     if causal and window != t:
@@ -465,15 +508,16 @@ def _hub_shapes(cfg: TextConfig) -> dict[str, tuple[int, ...]]:
         shapes["lm_head.weight"] = (cfg.vocab_size, h)
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."
+        attn = p + "self_attn."
+        rows = {"q": cfg.num_heads * d, "k": cfg.num_kv_heads * d, "v": cfg.num_kv_heads * d}
+        shapes |= {attn + f"{n}_proj.weight": (r, h) for n, r in rows.items()}
+        if cfg.qkv_bias:
+            shapes |= {attn + f"{n}_proj.bias": (r,) for n, r in rows.items()}
+        if cfg.qk_norm:
+            shapes |= {attn + "q_norm.weight": (d,), attn + "k_norm.weight": (d,)}
         shapes |= {
             p + "input_layernorm.weight": (h,),
             p + "post_attention_layernorm.weight": (h,),
-            p + "self_attn.q_proj.weight": (cfg.num_heads * d, h),
-            p + "self_attn.q_proj.bias": (cfg.num_heads * d,),
-            p + "self_attn.k_proj.weight": (cfg.num_kv_heads * d, h),
-            p + "self_attn.k_proj.bias": (cfg.num_kv_heads * d,),
-            p + "self_attn.v_proj.weight": (cfg.num_kv_heads * d, h),
-            p + "self_attn.v_proj.bias": (cfg.num_kv_heads * d,),
             p + "self_attn.o_proj.weight": (h, cfg.num_heads * d),
             p + "mlp.gate_proj.weight": (inter, h),
             p + "mlp.up_proj.weight": (inter, h),
@@ -506,11 +550,15 @@ def fuse_hub_tensors(cfg: TextConfig, tensors: dict[str, torch.Tensor]) -> dict[
     for i in range(cfg.num_layers):
         p, o = f"model.layers.{i}.", f"layers.{i}."
         attn, mlp = p + "self_attn.", p + "mlp."
+        if cfg.qkv_bias:
+            state[o + "qkv_proj.bias"] = torch.cat([tensors[attn + f"{n}_proj.bias"] for n in "qkv"])
+        if cfg.qk_norm:
+            state |= {o + "q_norm.weight": tensors[attn + "q_norm.weight"],
+                      o + "k_norm.weight": tensors[attn + "k_norm.weight"]}
         state |= {
             o + "input_layernorm.weight": tensors[p + "input_layernorm.weight"],
             o + "post_attention_layernorm.weight": tensors[p + "post_attention_layernorm.weight"],
             o + "qkv_proj.weight": torch.cat([tensors[attn + f"{n}_proj.weight"] for n in "qkv"]),
-            o + "qkv_proj.bias": torch.cat([tensors[attn + f"{n}_proj.bias"] for n in "qkv"]),
             o + "o_proj.weight": tensors[attn + "o_proj.weight"],
             o + "gate_up_proj.weight": torch.cat([tensors[mlp + "gate_proj.weight"], tensors[mlp + "up_proj.weight"]]),
             o + "down_proj.weight": tensors[mlp + "down_proj.weight"],
@@ -531,15 +579,17 @@ def model_from_state(cfg: TextConfig, state: dict[str, torch.Tensor], *, device:
     return lm.eval().requires_grad_(False)
 
 
-def load_model(model: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
-               ) -> Qwen2LM:
-    """Build ``Qwen2LM`` from ``config.json`` on the meta device and assign the checkpoint's tensors.
+def load_model(model: str | Path | Checkpoint, *, device: torch.device | str = "cpu",
+               dtype: torch.dtype = torch.float32) -> Qwen2LM:
+    """Build ``Qwen2LM`` from ``config.json`` (read by the checkpoint's family) on the meta device and
+    assign the checkpoint's tensors.
 
     Opens only the shards that hold non-visual tensors: deleting visual-only shards is fine.
     """
-    path = resolve_model_path(model)
-    cfg = TextConfig.from_dict(load_json(path, "config.json"))
-    return model_from_state(cfg, fuse_hub_tensors(cfg, read_tensors(path, is_language)), device=device, dtype=dtype)
+    checkpoint = open_checkpoint(model)
+    cfg = checkpoint.family.text_config(checkpoint.config)
+    tensors = checkpoint.read_tensors(is_language)
+    return model_from_state(cfg, fuse_hub_tensors(cfg, tensors), device=device, dtype=dtype)
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""Prompts for one image and one question, exactly as HF's Qwen2-VL processor builds them.
+"""Prompts for one image and one question, exactly as HF's Qwen-VL processors build them.
 
 The checkpoint's chat template is rendered once, with a sentinel in place of the question, and
 split into three fixed parts around it:
@@ -8,7 +8,7 @@ split into three fixed parts around it:
   computed once per image and reused by every question on it;
 - the **question**, tokenized as plain text: ``<|im_end|>`` typed by a user stays text, never a
   control token;
-- the **suffix** (``<|im_end|>\\n<|im_start|>assistant\\n`` for Qwen2-VL).
+- the **suffix** (``<|im_end|>\\n<|im_start|>assistant\\n`` for the Qwen-VL templates).
 
 HF tokenizes the whole rendered string at once; special tokens split it into segments that
 are tokenized separately, so cutting at the template's special tokens gives the same ids.
@@ -28,7 +28,7 @@ import torch
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from service.checkpoint import CheckpointError, load_json, resolve_model_path
+from service.checkpoint import Checkpoint, CheckpointError, open_checkpoint
 
 SENTINEL = "\x00splitvl-question\x00"
 
@@ -155,17 +155,16 @@ class PromptBuilder:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
     @classmethod
-    def from_checkpoint(cls, model: str | Path) -> PromptBuilder:
-        path = resolve_model_path(model)
+    def from_checkpoint(cls, model: str | Path | Checkpoint) -> PromptBuilder:
+        checkpoint = open_checkpoint(model)
+        path = checkpoint.path
         if not (path / "tokenizer.json").is_file():
             raise CheckpointError(f"{path / 'tokenizer.json'} is missing")
         tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
-        config = load_json(path, "config.json")
+        config = checkpoint.config
         text = {**config, **(config.get("text_config") or {})}
-        tok_config = json.loads((path / "tokenizer_config.json").read_text()) if (
-            path / "tokenizer_config.json").is_file() else {}
-        gen = json.loads((path / "generation_config.json").read_text()) if (
-            path / "generation_config.json").is_file() else {}
+        tok_config = checkpoint.json("tokenizer_config.json") or {}
+        gen = checkpoint.json("generation_config.json") or {}
         eos = gen.get("eos_token_id", config.get("eos_token_id", text.get("eos_token_id")))
         if eos is None and isinstance(tok_config.get("eos_token"), str):
             eos = tokenizer.token_to_id(tok_config["eos_token"])

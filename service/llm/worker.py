@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import torch
 
-from service.checkpoint import resolve_model_path
+from service.checkpoint import Checkpoint, open_checkpoint
 from service.config import Settings
 from service.errors import ApiError, unavailable
 from service.fingerprint import model_key
@@ -22,12 +22,14 @@ log = logging.getLogger(__name__)
 
 class LLMWorker:
     def __init__(self, settings: Settings, store: FeatureStore, metrics: Metrics,
-                 engine: LLMEngine | None = None, fingerprint: str | None = None) -> None:
+                 engine: LLMEngine | None = None, fingerprint: str | None = None,
+                 checkpoint: Checkpoint | None = None) -> None:
         self.settings = settings
         self.store = store
         self.metrics = metrics
+        checkpoint = engine.checkpoint if engine is not None else open_checkpoint(checkpoint or settings.model)
         self.engine = engine or LLMEngine(
-            settings.model,
+            checkpoint,
             device=settings.resolved_device(),
             dtype=settings.resolved_dtype(),
             max_batch_slots=settings.max_batch_size,
@@ -35,7 +37,7 @@ class LLMWorker:
             max_waiting=settings.max_queue,
         )
         self.owns_engine = engine is None
-        self.model_key = model_key(resolve_model_path(settings.model))
+        self.model_key = model_key(checkpoint)
         # Known at once when a vision worker shares this process; else learned from the registry
         # that vision workers of this checkpoint write (this worker never reads visual weights).
         self._fingerprint = fingerprint
@@ -108,17 +110,19 @@ class LLMWorker:
                 except BaseException:
                     generation.cancel()
                     raise
-                if tuple(record.grid_thw) == grid and record.embeds.shape == shape_only.shape:
+                if (tuple(record.grid_thw) == grid and record.embeds.shape == shape_only.shape
+                        and record.deepstack_layers == self.engine.deepstack_layers):
                     return generation
                 generation.cancel()  # the record disagrees with the cached prefix: it decides (or is refused)
         record = await self.features(image_id)
         return self._generate(record.embeds, record.grid_thw, f"{record.fingerprint}:{image_id}", question,
-                              max_tokens, temperature, top_p, seed, stream)
+                              max_tokens, temperature, top_p, seed, stream, record.deepstack)
 
     def _generate(self, embeds: torch.Tensor, grid: Sequence[int], key: str, question: str, max_tokens: int,
-                  temperature: float, top_p: float, seed: int | None, stream: bool) -> Generation:
+                  temperature: float, top_p: float, seed: int | None, stream: bool,
+                  deepstack: torch.Tensor | None = None) -> Generation:
         return self.engine.generate(embeds, grid, key, question, max_tokens, temperature, top_p, seed,
-                                    self.settings.max_question_tokens, deltas=stream)
+                                    self.settings.max_question_tokens, deltas=stream, deepstack=deepstack)
 
     async def events(self, generation: Generation) -> AsyncIterator[Delta | Finish]:
         """The generation's events, failing with 503 when it runs past the request timeout."""

@@ -1,8 +1,9 @@
-"""The vision tower of a Qwen2-VL checkpoint, loaded from its ``visual.*`` tensors alone.
+"""The vision tower of a checkpoint of any family, loaded from its ``visual.*`` tensors alone.
 
 Model contract (after infinity): ``preprocess`` (bytes -> patches, CPU threads or GPU),
-``forward`` (packed patches of several images -> merged embeddings, one call), ``postprocess``
-(split per image), and ``warmup``.
+``forward`` (packed patches of several images -> each image's features, one call), ``postprocess``
+(split per image), and ``warmup``. An image's features are [K, tokens, D]: row 0 the merged
+embeddings, rows 1.. the family's further stored features (Qwen3-VL's DeepStack); K = 1 for most.
 """
 
 from __future__ import annotations
@@ -18,18 +19,10 @@ import torch
 if TYPE_CHECKING:
     from kernels.graphs import VisionGraphs
 
-from service.checkpoint import (
-    CheckpointError,
-    check_state_dict,
-    is_visual,
-    load_json,
-    read_tensors,
-    resolve_model_path,
-)
+from service.checkpoint import Checkpoint, CheckpointError, check_state_dict, is_visual, open_checkpoint
 from service.fingerprint import model_fingerprint, model_key, weights_digest
 from service.preprocess import (
     ImageLimits,
-    PreprocessConfig,
     decode_image,
     image_to_tensor,
     patchify,
@@ -65,7 +58,7 @@ class Patches:
 def vision_config_dict(config: dict) -> dict:
     vision = dict(config.get("vision_config") or {})
     if not vision:
-        raise CheckpointError("config.json has no vision_config: not a Qwen2-VL checkpoint")
+        raise CheckpointError("config.json has no vision_config: not a vision-language checkpoint")
     return vision
 
 
@@ -73,47 +66,43 @@ def vision_config_dict(config: dict) -> dict:
 class Launched:
     """A forward queued on the device (``VisionEncoder.launch``); ``finish`` waits for it."""
 
-    host: torch.Tensor  # [sum(tokens), hidden_size] on the CPU (pinned), complete once ``done`` is
+    host: torch.Tensor  # [K, sum(tokens), hidden_size] on the CPU (pinned), complete once ``done`` is
     done: torch.cuda.Event | None  # None: already complete (CPU)
     batch: list[Patches]
 
 
 class VisionEncoder:
-    """Qwen2-VL's vision tower on ``device`` in ``dtype``; Triton-patched on CUDA when asked."""
+    """A family's vision tower on ``device`` in ``dtype``; Triton-patched on CUDA when asked."""
 
-    def __init__(self, model: str | Path, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
+    def __init__(self, model: str | Path | Checkpoint, *, device: str = "cpu", dtype: torch.dtype = torch.float32,
                  use_kernels: bool = True, limits: ImageLimits | None = None,
                  graph_max_images: int = GRAPH_MAX_IMAGES) -> None:
-        from transformers import Qwen2VLConfig
-        from transformers.models.qwen2_vl.modeling_qwen2_vl import (
-            Qwen2VisionTransformerPretrainedModel,
-            Qwen2VLVisionRotaryEmbedding,
-        )
-
-        self.path = resolve_model_path(model)
-        self.name = str(model)
+        checkpoint = open_checkpoint(model)
+        family = checkpoint.family
+        self.checkpoint = checkpoint
+        self.family = family
+        self.name = checkpoint.name
         self.device = torch.device(device)
         self.dtype = dtype
         self.limits = limits or ImageLimits()
-        raw_config = load_json(self.path, "config.json")
-        self.vision_config = vision_config_dict(raw_config)
-        self.preprocess_config = PreprocessConfig.from_checkpoint(self.path)
+        self.vision_config = vision_config_dict(checkpoint.config)
+        self.preprocess_config = family.preprocess_config(checkpoint.preprocessor)
 
-        config = Qwen2VLConfig.from_pretrained(self.path).vision_config
-        tensors = read_tensors(self.path, is_visual, strip_prefix="visual.")
+        config = family.vision_config(checkpoint.config)
+        tensors = checkpoint.read_tensors(is_visual, strip_prefix="visual.")
         with torch.device("meta"):
-            tower = Qwen2VisionTransformerPretrainedModel._from_config(config, attn_implementation="sdpa")
+            tower = family.build_tower(config)
         check_state_dict(tower, tensors, "visual.")
-        self.model_key = model_key(self.path)
-        self.fingerprint = model_fingerprint(self.vision_config, self.preprocess_config, weights_digest(tensors))
+        self.model_key = model_key(checkpoint)
+        self.fingerprint = model_fingerprint(family.model_type, self.vision_config, self.preprocess_config,
+                                             weights_digest(tensors))
         tensors = {k: v.to(device=self.device, dtype=dtype) for k, v in tensors.items()}
         tower.load_state_dict(tensors, assign=True, strict=True)
-        # inv_freq is a non-persistent buffer: not in the checkpoint, so still on meta after assign.
-        with torch.device(self.device):
-            tower.rotary_pos_emb = Qwen2VLVisionRotaryEmbedding(config)
+        family.restore_buffers(tower, config, self.device)
         self.tower = tower.eval().requires_grad_(False)
         self.spatial_merge_size: int = config.spatial_merge_size
-        self.hidden_size: int = config.hidden_size
+        self.hidden_size: int = family.out_hidden_size(config)
+        self.deepstack_layers: int = family.deepstack_layers(config)
         self.patched: dict[str, str] | list[str] | None = None
         self.graphs: VisionGraphs | None = None
         self.graph_max_images = graph_max_images
@@ -123,11 +112,12 @@ class VisionEncoder:
 
             self.patched = kernels.patch(self.tower)
             log.info("vision tower patched with splitvl kernels: %s", self.patched)
-            # One CUDA graph per batch of up to graph_max_images equal grids: removes the launch gaps
-            # that dominate small forwards. Room for the graphs warmup records and 16 more for other
-            # sizes, so serving never evicts the warmed ones.
-            warmed = sum(1 for _, count in self._warm_plan() if count <= graph_max_images)
-            self.graphs = VisionGraphs(self.tower, max_graphs=warmed + 16)
+            if getattr(self.tower, "_splitvl_patched", False):  # a fused forward: graphs can record it
+                # One CUDA graph per batch of up to graph_max_images equal grids: removes the launch gaps
+                # that dominate small forwards. Room for the graphs warmup records and 16 more for other
+                # sizes, so serving never evicts the warmed ones.
+                warmed = sum(1 for _, count in self._warm_plan() if count <= graph_max_images)
+                self.graphs = VisionGraphs(self.tower, max_graphs=warmed + 16, output=family.features)
         # One forward at a time: the batcher already serialises, this guards direct callers.
         self._lock = threading.Lock()
 
@@ -154,7 +144,7 @@ class VisionEncoder:
 
     def forward(self, batch: list[Patches]) -> list[torch.Tensor]:
         """Several images packed into one forward (block-diagonal attention by cu_seqlens) -> each
-        image's embeddings [tokens, hidden_size] on the CPU."""
+        image's features [K, tokens, hidden_size] on the CPU (row 0: the merged embeddings)."""
         return self.finish(self.launch(batch))
 
     @torch.inference_mode()
@@ -172,8 +162,8 @@ class VisionEncoder:
                 # queued on this stream before any later replay, so it needs no clone on the device
                 merged = self.graphs(pixel_values, grid_thw)
             else:
-                merged = self.tower(pixel_values.to(self.dtype), grid_thw=grid_thw).pooler_output
-        # merged: [sum(tokens), hidden_size]; one device-to-host copy per batch, never on the event loop
+                merged = self.family.features(self.tower(pixel_values.to(self.dtype), grid_thw=grid_thw))
+        # merged: [K, sum(tokens), hidden_size]; one device-to-host copy per batch, never on the event loop
         if self.device.type != "cuda":
             return Launched(merged.cpu(), None, batch)
         host = torch.empty(merged.shape, dtype=merged.dtype, pin_memory=True)
@@ -204,8 +194,9 @@ class VisionEncoder:
         return len(batch) <= self.graph_max_images and all(p.grid_thw == batch[0].grid_thw for p in batch)
 
     def postprocess(self, merged: torch.Tensor, batch: list[Patches]) -> list[torch.Tensor]:
+        """[K, sum(tokens), D] -> each image's [K, tokens, D]."""
         sizes = [p.num_patches // self.spatial_merge_size**2 for p in batch]
-        return [t.contiguous() for t in torch.split(merged, sizes)]
+        return [t.contiguous() for t in torch.split(merged, sizes, dim=1)]
 
     def num_tokens(self, patches: Patches) -> int:
         return patches.num_patches // self.spatial_merge_size**2
@@ -213,11 +204,13 @@ class VisionEncoder:
     def _warm_plan(self) -> list[tuple[tuple[int, int, int], int]]:
         """(grid, images) of the forwards ``warmup`` runs: on CUDA the kernels' patch-count buckets
         and the graphs of 1 to graph_max_images images of 448² (and 1, 2 of 224²); else one small one."""
+        cfg = self.preprocess_config
         if not self.patched:
-            side = self.preprocess_config.merge_size  # the smallest grid: one merge window
+            side = cfg.merge_size  # the smallest grid: one merge window
             return [((1, side, side), 1)]
+        large, small = (side * cfg.merge_size // cfg.factor for side in (448, 224))  # patches per side
         counts = sorted({*range(1, self.graph_max_images + 1), 8, 16})
-        return [((1, 16, 16), n) for n in (1, 2)] + [((1, 32, 32), n) for n in counts]
+        return [((1, small, small), n) for n in (1, 2)] + [((1, large, large), n) for n in counts]
 
     def warmup(self, max_patches: int = 16384) -> None:
         """Pay lazy initialisation before serving: on CUDA, every patch-count bucket the kernels tune

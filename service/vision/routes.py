@@ -33,9 +33,13 @@ def check_id(image_id: str) -> str:
 
 
 def embeddings_file(record: ImageRecord) -> bytes:
+    """safetensors: ``image_embeds`` [N, D], ``image_grid_thw`` [1, 3] and, for a family with DeepStack
+    features, ``deepstack_image_embeds`` [L, N, D] (in the order of ``deepstack_visual_indexes``)."""
+    tensors = {"image_embeds": record.embeds, "image_grid_thw": torch.tensor([record.grid_thw], dtype=torch.int64)}
+    if record.deepstack is not None:
+        tensors["deepstack_image_embeds"] = record.deepstack
     return save_safetensors(
-        {"image_embeds": record.embeds, "image_grid_thw": torch.tensor([record.grid_thw], dtype=torch.int64)},
-        metadata={"image_id": record.image_id, "fingerprint": record.fingerprint, "model": record.model},
+        tensors, metadata={"image_id": record.image_id, "fingerprint": record.fingerprint, "model": record.model},
     )
 
 

@@ -12,6 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from service.batching import BatchQueue
+from service.checkpoint import Checkpoint
 from service.config import Settings
 from service.errors import ApiError, unavailable
 from service.metrics import Metrics
@@ -50,14 +51,14 @@ def image_id_of(data: bytes) -> str:
 
 class VisionWorker:
     def __init__(self, settings: Settings, store: FeatureStore, metrics: Metrics,
-                 encoder: VisionEncoder | None = None) -> None:
+                 encoder: VisionEncoder | None = None, checkpoint: Checkpoint | None = None) -> None:
         self.settings = settings
         self.store = store
         self.metrics = metrics
         # this worker's limits, also when the encoder was handed in (serve all, tests)
         self.limits = ImageLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels)
         self.encoder = encoder or VisionEncoder(
-            settings.model,
+            checkpoint or settings.model,
             device=settings.resolved_device(),
             dtype=settings.resolved_dtype(),
             use_kernels=settings.use_kernels,
@@ -104,9 +105,11 @@ class VisionWorker:
             t, h, w = record.grid_thw
             merge = self.encoder.spatial_merge_size
             if (h % merge or w % merge or record.num_tokens != t * h * w // merge**2
-                    or record.hidden_size != self.encoder.hidden_size):
-                raise await self.store.drop(record, f"{record.num_tokens}x{record.hidden_size} embeddings do not fit "
-                                                    f"grid {list(record.grid_thw)} of this model")
+                    or record.hidden_size != self.encoder.hidden_size
+                    or record.deepstack_layers != self.encoder.deepstack_layers):
+                raise await self.store.drop(record, f"{record.num_tokens}x{record.hidden_size} embeddings with "
+                                                    f"{record.deepstack_layers} DeepStack layers do not fit grid "
+                                                    f"{list(record.grid_thw)} of this model")
         return record
 
     async def _reusable(self, image_id: str, *, load: bool = True) -> ImageRecord | None:
@@ -190,9 +193,9 @@ class VisionWorker:
             loop = asyncio.get_running_loop()
             patches = await loop.run_in_executor(self._preprocess_pool, self.encoder.preprocess, data, self.limits)
             timings.mark("preprocess")  # decode + patchify, waits for a free preprocessing thread included
-            embeds = await self.batcher.submit(patches)
+            features = await self.batcher.submit(patches)  # [K, tokens, D]
             timings.mark("encode")  # the batch window, the queue and the forward
-            record = ImageRecord(image_id, self.fingerprint, self.model_name, patches.grid_thw, embeds)
+            record = ImageRecord.from_features(image_id, self.fingerprint, self.model_name, patches.grid_thw, features)
             if renew is not None:
                 renew.cancel()
             await self.store.put(record, model_key=self.encoder.model_key, release_lock=held)

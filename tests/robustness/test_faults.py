@@ -138,7 +138,7 @@ async def test_redis_frozen_then_thawed_serves_no_wrong_data(make_app, redis_ser
     own = type(redis_server)(tmp_path)
     own.start()
     images = [png(56 + 28 * (i % 3), 56, seed=400 + i) for i in range(6)]
-    expected = {hashlib.sha256(d).hexdigest(): encoder.forward([encoder.preprocess(d)])[0] for d in images}
+    expected = {hashlib.sha256(d).hexdigest(): encoder.forward([encoder.preprocess(d)])[0][0] for d in images}  # row 0 of [K, n, D]
     outcomes: Counter[tuple[str, int | None]] = Counter()
     slowest = 0.0
     try:

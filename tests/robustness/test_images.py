@@ -144,7 +144,7 @@ def test_good_unusual_images_are_encoded(client, encoder: VisionEncoder):
         assert meta["image_id"] == hashlib.sha256(data).hexdigest(), name
         if expected_image is not None:
             # what was encoded is the first frame / the upright image, exactly
-            (expected,) = encoder.forward([encoder.preprocess(encode(expected_image))])
+            expected = encoder.forward([encoder.preprocess(encode(expected_image))])[0][0]  # features [K, n, D]: row 0
             torch.testing.assert_close(embeddings(client, meta["image_id"]), expected, msg=name)
     # EXIF orientation 6 turns the stored 120x60 into an upright 60x120: the grid is taller than wide
     t, h, w = upload(client, rotated, "image/jpeg").json()["grid_thw"]

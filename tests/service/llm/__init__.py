@@ -1,9 +1,11 @@
-"""The oracle for the LLM tests: HF's own Qwen2-VL on the same checkpoint, fp32, CPU.
+"""The oracle for the LLM tests: HF's own ``*ForConditionalGeneration`` of the checkpoint's family
+on the same checkpoint, fp32, CPU.
 
-Image features come from HF's vision tower (as the vision worker would store them); prompt ids
-are built as ``Qwen2VLProcessor`` builds them (the tokenizer's chat template, ``<|image_pad|>``
-expanded to the image's token count, the whole text tokenized at once), since ``AutoProcessor``
-needs torchvision, which we lack.
+Image features come from HF's vision tower (as the vision worker would store them: the merged
+embeddings and, for Qwen3-VL, the DeepStack features); prompt ids are built as the family's
+processor builds them (the tokenizer's chat template, ``<|image_pad|>`` expanded to the image's
+token count, the whole text tokenized at once), since ``AutoProcessor`` needs torchvision, which
+we lack.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class Features:
     embeds: torch.Tensor  # [num_tokens, hidden]
     grid: torch.Tensor  # [1, 3]
     pixel_values: torch.Tensor
+    deepstack: torch.Tensor | None = None  # [L, num_tokens, hidden] (Qwen3-VL)
 
     @property
     def num_tokens(self) -> int:
@@ -41,11 +44,14 @@ class Features:
 
 class Oracle:
     def __init__(self, path: Path) -> None:
-        from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+        from transformers import AutoTokenizer
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+        from service.checkpoint import open_checkpoint
+
         self.path = path
-        self.model = Qwen2VLForConditionalGeneration.from_pretrained(path, dtype=torch.float32).eval()
+        model_class = open_checkpoint(path).family.hf_model_class()
+        self.model = model_class.from_pretrained(path, dtype=torch.float32).eval()
         self.images = Qwen2VLImageProcessorPil.from_pretrained(path)
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.image_token_id = self.model.config.image_token_id
@@ -53,8 +59,10 @@ class Oracle:
     @torch.no_grad()
     def features(self, image: Image.Image) -> Features:
         out = self.images(images=[image], return_tensors="pt")
-        embeds = self.model.model.get_image_features(out["pixel_values"], out["image_grid_thw"]).pooler_output
-        return Features(torch.cat(list(embeds)), out["image_grid_thw"], out["pixel_values"])
+        features = self.model.model.get_image_features(out["pixel_values"], out["image_grid_thw"])
+        deepstack = getattr(features, "deepstack_features", None)
+        return Features(torch.cat(list(features.pooler_output)), out["image_grid_thw"], out["pixel_values"],
+                        torch.stack(deepstack) if deepstack else None)
 
     def input_ids(self, question: str, num_tokens: int) -> torch.Tensor:
         """[1, T], as Qwen2VLProcessor builds them."""

@@ -12,7 +12,7 @@ import torch
 
 from service.checkpoint import CheckpointError
 from service.llm.prompt import PromptBuilder, StreamDecoder, positions
-from service.tiny import CHAT_TEMPLATE
+from service.models.qwen2_vl import CHAT_TEMPLATE
 
 from . import oracle
 

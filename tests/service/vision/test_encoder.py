@@ -1,4 +1,4 @@
-"""The vision tower loaded from visual.* alone equals HF's full model on the same checkpoint."""
+"""The vision tower loaded from visual.* alone equals HF's full model on the same checkpoint, for every family."""
 
 from __future__ import annotations
 
@@ -12,45 +12,53 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from service.checkpoint import CheckpointError
+from service.checkpoint import CheckpointError, canonical_key, open_checkpoint
+from service.models import FAMILY_NAMES
 from service.vision.encoder import GRAPH_MAX_IMAGES, Patches, VisionEncoder
 
 
-@pytest.fixture(scope="module")
-def hf_model(tiny_checkpoint: Path):
-    from transformers import Qwen2VLForConditionalGeneration
-
-    return Qwen2VLForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32).eval()
+@pytest.fixture(scope="module", params=FAMILY_NAMES)
+def checkpoint(request, family_checkpoint) -> Path:
+    return family_checkpoint(request.param, seed=0)
 
 
 @pytest.fixture(scope="module")
-def hf_processor(tiny_checkpoint: Path):
+def hf_model(checkpoint: Path):
+    model_class = open_checkpoint(checkpoint).family.hf_model_class()
+    return model_class.from_pretrained(checkpoint, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def hf_processor(checkpoint: Path):
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-    return Qwen2VLImageProcessorPil.from_pretrained(tiny_checkpoint)
+    return Qwen2VLImageProcessorPil.from_pretrained(checkpoint)  # every family's image processor
 
 
 @pytest.fixture(scope="module")
-def encoder(tiny_checkpoint: Path) -> VisionEncoder:
-    return VisionEncoder(tiny_checkpoint, device="cpu", dtype=torch.float32)
+def encoder(checkpoint: Path) -> VisionEncoder:
+    return VisionEncoder(checkpoint, device="cpu", dtype=torch.float32)
 
 
-def hf_embeds(model, processor, data: bytes) -> tuple[torch.Tensor, list[int]]:
+def hf_features(model, processor, data: bytes) -> tuple[torch.Tensor, list[int]]:
+    """HF's ``get_image_features`` stacked as the encoder returns them: [K, tokens, D] (the merged
+    embeddings, then each DeepStack output), and the grid."""
     image = Image.open(io.BytesIO(data)).convert("RGB")
     inputs = processor(images=[image], return_tensors="pt")
     with torch.no_grad():
         out = model.model.get_image_features(inputs["pixel_values"], inputs["image_grid_thw"])
-    return out.pooler_output[0], inputs["image_grid_thw"][0].tolist()
+    deepstack = list(getattr(out, "deepstack_features", None) or [])
+    return torch.stack([out.pooler_output[0], *deepstack]), inputs["image_grid_thw"][0].tolist()
 
 
 @pytest.mark.parametrize("size", [(56, 56), (97, 61), (224, 160), (333, 517), (640, 90)])
-def test_embeddings_match_hf(encoder, hf_model, hf_processor, size, image_bytes):
+def test_features_match_hf(encoder, hf_model, hf_processor, size, image_bytes):
     data = image_bytes(*size, seed=size[0])
     patches = encoder.preprocess(data)
     (ours,) = encoder.forward([patches])
-    ref, ref_grid = hf_embeds(hf_model, hf_processor, data)
+    ref, ref_grid = hf_features(hf_model, hf_processor, data)
     assert list(patches.grid_thw) == ref_grid
-    assert ours.shape == ref.shape == (encoder.num_tokens(patches), encoder.hidden_size)
+    assert ours.shape == ref.shape == (1 + encoder.deepstack_layers, encoder.num_tokens(patches), encoder.hidden_size)
     assert (ours - ref).abs().max().item() <= 1e-4
 
 
@@ -62,16 +70,16 @@ def test_packed_batch_equals_one_at_a_time(encoder, image_bytes):
         torch.testing.assert_close(row, alone, atol=1e-5, rtol=1e-5)
 
 
-def test_every_visual_tensor_matters(tiny_checkpoint, tmp_path, encoder, image_bytes):
-    """Zeroing any one visual tensor in the checkpoint changes the embeddings: nothing is skipped."""
+def test_every_visual_tensor_matters(checkpoint, tmp_path, encoder, image_bytes):
+    """Zeroing any one visual tensor in the checkpoint changes the features: nothing is skipped."""
     data = image_bytes(120, 88, seed=7)
     (base,) = encoder.forward([encoder.preprocess(data)])
-    tensors = load_file(tiny_checkpoint / "model.safetensors")
-    visual = sorted(k for k in tensors if k.startswith("visual."))
+    tensors = load_file(checkpoint / "model.safetensors")
+    visual = sorted(k for k in tensors if "visual." in k)
     assert len(visual) > 20
     copy = tmp_path / "ckpt"
-    shutil.copytree(tiny_checkpoint, copy)
-    for name in visual[:: max(1, len(visual) // 8)] + [visual[-1]]:
+    shutil.copytree(checkpoint, copy)
+    for name in visual:
         changed = dict(tensors)
         changed[name] = torch.zeros_like(tensors[name])
         save_file(changed, copy / "model.safetensors", metadata={"format": "pt"})
@@ -81,16 +89,18 @@ def test_every_visual_tensor_matters(tiny_checkpoint, tmp_path, encoder, image_b
         assert other.fingerprint != encoder.fingerprint
 
 
-def test_sharded_checkpoint_without_language_shards(sharded_checkpoint, tmp_path, image_bytes):
-    index = json.loads((sharded_checkpoint / "model.safetensors.index.json").read_text())["weight_map"]
-    visual_files = {f for k, f in index.items() if k.startswith("visual.")}
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_sharded_checkpoint_without_language_shards(family, family_checkpoint, tmp_path, image_bytes):
+    sharded = family_checkpoint(family, seed=1, shard_size="40KB", tie_word_embeddings=True)
+    index = json.loads((sharded / "model.safetensors.index.json").read_text())["weight_map"]
+    visual_files = {f for k, f in index.items() if "visual." in k}
     lm_only = {f for f in index.values()} - visual_files
     assert lm_only, "fixture must put the language model in shards of its own"
     copy = tmp_path / "visual-only"
-    shutil.copytree(sharded_checkpoint, copy)
+    shutil.copytree(sharded, copy)
     for name in lm_only:
         (copy / name).unlink()
-    full = VisionEncoder(sharded_checkpoint, device="cpu")
+    full = VisionEncoder(sharded, device="cpu")
     partial = VisionEncoder(copy, device="cpu")
     data = image_bytes(150, 100, seed=3)
     (a,) = full.forward([full.preprocess(data)])
@@ -108,16 +118,16 @@ def test_sharded_matches_hf(sharded_checkpoint, image_bytes):
     enc = VisionEncoder(sharded_checkpoint, device="cpu")
     data = image_bytes(210, 140, seed=11)
     (ours,) = enc.forward([enc.preprocess(data)])
-    ref, _ = hf_embeds(model, processor, data)
+    ref, _ = hf_features(model, processor, data)
     assert (ours - ref).abs().max().item() <= 1e-4
 
 
-def test_internal_key_names_load(tiny_checkpoint, tmp_path, encoder, image_bytes):
+def test_internal_key_names_load(checkpoint, tmp_path, encoder, image_bytes):
     """transformers' internal spelling (model.visual.*) loads like the hub's (visual.*)."""
-    tensors = load_file(tiny_checkpoint / "model.safetensors")
+    tensors = load_file(checkpoint / "model.safetensors")
     renamed = {("model." + k if k.startswith("visual.") else k): v for k, v in tensors.items()}
     copy = tmp_path / "internal"
-    shutil.copytree(tiny_checkpoint, copy)
+    shutil.copytree(checkpoint, copy)
     save_file(renamed, copy / "model.safetensors", metadata={"format": "pt"})
     other = VisionEncoder(copy, device="cpu")
     data = image_bytes(64, 64, seed=1)
@@ -125,15 +135,16 @@ def test_internal_key_names_load(tiny_checkpoint, tmp_path, encoder, image_bytes
 
 
 @pytest.mark.parametrize("damage", ["missing", "misshapen"])
-def test_bad_visual_tensor_is_named(tiny_checkpoint, tmp_path, damage):
-    tensors = load_file(tiny_checkpoint / "model.safetensors")
-    name = "visual.blocks.1.attn.qkv.weight"
+def test_bad_visual_tensor_is_named(checkpoint, tmp_path, damage):
+    tensors = load_file(checkpoint / "model.safetensors")
+    name = "visual.blocks.1.attn.qkv.weight"  # errors name tensors in the hub's spelling
+    stored = next(k for k in tensors if canonical_key(k) == name)  # Qwen3-VL's files say model.visual.*
     if damage == "missing":
-        del tensors[name]
+        del tensors[stored]
     else:
-        tensors[name] = tensors[name][:-1]
+        tensors[stored] = tensors[stored][:-1]
     copy = tmp_path / damage
-    shutil.copytree(tiny_checkpoint, copy)
+    shutil.copytree(checkpoint, copy)
     save_file(tensors, copy / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(CheckpointError, match=name):
         VisionEncoder(copy, device="cpu")

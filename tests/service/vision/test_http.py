@@ -62,8 +62,9 @@ def test_upload_get_embeddings_delete(server, encoder, image_bytes):
         emb = client.get(f"/v1/images/{image_id}/embeddings")
         assert emb.headers["content-type"] == "application/octet-stream"
         tensors = load_safetensors(emb.content)
-        (expected,) = encoder.forward([encoder.preprocess(data)])
-        torch.testing.assert_close(tensors["image_embeds"], expected)
+        (expected,) = encoder.forward([encoder.preprocess(data)])  # [1, n, D]: Qwen2-VL stores embeds only
+        torch.testing.assert_close(tensors["image_embeds"], expected[0])
+        assert "deepstack_image_embeds" not in tensors
         assert tensors["image_grid_thw"].tolist() == [meta["grid_thw"]]
 
         assert client.delete(f"/v1/images/{image_id}").status_code == 204
