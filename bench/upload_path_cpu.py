@@ -67,13 +67,14 @@ class StandInEncoder:
 
     spatial_merge_size = 2
     hidden_size = HIDDEN
+    deepstack_layers = 0
     fingerprint = "standin2b"
     model_key = "standin-2b"
 
     def __init__(self) -> None:
         import torch
 
-        self.embeds = torch.randn(TOKENS, HIDDEN).to(torch.bfloat16)
+        self.embeds = torch.randn(1, TOKENS, HIDDEN).to(torch.bfloat16)  # an image's features [K, n, D]
         self._empty = torch.empty(0)
 
     def warmup(self, max_patches: int) -> None:

@@ -88,6 +88,57 @@ async def test_get_without_load_checks_the_bytes_as_fully(redis_url, damage):
     await store.close()
 
 
+def deepstack_record(layers: int = 3) -> ImageRecord:
+    """Qwen3-VL's features: the embeddings and ``layers`` DeepStack tensors of the same shape."""
+    return ImageRecord(ID, "fp3", "tiny3", (1, 4, 6), torch.randn(6, 64).to(torch.bfloat16),
+                       torch.randn(layers, 6, 64).to(torch.bfloat16))
+
+
+async def test_deepstack_features_live_in_the_image_record(redis_url):
+    store = FeatureStore(redis_url)
+    rec = deepstack_record()
+    await store.put(rec)
+    got = await store.get("fp3", ID)
+    assert torch.equal(got.embeds, rec.embeds) and torch.equal(got.deepstack, rec.deepstack)
+    assert got.metadata() == rec.metadata() and got.metadata()["deepstack_layers"] == 3
+    meta_only = await store.get("fp3", ID, with_embeds=False)
+    assert meta_only.deepstack.is_meta and meta_only.deepstack.shape == (3, 6, 64)
+    unloaded = await store.get("fp3", ID, load=False)
+    assert unloaded.deepstack.is_meta and unloaded.deepstack_layers == 3
+    r = redis.Redis.from_url(redis_url)
+    key = f"splitvl:fp3:{ID}"
+    assert r.type(key) == b"hash" and r.hget(key, "deepstack_layers") == b"3"  # one record, one key
+    assert r.hget(key, "checksum").decode() == checksum(r.hget(key, "embeds"), r.hget(key, "deepstack"))
+    r.close()
+    await store.close()
+
+
+@pytest.mark.parametrize("damage", ["flipped DeepStack byte", "DeepStack missing", "one layer short",
+                                    "layer count changed"])
+async def test_one_checksum_covers_embeddings_and_deepstack(redis_url, damage):
+    """A reader never sees half of an image's features: damage to the DeepStack part, or a record
+    that lost it, is refused (409) and dropped like damage to the embeddings."""
+    store = FeatureStore(redis_url)
+    await store.put(deepstack_record())
+    r = redis.Redis.from_url(redis_url)
+    key = f"splitvl:fp3:{ID}"
+    deep = r.hget(key, "deepstack")
+    if damage == "flipped DeepStack byte":
+        r.hset(key, "deepstack", deep[:-1] + bytes([deep[-1] ^ 0x01]))
+    elif damage == "DeepStack missing":
+        r.hdel(key, "deepstack")
+    elif damage == "one layer short":  # the checksum made to pass: only the size tells
+        short = deep[: len(deep) * 2 // 3]
+        r.hset(key, mapping={"deepstack": short, "checksum": checksum(r.hget(key, "embeds"), short)})
+    else:
+        r.hset(key, "deepstack_layers", "2")
+    with pytest.raises(ApiError) as err:
+        await store.get("fp3", ID)
+    assert err.value.status == 409 and err.value.code == "corrupt_features" and not r.exists(key)
+    r.close()
+    await store.close()
+
+
 async def test_unreachable_redis_is_503():
     store = FeatureStore("redis://127.0.0.1:1/0", timeout_s=0.5)
     with pytest.raises(ApiError) as err:
