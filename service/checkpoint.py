@@ -17,6 +17,7 @@ Both are mapped to the hub's.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
@@ -82,9 +83,15 @@ class Checkpoint:
         """Another JSON file of the checkpoint (tokenizer or generation config), or None."""
         return load_optional_json(self.path, name)
 
+    @functools.cached_property
+    def locations(self) -> dict[str, Path]:
+        """Canonical tensor name -> the file holding it (the weight index, read once)."""
+        return _key_locations(self.path)
+
     def read_tensors(self, wanted: Callable[[str], bool], *, strip_prefix: str = "",
                      progress: bool | None = None) -> dict[str, torch.Tensor]:
-        return read_tensors(self.path, wanted, strip_prefix=strip_prefix, progress=progress)
+        return read_tensors(self.path, wanted, strip_prefix=strip_prefix, progress=progress,
+                            locations=self.locations)
 
 
 def open_checkpoint(model: str | Path | Checkpoint) -> Checkpoint:
@@ -152,16 +159,18 @@ def show_progress(progress: bool | None = None) -> bool:
 
 
 def read_tensors(
-    path: Path, wanted: Callable[[str], bool], *, strip_prefix: str = "", progress: bool | None = None
+    path: Path, wanted: Callable[[str], bool], *, strip_prefix: str = "", progress: bool | None = None,
+    locations: dict[str, Path] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Read the tensors whose canonical key passes ``wanted``, opening only the files that hold them.
 
     Returned keys are canonical with ``strip_prefix`` removed (``"visual."`` gives the keys of a
-    vision tower module's own ``state_dict``). ``progress``: see ``show_progress``.
+    vision tower module's own ``state_dict``). ``progress``: see ``show_progress``; ``locations``: the
+    checkpoint's weight index, when already read (``Checkpoint.locations``).
     """
     from tqdm import tqdm
 
-    locations = {k: f for k, f in _key_locations(path).items() if wanted(k)}
+    locations = {k: f for k, f in (locations or _key_locations(path)).items() if wanted(k)}
     if not locations:
         raise CheckpointError(f"{path} holds no tensors for this worker")
     by_file: dict[Path, list[str]] = {}
