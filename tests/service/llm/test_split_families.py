@@ -83,6 +83,22 @@ def test_split_workers_answer_as_hf(family, family_checkpoint, tmp_path, redis_u
             assert r.json()["usage"]["completion_tokens"] == len(expected)
 
 
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_serve_all_answers_as_hf(family, family_checkpoint, redis_url, live_server, image_bytes):
+    """``serve all`` (both workers in one app, one checkpoint opened once): the same answers."""
+    checkpoint = family_checkpoint(family, seed=3)
+    hf = oracle(checkpoint)
+    data = image_bytes(90, 120, seed=12)
+    feats = hf.features(Image.open(io.BytesIO(data)).convert("RGB"))
+    settings = Settings(model=str(checkpoint), redis_url=redis_url, device="cpu", max_new_tokens=32)
+    with live_server(create_app(settings, "all")) as server, httpx.Client(base_url=server.url, timeout=120) as client:
+        image_id = client.post("/v1/images", content=data, headers={"Content-Type": "image/png"}).json()["image_id"]
+        r = client.post("/v1/questions", json={"image_id": image_id, "question": QUESTIONS[0], "max_tokens": MAX_NEW})
+        assert r.status_code == 200, r.text
+        expected = hf.generate(feats, QUESTIONS[0], MAX_NEW)
+        assert r.json()["answer"] == hf.tokenizer.decode(expected, skip_special_tokens=True)
+
+
 def test_unknown_family_is_refused_in_one_line(tiny_checkpoint, tmp_path):
     from service.checkpoint import CheckpointError, open_checkpoint
 
