@@ -1,17 +1,22 @@
 """The feature store: image embeddings in Redis, keyed by model fingerprint and image id.
 
-Layout (one Redis hash per image and model):
+Layout (one Redis hash per image and model); ``{image_id}`` with its braces is a Redis Cluster hash
+tag, so all of one image's keys live in one hash slot and its transaction and scripts stay atomic:
 
-    splitvl:{fingerprint}:{image_id}   embeds (raw bytes, stored dtype, row-major), dtype, shape,
-                                       grid_thw, checksum, model, created; for a family with
-                                       DeepStack features (Qwen3-VL) also deepstack (raw bytes,
-                                       [L, *shape]) and deepstack_layers (L), under the same
-                                       checksum as embeds, so no reader sees half of them
-    splitvl:id:{image_id}              fingerprint of the latest write (tells 404 from 409)
-    splitvl:lock:{fingerprint}:{id}    short-lived lock: concurrent uploads of one image across
-                                       workers compute it once
+    splitvl:{<image_id>}:<fingerprint>        embeds (raw bytes, stored dtype, row-major), dtype,
+                                              shape, grid_thw, checksum, model, created; for a
+                                              family with DeepStack features (Qwen3-VL) also
+                                              deepstack (raw bytes, [L, *shape]) and
+                                              deepstack_layers (L), under the same checksum as
+                                              embeds, so no reader sees half of them
+    splitvl:{<image_id>}:latest               fingerprint of the latest write (tells 404 from 409)
+    splitvl:{<image_id>}:<fingerprint>:lock   short-lived lock: concurrent uploads of one image
+                                              across workers compute it once
+    splitvl:models                            model key -> fingerprint (``service.fingerprint``)
 
-Redis' own ``maxmemory`` + LRU eviction bounds memory; an optional TTL applies to every key.
+The URL may name a single Redis or any node of a Redis Cluster: which one is found on first contact
+(``INFO cluster``), and a cluster gets redis-py's cluster client. Redis' own ``maxmemory`` + LRU
+eviction bounds memory; an optional TTL applies to every key of an image.
 """
 
 from __future__ import annotations
@@ -23,20 +28,23 @@ import math
 import os
 import time
 import zlib
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 import torch
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.exceptions import ClusterDownError, ClusterError, RedisClusterException, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
 
 from service.errors import ApiError, unavailable
 from service.fingerprint import REGISTRY
 
 PREFIX = "splitvl"
+T = TypeVar("T")
 
 _DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -77,6 +85,23 @@ if ARGV[2] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return redis.call('DEL', KEYS[1])
 """
 
+# A record written on a Redis Cluster (KEYS: record, latest fingerprint, and the compute lock to free
+# when given; ARGV: TTL in s (0: none), fingerprint, then the record's field/value pairs): what the
+# single server's MULTI does, in one script. redis-py's async cluster client runs a transaction's
+# every queued command on a thread and event loop of its own, which blocks ours and deadlocks once it
+# must re-read the slot map (a failover); a script is atomic too and follows MOVED and ASK as any
+# command does. It costs Redis one more copy of the embeddings than MULTI, so one server keeps MULTI.
+_PUT = """
+redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+redis.call('SET', KEYS[2], ARGV[2])
+if KEYS[3] then redis.call('DEL', KEYS[3]) end
+local ttl = tonumber(ARGV[1])
+if ttl > 0 then
+  redis.call('EXPIRE', KEYS[1], ttl)
+  redis.call('EXPIRE', KEYS[2], ttl)
+end
+return 1
+"""
 
 # CRC-32 guards the stored bytes against damage and truncation, which is all a checksum here can do:
 # any unkeyed digest is recomputed by whoever can write to Redis. zlib's runs at ~5 GB/s where blake2b
@@ -171,45 +196,133 @@ def checked_meta(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> tor
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
+def record_key(fingerprint: str, image_id: str) -> str:
+    return f"{PREFIX}:{{{image_id}}}:{fingerprint}"
+
+
+def lock_key(fingerprint: str, image_id: str) -> str:
+    return f"{PREFIX}:{{{image_id}}}:{fingerprint}:lock"
+
+
+def latest_key(image_id: str) -> str:
+    return f"{PREFIX}:{{{image_id}}}:latest"
+
+
+Client = aioredis.Redis | RedisCluster
+# What a Redis failure raises: redis-py's errors, a socket's, and the cluster client's own (a cluster
+# it cannot map, e.g. while a failover leaves slots without a master), which are not RedisErrors.
+REDIS_FAILURES = (RedisError, OSError, RedisClusterException)
+# A cluster client retries a command whose node failed (after re-reading the slot map) and a
+# transaction that met a MOVED or ASK redirection (a slot migrating): a few tries with short
+# jittered waits ride out a resharding; a dead master still answers within about a second.
+CLUSTER_RETRIES = 6
+# While a slot migrates, redis-py's cluster client sends ASKING on one pooled connection and the
+# command on another, which the importing node answers with MOVED back to the source: the command
+# bounces until its 16 hops are spent ("TTL exhausted") or the slot has moved. Our own tries, after
+# these waits, outlast one slot's migration (the commands bounced are never executed: safe to repeat).
+REDIRECT_WAITS_S = (0.02, 0.05, 0.1, 0.2, 0.4, 0.8)
+
+
+async def open_client(url: str, timeout_s: float) -> Client:
+    """A client for the Redis at ``url``: the cluster client when that node runs in cluster mode."""
+    # After Redis restarts, every pooled connection that sat idle through the outage is closed at
+    # the server's end and fails its next command: one immediate retry on a fresh connection hides
+    # that. Without it (from_url gives the connections no retry), a restart cost one 503 per idle
+    # connection. Timeouts are not retried: a slow server would double every wait.
+    single = aioredis.Redis.from_url(
+        url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=10,
+        retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+    )
+    try:
+        clustered = int((await single.info("cluster")).get("cluster_enabled", 0)) == 1
+    except ResponseError:  # INFO refused (renamed by a managed service): a single server
+        clustered = False
+    except BaseException:
+        await single.aclose()
+        raise
+    if not clustered:
+        return single
+    await single.aclose()
+    # A MOVED (a slot migrated) corrects that one slot in the client's map (reinitialize_steps=0): by
+    # default every fifth re-read the whole map and closed every connection, commands in flight too.
+    cluster = RedisCluster.from_url(
+        url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=10,
+        retry=Retry(ExponentialWithJitterBackoff(base=0.01, cap=0.25), CLUSTER_RETRIES), reinitialize_steps=0,
+    )
+    try:
+        return await cluster.initialize()
+    except BaseException:
+        await cluster.aclose()
+        raise
+
+
 class FeatureStore:
     """Async access to the feature store. Every Redis failure becomes a 503 with ``Retry-After``."""
 
     def __init__(self, url: str, *, ttl_s: int | None = None, timeout_s: float = 5.0) -> None:
         self.url = url
         self.ttl_s = ttl_s or None
-        # After Redis restarts, every pooled connection that sat idle through the outage is closed
-        # at the server's end and fails its next command: one immediate retry on a fresh connection
-        # hides that. Without it (from_url gives the connections no retry), a restart cost one 503 per
-        # idle connection. Timeouts are not retried: a slow server would double every wait.
-        self.redis = aioredis.Redis.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=10,
-            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-        )
-        # EVALSHA by its digest; redis-py loads the script again when the server answers NOSCRIPT
-        # (a restarted or flushed Redis)
-        self._take_lock = self.redis.register_script(_TAKE_LOCK)
-        self._own_lock = self.redis.register_script(_OWN_LOCK)
+        self.timeout_s = timeout_s
+        # opened on first use, not here: a worker starts while Redis is still down and finds it later
+        self._client: Client | None = None
+        self._opening: asyncio.Task[Client] | None = None  # the one attempt that callers meanwhile share
         self._tokens: dict[str, str] = {}  # lock key -> the token of the lock this store holds
 
+    @property
+    def cluster(self) -> bool:
+        return isinstance(self._client, RedisCluster)
+
+    async def client(self) -> Client:
+        """The Redis client, opened (and told single from cluster) by the first call that reaches Redis;
+        calls meanwhile share that attempt rather than queue one connect timeout each behind it."""
+        if self._client is not None:
+            return self._client
+        if self._opening is None:
+            self._opening = asyncio.create_task(self._open(), name="feature-store-open")
+            self._opening.add_done_callback(lambda t: t.cancelled() or t.exception())  # failure seen by its callers
+        return await asyncio.shield(self._opening)
+
+    async def _open(self) -> Client:
+        try:
+            client = await open_client(self.url, self.timeout_s)
+        finally:
+            self._opening = None  # a failed attempt is made again by the next call
+        # EVALSHA by its digest; redis-py loads the script again when the server answers NOSCRIPT
+        # (a restarted or flushed Redis, a promoted replica)
+        self._take_lock = client.register_script(_TAKE_LOCK)
+        self._own_lock = client.register_script(_OWN_LOCK)
+        self._put = client.register_script(_PUT)
+        self._client = client
+        return client
+
     async def close(self) -> None:
-        await self.redis.aclose()
-
-    def key(self, fingerprint: str, image_id: str) -> str:
-        return f"{PREFIX}:{fingerprint}:{image_id}"
-
-    def _lock_key(self, fingerprint: str, image_id: str) -> str:
-        return f"{PREFIX}:lock:{fingerprint}:{image_id}"
+        if self._opening is not None:
+            self._opening.cancel()
+        if self._client is not None:
+            await self._client.aclose()
 
     async def ping(self) -> bool:
+        """Whether the store can serve: the server answers; a cluster also has every slot served."""
         try:
-            return bool(await self.redis.ping())
-        except (RedisError, OSError):
+            client = await self.client()
+            if isinstance(client, RedisCluster):
+                return (await client.cluster_info()).get("cluster_state") == "ok"
+            return bool(await client.ping())
+        except REDIS_FAILURES:
             return False
 
-    async def _call(self, coro):  # type: ignore[no-untyped-def]
+    async def _call(self, op: Callable[[Client], Awaitable[T]]) -> T:
         try:
-            return await coro
-        except (RedisError, OSError) as exc:
+            client = await self.client()
+            for wait_s in REDIRECT_WAITS_S:
+                try:
+                    return await op(client)
+                except ClusterError as exc:  # redirections that outlasted redis-py's hops: a slot mid-migration
+                    if isinstance(exc, ClusterDownError):
+                        raise
+                await asyncio.sleep(wait_s)
+            return await op(client)
+        except REDIS_FAILURES as exc:
             raise unavailable("redis_unavailable", f"the feature store (Redis) is unreachable: {exc}", 2.0) from exc
 
     async def put(self, record: ImageRecord, *, model_key: str | None = None, release_lock: bool = False) -> None:
@@ -231,37 +344,49 @@ class FeatureStore:
         }
         if record.deepstack is not None:
             mapping |= {"deepstack": parts[1], "deepstack_layers": str(record.deepstack_layers)}
-        key = self.key(record.fingerprint, record.image_id)
-        pipe = self.redis.pipeline(transaction=True)
-        pipe.hset(key, mapping=mapping)
-        if model_key is not None:
-            pipe.hset(REGISTRY, model_key, record.fingerprint)
-        if release_lock:  # a plain DEL: the record it guards is stored in the same transaction
-            lock_key = self._lock_key(record.fingerprint, record.image_id)
-            self._tokens.pop(lock_key, None)
-            pipe.delete(lock_key)
-        pipe.set(f"{PREFIX}:id:{record.image_id}", record.fingerprint)
-        if self.ttl_s:
-            pipe.expire(key, self.ttl_s)
-            pipe.expire(f"{PREFIX}:id:{record.image_id}", self.ttl_s)
-        await self._call(pipe.execute())
+        key = record_key(record.fingerprint, record.image_id)
+        latest = latest_key(record.image_id)
+        lock = lock_key(record.fingerprint, record.image_id)
+        if release_lock:
+            self._tokens.pop(lock, None)
+
+        def transaction(r: aioredis.Redis) -> Awaitable[list[Any]]:
+            pipe = r.pipeline(transaction=True)
+            pipe.hset(key, mapping=mapping)
+            if model_key is not None:
+                pipe.hset(REGISTRY, model_key, record.fingerprint)
+            if release_lock:  # a plain DEL: the record it guards is stored in the same transaction
+                pipe.delete(lock)
+            pipe.set(latest, record.fingerprint)
+            if self.ttl_s:
+                pipe.expire(key, self.ttl_s)
+                pipe.expire(latest, self.ttl_s)
+            return pipe.execute()
+
+        async def script(r: RedisCluster) -> None:
+            keys = [key, latest, lock] if release_lock else [key, latest]
+            fields = [item for pair in mapping.items() for item in pair]
+            writes = [self._put(keys=keys, args=[self.ttl_s or 0, record.fingerprint, *fields])]
+            if model_key is not None:  # the registry lives in another slot, likely on another node
+                writes.append(r.hset(REGISTRY, model_key, record.fingerprint))
+            await asyncio.gather(*writes)
+
+        await self._call(lambda r: script(r) if isinstance(r, RedisCluster) else transaction(r))
 
     async def get(self, fingerprint: str, image_id: str, *, with_embeds: bool = True,
                   load: bool = True) -> ImageRecord | None:
         """The record, or None when absent. A record that fails its checks is refused (and dropped).
         With ``load=False`` the embeddings are read and checked all the same, but not copied into a
         tensor: the record's embeds are a meta tensor of their shape (for an answer of metadata only)."""
-        key = self.key(fingerprint, image_id)
+        key = record_key(fingerprint, image_id)
         fields = ["dtype", "shape", "grid_thw", "checksum", "model", "deepstack_layers"] + (
             ["embeds", "deepstack"] if with_embeds else [])
         try:
-            values = await self.redis.hmget(key, fields)
-        except ResponseError as exc:
-            if not str(exc).startswith("WRONGTYPE"):
-                raise unavailable("redis_unavailable", f"the feature store (Redis) failed: {exc}", 2.0) from exc
+            values = await self._call(lambda r: r.hmget(key, fields))
+        except ApiError as exc:
+            if not str(exc.__cause__).startswith("WRONGTYPE"):
+                raise
             raise await self._drop_corrupt(key, image_id, "not a hash") from exc  # not ours to serve
-        except (RedisError, OSError) as exc:
-            raise unavailable("redis_unavailable", f"the feature store (Redis) is unreachable: {exc}", 2.0) from exc
         got = dict(zip(fields, values, strict=True))
         if all(v is None for v in values):
             return None
@@ -296,7 +421,7 @@ class FeatureStore:
         return ImageRecord(image_id, fingerprint, model, grid, embeds, deepstack)  # type: ignore[arg-type]
 
     async def _drop_corrupt(self, key: str, image_id: str, reason: str) -> ApiError:
-        await self._call(self.redis.delete(key))
+        await self._call(lambda r: r.delete(key))
         return ApiError(
             409, "corrupt_features",
             f"stored features for image {image_id} are corrupt ({reason}); they were dropped: upload the image again",
@@ -304,18 +429,18 @@ class FeatureStore:
 
     async def drop(self, record: ImageRecord, reason: str) -> ApiError:
         """Drop a record that does not fit the model reading it; the error to answer with."""
-        return await self._drop_corrupt(self.key(record.fingerprint, record.image_id), record.image_id, reason)
+        return await self._drop_corrupt(record_key(record.fingerprint, record.image_id), record.image_id, reason)
 
     async def exists(self, fingerprint: str, image_id: str) -> bool:
-        return bool(await self._call(self.redis.exists(self.key(fingerprint, image_id))))
+        return bool(await self._call(lambda r: r.exists(record_key(fingerprint, image_id))))
 
     async def delete(self, fingerprint: str, image_id: str) -> bool:
-        removed = await self._call(self.redis.delete(self.key(fingerprint, image_id)))
+        removed = await self._call(lambda r: r.delete(record_key(fingerprint, image_id)))
         return bool(removed)
 
     async def other_fingerprint(self, fingerprint: str, image_id: str) -> str | None:
         """The fingerprint this image was last stored under, when that is not ours and still present."""
-        other = await self._call(self.redis.get(f"{PREFIX}:id:{image_id}"))
+        other = await self._call(lambda r: r.get(latest_key(image_id)))
         if other is None:
             return None
         other_fp = other.decode()
@@ -324,19 +449,19 @@ class FeatureStore:
         return other_fp
 
     async def register_model(self, model_key: str, fingerprint: str) -> None:
-        await self._call(self.redis.hset(REGISTRY, model_key, fingerprint))
+        await self._call(lambda r: r.hset(REGISTRY, model_key, fingerprint))
 
     async def registered_fingerprint(self, model_key: str) -> str | None:
-        value = await self._call(self.redis.hget(REGISTRY, model_key))
+        value = await self._call(lambda r: r.hget(REGISTRY, model_key))
         return value.decode() if value is not None else None
 
     async def _take(self, fingerprint: str, image_id: str, ttl_s: float, *, unless_stored: bool) -> int:
-        lock_key = self._lock_key(fingerprint, image_id)
+        lock = lock_key(fingerprint, image_id)
         token = os.urandom(8).hex()
-        keys = [lock_key, self.key(fingerprint, image_id)] if unless_stored else [lock_key]
-        taken = int(await self._call(self._take_lock(keys=keys, args=[token, int(ttl_s * 1000)])))
+        keys = [lock, record_key(fingerprint, image_id)] if unless_stored else [lock]
+        taken = int(await self._call(lambda _: self._take_lock(keys=keys, args=[token, int(ttl_s * 1000)])))
         if taken == 1:
-            self._tokens[lock_key] = token
+            self._tokens[lock] = token
         return taken
 
     async def lock(self, fingerprint: str, image_id: str, ttl_s: float) -> bool:
@@ -352,28 +477,28 @@ class FeatureStore:
 
     async def extend_lock(self, fingerprint: str, image_id: str, ttl_s: float) -> None:
         """Renew the lease of a lock this store holds (nothing when it lost it)."""
-        lock_key = self._lock_key(fingerprint, image_id)
-        token = self._tokens.get(lock_key)
+        lock = lock_key(fingerprint, image_id)
+        token = self._tokens.get(lock)
         if token is not None:
-            await self._call(self._own_lock(keys=[lock_key], args=[token, int(ttl_s * 1000)]))
+            await self._call(lambda _: self._own_lock(keys=[lock], args=[token, int(ttl_s * 1000)]))
 
     async def unlock(self, fingerprint: str, image_id: str) -> None:
         """Free a lock this store holds; one another worker took after our lease ran out stays."""
-        lock_key = self._lock_key(fingerprint, image_id)
-        token = self._tokens.pop(lock_key, None)
+        lock = lock_key(fingerprint, image_id)
+        token = self._tokens.pop(lock, None)
         if token is not None:
-            await self._call(self._own_lock(keys=[lock_key], args=[token]))
+            await self._call(lambda _: self._own_lock(keys=[lock], args=[token]))
 
     async def wait_for(self, fingerprint: str, image_id: str, timeout_s: float) -> ImageRecord | None:
         """Wait while another worker holds the lock for this image; None when it gave up or it expired."""
         deadline = time.monotonic() + timeout_s
         delay = 0.01
-        lock_key = self._lock_key(fingerprint, image_id)
+        lock = lock_key(fingerprint, image_id)
         while time.monotonic() < deadline:
             record = await self.get(fingerprint, image_id)
             if record is not None:
                 return record
-            if not await self._call(self.redis.exists(lock_key)):
+            if not await self._call(lambda r: r.exists(lock)):
                 # the holder stores the record and drops the lock in one transaction: look once more,
                 # or a record written between the two reads would be computed again
                 return await self.get(fingerprint, image_id)

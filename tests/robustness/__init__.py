@@ -12,6 +12,7 @@ import struct
 import subprocess
 import sys
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -19,6 +20,21 @@ import numpy as np
 from PIL import Image
 
 from service.ports import free_port, wait_until_ready
+
+
+@dataclass
+class Outcome:
+    """One request of a load test: its kind, when it started, how long it took and how it ended."""
+
+    kind: str
+    started: float
+    elapsed: float
+    status: int | None = None
+    code: str | None = None
+    retry_after: str | None = None
+    error: str | None = None
+    message: str | None = None
+
 
 # -- images --------------------------------------------------------------------------------------
 

@@ -19,23 +19,11 @@ import redis
 import torch
 from safetensors.torch import load as load_safetensors
 
-from service.store import checksum
+from service.store import checksum, latest_key, record_key
 
-from . import ServeProcess, assert_error, png, upload
+from . import Outcome, ServeProcess, assert_error, png, upload
 
 # -- Redis killed and restarted under load ----------------------------------------------------------
-
-
-@dataclass
-class Outcome:
-    kind: str
-    started: float
-    elapsed: float
-    status: int | None = None
-    code: str | None = None
-    retry_after: str | None = None
-    error: str | None = None
-    message: str | None = None
 
 
 @dataclass
@@ -226,7 +214,7 @@ async def test_worker_killed_mid_batch(doomed, make_app, redis_url, live_server)
         # wait until every upload holds its image's lock (then it is preprocessed and waits in the
         # batch, whose window is 1.5 s), and kill the worker inside that window
         deadline = time.monotonic() + 20
-        while len(store.keys("splitvl:lock:*")) < len(images):
+        while len(store.keys("splitvl:{*}:*:lock")) < len(images):
             assert time.monotonic() < deadline, store.keys("*")
             await asyncio.sleep(0.02)
         await asyncio.sleep(0.3)
@@ -299,7 +287,7 @@ def served(make_app, redis_url, live_server) -> Iterator[tuple[httpx.Client, red
 def stored(client: httpx.Client, seed: int) -> tuple[bytes, str, str]:
     data = png(56, 56, seed=seed)
     meta = upload(client, data).json()
-    return data, meta["image_id"], f"splitvl:{meta['fingerprint']}:{meta['image_id']}"
+    return data, meta["image_id"], record_key(meta["fingerprint"], meta["image_id"])
 
 
 def question(client: httpx.Client, image_id: str) -> httpx.Response:
@@ -349,8 +337,8 @@ def test_real_lru_eviction(make_app, redis_server, tmp_path, live_server):
 def test_entry_of_another_model_is_refused(served):
     client, r = served
     data, image_id, key = stored(client, 2)
-    r.rename(key, f"splitvl:0123456789abcdef:{image_id}")
-    r.set(f"splitvl:id:{image_id}", "0123456789abcdef")
+    r.rename(key, record_key("0123456789abcdef", image_id))
+    r.set(latest_key(image_id), "0123456789abcdef")
     assert_error(question(client, image_id), 409, "fingerprint_mismatch")
     assert_error(client.get(f"/v1/images/{image_id}"), 404, "image_not_found")
     # uploading to this model's vision worker stores it under this model's fingerprint

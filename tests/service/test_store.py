@@ -9,7 +9,7 @@ import redis
 import torch
 
 from service.errors import ApiError
-from service.store import FeatureStore, ImageRecord, checksum
+from service.store import FeatureStore, ImageRecord, checksum, lock_key, record_key
 
 ID = "ab" * 32
 
@@ -34,9 +34,9 @@ async def test_key_layout_and_ttl(redis_url):
     store = FeatureStore(redis_url, ttl_s=100)
     await store.put(record())
     r = redis.Redis.from_url(redis_url)
-    assert r.exists(f"splitvl:fp1:{ID}")
-    assert 0 < r.ttl(f"splitvl:fp1:{ID}") <= 100
-    assert r.hget(f"splitvl:fp1:{ID}", "dtype") == b"bfloat16"
+    assert r.exists(record_key("fp1", ID))
+    assert 0 < r.ttl(record_key("fp1", ID)) <= 100
+    assert r.hget(record_key("fp1", ID), "dtype") == b"bfloat16"
     await store.close()
 
 
@@ -56,13 +56,13 @@ async def test_corrupt_bytes_are_refused_and_dropped(redis_url):
     store = FeatureStore(redis_url)
     await store.put(record())
     r = redis.Redis.from_url(redis_url)
-    raw = bytearray(r.hget(f"splitvl:fp1:{ID}", "embeds"))
+    raw = bytearray(r.hget(record_key("fp1", ID), "embeds"))
     raw[5] ^= 0xFF
-    r.hset(f"splitvl:fp1:{ID}", "embeds", bytes(raw))
+    r.hset(record_key("fp1", ID), "embeds", bytes(raw))
     with pytest.raises(ApiError) as err:
         await store.get("fp1", ID)
     assert err.value.status == 409 and err.value.code == "corrupt_features"
-    assert not r.exists(f"splitvl:fp1:{ID}")
+    assert not r.exists(record_key("fp1", ID))
     await store.close()
 
 
@@ -75,7 +75,7 @@ async def test_get_without_load_checks_the_bytes_as_fully(redis_url, damage):
     assert got is not None and got.embeds.is_meta and got.embeds.shape == (6, 64)
     assert got.embeds.dtype == torch.bfloat16 and got.metadata() == record().metadata()
     r = redis.Redis.from_url(redis_url)
-    key = f"splitvl:fp1:{ID}"
+    key = record_key("fp1", ID)
     raw = r.hget(key, "embeds")
     if damage == "flipped byte":
         r.hset(key, "embeds", bytes([raw[0] ^ 0xFF]) + raw[1:])
@@ -247,11 +247,11 @@ async def test_only_the_holder_extends_or_frees_a_lock(redis_url):
     assert await theirs.lock("fp9", ID, ttl_s=5)  # ... and another worker took the lock
     await ours.extend_lock("fp9", ID, ttl_s=60)
     await ours.unlock("fp9", ID)
-    assert 0 < r.pttl(f"splitvl:lock:fp9:{ID}") <= 5000  # neither extended nor freed by us
+    assert 0 < r.pttl(lock_key("fp9", ID)) <= 5000  # neither extended nor freed by us
     await theirs.extend_lock("fp9", ID, ttl_s=60)
-    assert r.pttl(f"splitvl:lock:fp9:{ID}") > 5000
+    assert r.pttl(lock_key("fp9", ID)) > 5000
     await theirs.unlock("fp9", ID)
-    assert not r.exists(f"splitvl:lock:fp9:{ID}")
+    assert not r.exists(lock_key("fp9", ID))
     await ours.close()
     await theirs.close()
 
@@ -272,8 +272,8 @@ async def test_lock_unless_stored_takes_the_lease_in_one_command(redis_url):
     store = FeatureStore(redis_url)
     r = redis.Redis.from_url(redis_url)
     assert await store.lock_unless_stored("fp9", ID, ttl_s=2.5) is True
-    assert 0 < r.pttl(f"splitvl:lock:fp9:{ID}") <= 2500
-    assert not r.exists(f"splitvl:fp9:{ID}")
+    assert 0 < r.pttl(lock_key("fp9", ID)) <= 2500
+    assert not r.exists(record_key("fp9", ID))
     await store.close()
 
 
@@ -301,7 +301,7 @@ async def test_lock_unless_stored_on_a_corrupt_record_then_get_drops_it(redis_ur
     store = FeatureStore(redis_url)
     await store.put(record(fingerprint="fp9"))
     r = redis.Redis.from_url(redis_url)
-    key = f"splitvl:fp9:{ID}"
+    key = record_key("fp9", ID)
     if damage == "not a hash":
         r.delete(key)
         r.set(key, b"junk")
@@ -341,7 +341,7 @@ async def test_checksum_is_crc32_and_records_stored_with_blake2b_are_still_read(
     rec = record(fingerprint="fp9")
     await store.put(rec)
     r = redis.Redis.from_url(redis_url)
-    key = f"splitvl:fp9:{ID}"
+    key = record_key("fp9", ID)
     raw = r.hget(key, "embeds")
     assert r.hget(key, "checksum").decode() == checksum(raw) and checksum(raw).startswith("crc32:")
     r.hset(key, "checksum", hashlib.blake2b(raw, digest_size=16).hexdigest())  # as stored before

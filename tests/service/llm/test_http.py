@@ -16,6 +16,7 @@ from PIL import Image
 
 from service.app import create_app
 from service.config import Settings
+from service.store import latest_key, record_key
 
 
 @pytest.fixture
@@ -110,8 +111,8 @@ def test_question_errors(server, redis_url, image_bytes):
         other_id = client.post("/v1/images", content=other, headers={"Content-Type": "image/png"}).json()["image_id"]
         r_ = redis.Redis.from_url(redis_url)
         fp = client.get(f"/v1/images/{other_id}").json()["fingerprint"]
-        r_.rename(f"splitvl:{fp}:{other_id}", f"splitvl:0000000000000000:{other_id}")
-        r_.set(f"splitvl:id:{other_id}", "0000000000000000")
+        r_.rename(record_key(fp, other_id), record_key("0000000000000000", other_id))
+        r_.set(latest_key(other_id), "0000000000000000")
         r = client.post("/v1/questions", json={"image_id": other_id, "question": "hi", "max_tokens": 8})
         assert r.status_code == 409 and r.json()["error"]["code"] == "fingerprint_mismatch"
 
@@ -140,7 +141,7 @@ def test_a_cached_prefix_spares_reading_the_embeddings(server, redis_url, image_
 
     with httpx.Client(base_url=server.url, timeout=120) as client:
         meta = client.post("/v1/images", content=data, headers={"Content-Type": "image/png"}).json()
-        embeds_bytes = len(r.hget(f"splitvl:{meta['fingerprint']}:{meta['image_id']}", "embeds"))
+        embeds_bytes = len(r.hget(record_key(meta["fingerprint"], meta["image_id"]), "embeds"))
         req = {"image_id": meta["image_id"], "question": "What is in this picture?", "max_tokens": 8}
         before = sent_by_redis()
         first = client.post("/v1/questions", json=req)
