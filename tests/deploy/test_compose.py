@@ -24,7 +24,7 @@ from service.embedded_redis import redis_binary
 from service.ports import free_port, wait_until_ready
 
 ROOT = Path(__file__).resolve().parents[2]
-TEMPLATE = ROOT / "docker" / "gateway.conf.template"
+TEMPLATE = ROOT / "docker" / "gateway" / "gateway.conf.template"
 PASSWORD = "s3cret-pw"
 
 
