@@ -15,6 +15,7 @@ from typing import get_args
 from fastapi import Depends, FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
+from service import tracing
 from service.checkpoint import Checkpoint, open_checkpoint
 from service.config import ROLE_ENV, Role, Settings
 from service.errors import ApiError, install_error_handlers
@@ -110,13 +111,17 @@ def create_app(settings: Settings, role: Role, *, workers: dict | None = None,
     # with API keys, the schema is behind the key like every endpoint but /healthz (and the docs
     # pages, which could not fetch it, are off)
     public_docs = {} if not settings.api_keys else {"openapi_url": None, "docs_url": None, "redoc_url": None}
-    app = FastAPI(title="splitvl", version="0.1.0", lifespan=lifespan, **public_docs,
+    # our own request spans (service.tracing), on any FastAPI: its built-in ones (>= 0.165) would nest twice
+    native = {"telemetry": {"tracing": False}} if "telemetry" in inspect.signature(FastAPI).parameters else {}
+    app = FastAPI(title="splitvl", version="0.1.0", lifespan=lifespan, **public_docs, **native,
                   description="Encode an image once, cache its features in Redis, answer many questions.")
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.ready = False
     install_error_handlers(app)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    if tracing.setup(f"splitvl-{role}"):  # OTEL_* variables: off by default
+        app.add_middleware(tracing.TracingMiddleware)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:

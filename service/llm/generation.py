@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
@@ -87,11 +88,16 @@ class Generation:
         self._waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
         self._done = False  # Finish or an error was delivered
         self.cancelled = False
+        # wall clock (ns) at submission and at the first event (prefill done): the trace's phases
+        self.started_ns = time.time_ns()
+        self.first_event_ns: int | None = None
 
     def cancel(self) -> None:
         self.cancelled = True
 
     def _put(self, event: Event | BaseException) -> None:
+        if self.first_event_ns is None:
+            self.first_event_ns = time.time_ns()
         with self._cond:
             self._events.append(event)
             self._done = self._done or not isinstance(event, Delta)

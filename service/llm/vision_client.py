@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 from fastapi import Request
 
+from service import tracing
 from service.errors import ApiError, unavailable
 
 # Headers passed on to the vision worker: its API keys are usually the same, and the request id
@@ -29,9 +30,11 @@ class RemoteVision:
 
     async def encode(self, data: bytes, headers: dict[str, str]) -> dict[str, Any]:
         """The vision worker's JSON metadata for these bytes (it stores the features in Redis)."""
+        headers = {**headers, "Content-Type": "application/octet-stream"}
         try:
-            r = await self.http.post("/v1/images", content=data,
-                                     headers={**headers, "Content-Type": "application/octet-stream"})
+            with tracing.span("vision encode", kind="CLIENT", **{"server.address": self.url}):
+                tracing.inject(headers)  # the vision worker's spans join this request's trace
+                r = await self.http.post("/v1/images", content=data, headers=headers)
         except httpx.TimeoutException:
             raise unavailable("vision_timeout", f"the vision worker at {self.url} did not answer in time", 2.0) from None
         except httpx.HTTPError as exc:

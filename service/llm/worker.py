@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import torch
 
+from service import tracing
 from service.checkpoint import Checkpoint, open_checkpoint
 from service.config import Settings
 from service.errors import ApiError, unavailable
@@ -18,6 +19,14 @@ from service.metrics import Metrics
 from service.store import FeatureStore, ImageRecord
 
 log = logging.getLogger(__name__)
+
+
+def trace_phases(generation: Generation) -> None:
+    """The answer's prefill (queued until the first token) and decode, as spans of the request."""
+    if generation.first_event_ns is not None:
+        tracing.phase("prefill", generation.started_ns, generation.first_event_ns,
+                      prompt_tokens=generation.prompt_tokens)
+        tracing.phase("decode", generation.first_event_ns, tracing.now_ns())
 
 
 class LLMWorker:
@@ -59,7 +68,8 @@ class LLMWorker:
 
     async def features(self, image_id: str, *, with_embeds: bool = True) -> ImageRecord:
         fingerprint = await self.fingerprint()
-        record = await self.store.get(fingerprint, image_id, with_embeds=with_embeds) if fingerprint else None
+        with tracing.span("feature fetch", embeddings=with_embeds):
+            record = await self.store.get(fingerprint, image_id, with_embeds=with_embeds) if fingerprint else None
         if record is not None:
             self.metrics.cache.labels("features", "hit").inc()
             return record
@@ -137,6 +147,7 @@ class LLMWorker:
                     raise self._timeout() from None
                 yield event
                 if isinstance(event, Finish):
+                    trace_phases(generation)
                     return
         finally:
             generation.cancel()  # a no-op once finished; frees the slot of a client that left
@@ -152,6 +163,8 @@ class LLMWorker:
         # through the event loop at the start and one at the end
         try:  # final() cancels the generation when it is left early
             async with asyncio.timeout(self.settings.request_timeout_s):
-                return await generation.final()
+                finish = await generation.final()
+            trace_phases(generation)
+            return finish
         except TimeoutError:
             raise self._timeout() from None

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
+from service import tracing
 from service.batching import BatchQueue
 from service.checkpoint import Checkpoint
 from service.config import Settings
@@ -34,11 +35,13 @@ class Timings:
     def __init__(self) -> None:
         self.phases: list[tuple[str, float]] = []
         self._last = time.perf_counter()
+        self._last_ns = tracing.now_ns()  # wall clock, for the phase's span when tracing is on
 
     def mark(self, name: str) -> None:
-        now = time.perf_counter()
+        now, now_ns = time.perf_counter(), tracing.now_ns()
         self.phases.append((name, now - self._last))
-        self._last = now
+        tracing.phase(name, self._last_ns, now_ns)
+        self._last, self._last_ns = now, now_ns
 
     def header(self) -> str:
         """The ``Server-Timing`` header value (durations in ms)."""
