@@ -106,7 +106,7 @@ async def test_deepstack_features_live_in_the_image_record(redis_url):
     unloaded = await store.get("fp3", ID, load=False)
     assert unloaded.deepstack.is_meta and unloaded.deepstack_layers == 3
     r = redis.Redis.from_url(redis_url)
-    key = f"splitvl:fp3:{ID}"
+    key = record_key("fp3", ID)
     assert r.type(key) == b"hash" and r.hget(key, "deepstack_layers") == b"3"  # one record, one key
     assert r.hget(key, "checksum").decode() == checksum(r.hget(key, "embeds"), r.hget(key, "deepstack"))
     r.close()
@@ -121,7 +121,7 @@ async def test_one_checksum_covers_embeddings_and_deepstack(redis_url, damage):
     store = FeatureStore(redis_url)
     await store.put(deepstack_record())
     r = redis.Redis.from_url(redis_url)
-    key = f"splitvl:fp3:{ID}"
+    key = record_key("fp3", ID)
     deep = r.hget(key, "deepstack")
     if damage == "flipped DeepStack byte":
         r.hset(key, "deepstack", deep[:-1] + bytes([deep[-1] ^ 0x01]))
