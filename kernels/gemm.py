@@ -6,6 +6,10 @@ bias in its epilogue but not QuickGELU, so an unfused MLP writes that tensor, re
 the activation and writes it again (~0.2 ms per block for 32 images on an H100). Here the
 activation runs on the fp32 accumulator tile before the single store.
 
+Gated mode (``up=``): a second weight W2 of the same shape is multiplied in the same K loop (the
+A tile is loaded once for both), and the epilogue writes ``act(x W^T + b) * (x W2^T + b2)``: the
+SwiGLU MLP's gate, up and gating in one kernel, so neither [M, N] half is ever written.
+
 Two kernels: on Hopper a persistent TMA kernel (descriptors, wgmma, the tile loop flattened so
 the next tile's loads overlap this tile's epilogue); elsewhere (and in the CPU interpreter) a
 plain tiled pointer kernel. H100, 32768 rows: fc1 + QuickGELU 0.74 ms vs 0.85 for cuBLAS + the
@@ -43,6 +47,14 @@ def _rope_epilogue(acc, off_m, off_n, M, COS, SIN, stride_cs, ROPE_COLS, D: tl.c
 
 
 @triton.jit
+def _glu_epilogue(act_gate, up, BIAS2, cols, N, HAS_BIAS: tl.constexpr):
+    """act(gate) * (up + b2) on fp32 tiles: one rounding, at the store."""
+    if HAS_BIAS:
+        up = up + tl.load(BIAS2 + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
+    return act_gate * up
+
+
+@triton.jit
 def _linear_act_kernel(
     A,  # [M, K] activations (row stride stride_am, unit col stride)
     W,  # [N, K] nn.Linear weight (row stride stride_wn)
@@ -59,10 +71,13 @@ def _linear_act_kernel(
     SIN,
     stride_cs,
     ROPE_COLS,  # columns [0, ROPE_COLS) are rotated (q and k)
+    W2,  # [N, K] the up weight (GLU), same strides as W
+    BIAS2,  # [N] (GLU and HAS_BIAS)
     ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ROPE: tl.constexpr,
     D: tl.constexpr,
+    GLU: tl.constexpr,
     EVEN_K: tl.constexpr,
     PREC: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -88,18 +103,26 @@ def _linear_act_kernel(
     offs_wn = tl.max_contiguous(tl.multiple_of(offs_wn, BLOCK_N), BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = A + offs_am[:, None].to(tl.int64) * stride_am + offs_k[None, :]
-    w_ptrs = W + offs_wn[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N] view of W^T
+    w_off = offs_wn[None, :].to(tl.int64) * stride_wn + offs_k[:, None]  # [BLOCK_K, BLOCK_N] view of W^T
+    w_ptrs = W + w_off
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if GLU:
+        w2_ptrs = W2 + w_off
+        acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kt in range(0, tl.cdiv(K, BLOCK_K)):
+        k_mask = offs_k < K - kt * BLOCK_K
         if EVEN_K:
             a = tl.load(a_ptrs)
             w = tl.load(w_ptrs)
         else:
-            k_left = K - kt * BLOCK_K
-            a = tl.load(a_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-            w = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            a = tl.load(a_ptrs, mask=k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
         acc = tl.dot(a, w, acc, input_precision=PREC)
+        if GLU:
+            w2 = tl.load(w2_ptrs) if EVEN_K else tl.load(w2_ptrs, mask=k_mask[:, None], other=0.0)
+            acc2 = tl.dot(a, w2, acc2, input_precision=PREC)
+            w2_ptrs += BLOCK_K
         a_ptrs += BLOCK_K
         w_ptrs += BLOCK_K
 
@@ -111,6 +134,8 @@ def _linear_act_kernel(
         acc = _rope_epilogue(acc, pid_m * BLOCK_M, pid_n * BLOCK_N, M, COS, SIN, stride_cs, ROPE_COLS, D,
                              BLOCK_M, BLOCK_N)
     acc = apply_act(acc, ACT)
+    if GLU:
+        acc = _glu_epilogue(acc, acc2, BIAS2, offs_cn, N, HAS_BIAS)
     c_ptrs = C + offs_cm[:, None].to(tl.int64) * stride_cm + offs_cn[None, :]
     tl.store(c_ptrs, acc.to(C.dtype.element_ty), mask=(offs_cm[:, None] < M) & (offs_cn[None, :] < N))
 
@@ -129,10 +154,13 @@ def _linear_act_tma_kernel(
     SIN,
     stride_cs,
     ROPE_COLS,
+    w2_desc,  # the up weight W2 [N, K] (GLU), block [BLOCK_N, BLOCK_K]
+    BIAS2,  # [N] (GLU and HAS_BIAS)
     ACT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     ROPE: tl.constexpr,
     D: tl.constexpr,
+    GLU: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -159,17 +187,24 @@ def _linear_act_tma_kernel(
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        if GLU:
+            acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for ki in range(k_tiles):
             off_k = ki * BLOCK_K
             a = a_desc.load([off_m, off_k])
             w = w_desc.load([off_n, off_k])
             acc = tl.dot(a, w.T, acc)
+            if GLU:
+                w2 = w2_desc.load([off_n, off_k])
+                acc2 = tl.dot(a, w2.T, acc2)
+        cols = off_n + tl.arange(0, BLOCK_N)
         if HAS_BIAS:
-            cols = off_n + tl.arange(0, BLOCK_N)
             acc = acc + tl.load(BIAS + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
         if ROPE:
             acc = _rope_epilogue(acc, off_m, off_n, M, COS, SIN, stride_cs, ROPE_COLS, D, BLOCK_M, BLOCK_N)
         acc = apply_act(acc, ACT)
+        if GLU:
+            acc = _glu_epilogue(acc, acc2, BIAS2, cols, N, HAS_BIAS)
         if EPI_SPLIT:
             # two half-width stores: half the epilogue's shared-memory staging buffer
             acc3 = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
@@ -184,6 +219,7 @@ def _tma_hook(nargs: dict) -> None:
     bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
     nargs["a_desc"].block_shape = [bm, bk]
     nargs["w_desc"].block_shape = [bn, bk]
+    nargs["w2_desc"].block_shape = [bn, bk]  # (the same descriptor as w_desc when not GLU)
     nargs["c_desc"].block_shape = [bm, bn // 2 if nargs["EPI_SPLIT"] else bn]
 
 
@@ -215,6 +251,21 @@ _linear_rope_tma_tuned = triton.autotune(configs=_tma_rope_configs(), key=["N", 
     _linear_act_tma_kernel
 )
 
+
+def _tma_glu_configs() -> list[triton.Config]:
+    # Two fp32 accumulators: 128 x 128 (x 2) at 8 warps is the register budget of the plain kernel's
+    # 128 x 256; three operand tiles per stage (48 KB at 128 x 128 x 64) bound the stages at 4.
+    cfg = triton.Config
+    return [cfg({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": 64, "GROUP_M": 8, "EPI_SPLIT": split},
+                num_warps=8, num_stages=st, pre_hook=_tma_hook)
+            for bm, bn, st, split in [(128, 128, 3, True), (128, 128, 4, True), (128, 64, 4, False),
+                                      (128, 64, 5, False)]]
+
+
+_linear_glu_tma_tuned = triton.autotune(configs=_tma_glu_configs(), key=["N", "K", "M_BUCKET", "ACT", "HAS_BIAS"])(
+    _linear_act_tma_kernel
+)
+
 _NUM_SMS: dict[int, int] = {}
 
 
@@ -224,16 +275,16 @@ def hopper(x: torch.Tensor) -> bool:
             and torch.cuda.get_device_capability(x.device)[0] >= 9)
 
 
-def _tma_ok(x2: torch.Tensor, w: torch.Tensor, y2: torch.Tensor) -> bool:
+def _tma_ok(x2: torch.Tensor, *others: torch.Tensor) -> bool:
     """TMA needs Hopper+, 16-bit operands, 16-byte aligned bases and row strides."""
     if x2.dtype not in (torch.bfloat16, torch.float16) or not hopper(x2):
         return False
     es = x2.element_size()
-    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * es) % 16 == 0 for t in (x2, w, y2))
+    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * es) % 16 == 0 for t in (x2, *others))
 
 
 def _launch_tma(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, y2: torch.Tensor, code: int,
-                rope: tuple | None = None) -> None:
+                rope: tuple | None = None, up: tuple | None = None) -> None:
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     m, k = x2.shape
@@ -246,16 +297,22 @@ def _launch_tma(x2: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, y2
     a_desc = TensorDescriptor(x2, list(x2.shape), list(x2.stride()), dummy)
     w_desc = TensorDescriptor(w, list(w.shape), list(w.stride()), dummy)
     c_desc = TensorDescriptor(y2, list(y2.shape), list(y2.stride()), dummy)
+    w2_desc, bias2 = w_desc, w  # stand-ins the kernel never reads unless GLU
+    if up is not None:
+        w2_desc = TensorDescriptor(up[0], list(up[0].shape), list(up[0].stride()), dummy)
+        bias2 = up[1] if up[1] is not None else w
 
     def grid(meta: dict) -> tuple[int]:
         return (min(sms, triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(n, meta["BLOCK_N"])),)
 
     cos, sin, rope_cols, d = rope if rope is not None else (w, w, 0, 2)
     kern = _linear_rope_tma_tuned if rope is not None else _linear_act_tma_tuned
+    if up is not None:
+        kern = _linear_glu_tma_tuned
     kern[grid](
         a_desc, w_desc, c_desc, bias if bias is not None else w, m, n, k, min(next_pow2(m), 1 << 16),
-        cos, sin, cos.stride(0) if rope is not None else 0, rope_cols,
-        ACT=code, HAS_BIAS=bias is not None, ROPE=rope is not None, D=d, NUM_SMS=sms,
+        cos, sin, cos.stride(0) if rope is not None else 0, rope_cols, w2_desc, bias2,
+        ACT=code, HAS_BIAS=bias is not None, ROPE=rope is not None, D=d, GLU=up is not None, NUM_SMS=sms,
     )
 
 
@@ -290,14 +347,26 @@ def linear_act(
     *,
     out: torch.Tensor | None = None,
     rope: tuple[torch.Tensor, torch.Tensor, int, int] | None = None,
+    up: tuple[torch.Tensor, torch.Tensor | None] | None = None,
 ) -> torch.Tensor:
     """``act(x @ weight^T + bias)``: x [..., K], weight [N, K] (nn.Linear layout) -> [..., N].
 
     ``rope=(cos, sin, rope_cols, head_dim)``: rotate output columns [0, rope_cols) with the vision
     rotary in the epilogue, for a qkv weight whose q/k rows are in the pair-adjacent order of
     ``rope_vision.interleave_qk_rows`` (cos/sin [M, head_dim/2] fp32).
+    ``up=(weight2, bias2)``: gated, ``act(x @ weight^T + bias) * (x @ weight2^T + bias2)`` (SwiGLU
+    with ``act="silu"``); weight2 has weight's shape and strides, bias2 is given iff bias is. The
+    TMA path needs 16-byte aligned rows of x, both weights and the output: pass an ``out`` whose
+    row stride is padded when N * element size is not a multiple of 16.
     """
     code = act if isinstance(act, int) else act_code(act)
+    if up is not None:
+        if rope is not None:
+            raise ValueError("the gated epilogue and the rope epilogue do not combine")
+        if up[0].shape != weight.shape or up[0].stride() != weight.stride():
+            raise ValueError(f"up weight {tuple(up[0].shape)} must match weight {tuple(weight.shape)} and its strides")
+        if (up[1] is None) != (bias is None):
+            raise ValueError("give both biases or neither")
     if rope is not None:
         from .rope_vision import rope_tables
 
@@ -313,6 +382,8 @@ def linear_act(
         raise ValueError(f"x has K={k}, weight has K={k_w}")
     x2, w = as_rows(x, k), as_rows(weight, k)
     check_device(x2, w)
+    if up is not None:
+        up = (as_rows(up[0], k), up[1])
     m = x2.shape[0]
     y = out if out is not None else torch.empty((*x.shape[:-1], n), dtype=x.dtype, device=x.device)
     y2 = y.view(-1, n)
@@ -321,8 +392,10 @@ def linear_act(
     prec = "ieee" if x.dtype == torch.float32 else "tf32"
     cos, sin, rope_cols, d = rope if rope is not None else (w, w, 0, 2)
     args = (x2, w, bias if bias is not None else w, y2, m, n, k, x2.stride(0), w.stride(0), y2.stride(0),
-            min(next_pow2(m), 1 << 16), cos, sin, cos.stride(0) if rope is not None else 0, rope_cols)
-    flags = {"ACT": code, "HAS_BIAS": bias is not None, "ROPE": rope is not None, "D": d, "PREC": prec}
+            min(next_pow2(m), 1 << 16), cos, sin, cos.stride(0) if rope is not None else 0, rope_cols,
+            up[0] if up is not None else w, up[1] if up is not None and up[1] is not None else w)
+    flags = {"ACT": code, "HAS_BIAS": bias is not None, "ROPE": rope is not None, "D": d, "GLU": up is not None,
+             "PREC": prec}
     # widest N tile (<= 64) that keeps rope tiles all-q/k or all-v (rope_cols % 16 == 0 checked)
     rope_bn = next(b for b in (64, 32, 16) if rope_cols % b == 0) if rope is not None else 64
     if interpreting():
@@ -330,12 +403,14 @@ def linear_act(
         grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
         _linear_act_kernel[grid](*args, **flags, EVEN_K=k % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=4)
         return y
-    if GEMM_IMPL != "pointer" and _tma_ok(x2, w, y2) and (rope is None or rope_cols % 128 == 0):
-        _launch_tma(x2, w, bias, y2, code, rope)
+    weights = (w,) if up is None else (w, up[0])
+    if GEMM_IMPL != "pointer" and _tma_ok(x2, *weights, y2) and (rope is None or rope_cols % 128 == 0):
+        _launch_tma(x2, w, bias, y2, code, rope, up)
         return y
-    if x.dtype == torch.float32 or rope is not None:
-        # fp32 (exact "ieee" dots, tests), and the rope epilogue where the TMA path does not
-        # apply (off Hopper, or q/k widths the 128-wide TMA tiles do not divide): fixed config
+    if x.dtype == torch.float32 or rope is not None or up is not None:
+        # fp32 (exact "ieee" dots, tests), and the rope / gated epilogues where the TMA path does
+        # not apply (off Hopper, q/k widths the 128-wide TMA tiles do not divide, rows not
+        # 16-byte aligned): fixed config, two accumulators fit
         bm, bn, bk = 64, rope_bn, 32
         grid = (triton.cdiv(m, bm) * triton.cdiv(n, bn),)
         _linear_act_kernel[grid](*args, **flags, EVEN_K=k % bk == 0, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk,

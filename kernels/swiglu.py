@@ -1,7 +1,9 @@
-"""SwiGLU: ``silu(gate) * up`` in one pass (Qwen2.5-VL's vision MLP).
+"""SwiGLU: ``silu(gate) * up`` in one pass, and Qwen2.5-VL's vision MLP built on it.
 
 ``gate`` and ``up`` may be column slices of one fused [M, 2N] GEMM output (any row stride);
 their biases can be added here so the GEMMs run bias-free. fp32 math, one rounding.
+``TritonSwiGLUMLP`` runs the MLP either that way (cuBLAS GEMMs + this pass) or with the gating in
+the epilogue of one two-weight GEMM (``gemm.linear_act(up=...)``).
 """
 
 from __future__ import annotations
@@ -77,28 +79,86 @@ def swiglu(
     return y
 
 
-class TritonSwiGLUMLP(nn.Module):
-    """Drop-in for Qwen2.5-VL's ``Qwen2_5_VLMLP`` (gate_proj, up_proj, down_proj; SiLU).
+def aligned_width(n: int, elem_bytes: int) -> int:
+    """Elements per row once rows are padded to a multiple of 16 bytes."""
+    per = max(1, 16 // elem_bytes)
+    return -(-n // per) * per
 
-    The gate and up GEMMs run bias-free through cuBLAS; both biases and the gating happen in one
-    pass of ``swiglu``. Submodule names match HF's, so state dicts are unchanged.
+
+def empty_aligned_rows(m: int, n: int, dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """An uninitialized [m, n] view whose row stride is padded to a multiple of 16 bytes."""
+    width = aligned_width(n, dtype.itemsize)
+    return torch.empty(m, width, dtype=dtype, device=device)[:, :n]
+
+
+@torch.no_grad()
+def align_rows_(p: nn.Parameter) -> bool:
+    """Re-home a 2-D parameter's storage so each row starts 16-byte aligned; same Parameter object,
+    same values, padding columns never read. Returns whether it moved.
+
+    TMA descriptors need 16-byte row strides, and cuBLAS picks its Hopper kernels only for aligned
+    leading dimensions: Qwen2.5-VL's down_proj.weight [1280, 3420] in bf16 has 6840-byte rows."""
+    n, k = p.shape
+    width = aligned_width(k, p.element_size())
+    if p.stride() == (width, 1):
+        return False
+    rows = torch.zeros(n, width, dtype=p.dtype, device=p.device)[:, :k]
+    rows.copy_(p.data)
+    p.data = rows
+    return True
+
+
+def _contiguous_down_weight(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """state_dict() gives the padded down_proj.weight as a contiguous tensor (savable as is)."""
+    key = prefix + "down_proj.weight"
+    if key in state_dict and not state_dict[key].is_contiguous():
+        state_dict[key] = state_dict[key].contiguous()
+
+
+class TritonSwiGLUMLP(nn.Module):
+    """Drop-in for Qwen2.5-VL's ``Qwen2_5_VLMLP``: ``down(silu(gate(x)) * up(x))``, biases on all three.
+
+    ``mode``: ``"triton"``: gate and up in one GEMM kernel with the gating in its epilogue
+    (``gemm.linear_act(up=...)``: the [M, I] halves are never written); ``"cublas"``: two bias-free
+    cuBLAS GEMMs then one ``swiglu`` pass (biases and gating); ``"auto"``: as ``tower.use_triton_gemm``
+    decides. Then cuBLAS for down_proj. The intermediate [M, I] rows are padded to 16 bytes and
+    down_proj.weight is re-homed likewise (``align_rows_``): I = 3420 is not a multiple of 8.
+    Submodule names match HF's, so state dicts are unchanged. Inference only.
     """
 
-    def __init__(self, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear) -> None:
+    def __init__(self, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear, mode: str = "cublas") -> None:
         super().__init__()
         self.gate_proj = gate_proj
         self.up_proj = up_proj
         self.down_proj = down_proj
+        self.mode = mode
+        align_rows_(down_proj.weight)
+        self.register_state_dict_post_hook(_contiguous_down_weight)
 
     @classmethod
-    def from_module(cls, mlp: nn.Module) -> TritonSwiGLUMLP:
+    def from_module(cls, mlp: nn.Module, mode: str = "cublas") -> TritonSwiGLUMLP:
         act = getattr(mlp, "act_fn", None)
         name = type(act).__name__.lower() if act is not None else "silu"
         if "silu" not in name and "swish" not in name:
             raise ValueError(f"SwiGLU replacement needs a SiLU MLP, got {type(act).__name__}")
-        return cls(mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+        return cls(mlp.gate_proj, mlp.up_proj, mlp.down_proj, mode)
+
+    def gated(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 [M, C] -> silu(gate(x2)) * up(x2) [M, I], rows 16-byte aligned."""
+        from .gemm import linear_act
+        from .tower import use_triton_gemm
+
+        gate, up = self.gate_proj, self.up_proj
+        m, n = x2.shape[0], gate.weight.shape[0]
+        g = empty_aligned_rows(m, n, x2.dtype, x2.device)
+        if use_triton_gemm(self.mode, x2):
+            return linear_act(x2, gate.weight, gate.bias, "silu", up=(up.weight, up.bias), out=g)
+        u = empty_aligned_rows(m, n, x2.dtype, x2.device)
+        torch.mm(x2, gate.weight.t(), out=g)  # (mm writes into the padded rows: no copy)
+        torch.mm(x2, up.weight.t(), out=u)
+        return swiglu(g, u, gate.bias, up.bias, out=g)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = F.linear(x, self.gate_proj.weight)
-        u = F.linear(x, self.up_proj.weight)
-        return self.down_proj(swiglu(g, u, self.gate_proj.bias, self.up_proj.bias))
+        x2 = as_rows(x, x.shape[-1])
+        y = F.linear(self.gated(x2), self.down_proj.weight, self.down_proj.bias)  # [M, C]
+        return y.view(*x.shape[:-1], y.shape[-1])

@@ -10,7 +10,7 @@ pytest.importorskip("triton")
 import kernels_ref as ref  # noqa: E402
 
 from kernels.activations import TritonBiasAct, bias_act, bias_gelu, bias_quick_gelu  # noqa: E402
-from kernels.swiglu import TritonSwiGLUMLP, swiglu  # noqa: E402
+from kernels.swiglu import TritonSwiGLUMLP, align_rows_, empty_aligned_rows, swiglu  # noqa: E402
 
 SHAPES = [(1, 32), (7, 80), (129, 1280), (2, 3, 48)]
 
@@ -63,19 +63,37 @@ def test_swiglu_strided_halves(device: str) -> None:
     assert ref.rel(swiglu(g, u), torch.nn.functional.silu(g.double()) * u.double()) < 1e-6
 
 
-def test_swiglu_mlp_matches_hf(device: str) -> None:
+@pytest.mark.parametrize("mode", ["cublas", "triton"])
+def test_swiglu_mlp_matches_hf(mode: str, device: str) -> None:
     from transformers import Qwen2_5_VLConfig
     from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLMLP
 
-    cfg = Qwen2_5_VLConfig(vision_config={"hidden_size": 48, "intermediate_size": 80, "hidden_act": "silu"})
+    # intermediate 78: fp32 rows of 312 bytes, not 16-byte aligned (as 3420 in bf16)
+    cfg = Qwen2_5_VLConfig(vision_config={"hidden_size": 48, "intermediate_size": 78, "hidden_act": "silu"})
     hf = Qwen2_5_VLMLP(cfg.vision_config, bias=True).to(device)
     with torch.no_grad():
         for p in hf.parameters():
             p.normal_(0, 0.3)
-    ours = TritonSwiGLUMLP.from_module(hf)
-    x = torch.randn(7, 48, device=device)
+    x = torch.randn(2, 7, 48, device=device)
     with torch.no_grad():
-        assert ref.rel(ours(x), hf(x)) < 1e-5
+        want = hf(x)
+    before = {k: v.clone() for k, v in hf.state_dict().items()}
+    ours = TritonSwiGLUMLP.from_module(hf, mode)
+    assert ours.down_proj.weight is hf.down_proj.weight  # adopted: its rows re-homed, 16-byte aligned
+    assert ours.down_proj.weight.stride(0) == 80
+    after = ours.state_dict()
+    assert all(torch.equal(after[k], v) and after[k].is_contiguous() for k, v in before.items())
+    with torch.no_grad():
+        assert ref.rel(ours(x), want) < 1e-5
+
+
+def test_align_rows(device: str) -> None:
+    w = torch.nn.Parameter(torch.randn(5, 13, device=device, dtype=torch.bfloat16))
+    want = w.detach().clone()
+    assert align_rows_(w) and w.stride() == (16, 1) and torch.equal(w, want)
+    assert not align_rows_(w)  # already aligned
+    rows = empty_aligned_rows(3, 13, torch.bfloat16, device)
+    assert rows.shape == (3, 13) and rows.stride() == (16, 1)
 
 
 @ref.requires_cuda

@@ -46,6 +46,36 @@ def test_linear_rope_epilogue(m: int, heads: int, d: int, device: str) -> None:
     assert ref.rel(gv, v) < 1e-5
 
 
+def _glu_ref(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, w2: torch.Tensor,
+             b2: torch.Tensor | None) -> torch.Tensor:
+    g = x.double() @ w.double().T + (b.double() if b is not None else 0)
+    u = x.double() @ w2.double().T + (b2.double() if b2 is not None else 0)
+    return torch.nn.functional.silu(g) * u
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 16, 32), (7, 42, 48), (70, 50, 72)])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_linear_glu(m: int, n: int, k: int, with_bias: bool, device: str) -> None:
+    """Gated epilogue: silu(x W^T + b) * (x W2^T + b2), into an output with padded rows."""
+    from kernels.swiglu import empty_aligned_rows
+
+    x = torch.randn(m, k, device=device)
+    w, w2 = (torch.randn(n, k, device=device) / k**0.5 for _ in range(2))
+    b, b2 = (torch.randn(n, device=device) if with_bias else None for _ in range(2))
+    out = empty_aligned_rows(m, n, torch.float32, device).fill_(float("nan"))
+    y = linear_act(x, w, b, "silu", up=(w2, b2), out=out)
+    assert y is out
+    assert ref.rel(y, _glu_ref(x, w, b, w2, b2)) < 1e-5
+
+
+def test_linear_glu_refuses_mismatches(device: str) -> None:
+    x, w = torch.randn(3, 16, device=device), torch.randn(8, 16, device=device)
+    with pytest.raises(ValueError, match="match"):
+        linear_act(x, w, None, "silu", up=(torch.randn(4, 16, device=device), None))
+    with pytest.raises(ValueError, match="both biases"):
+        linear_act(x, w, torch.randn(8, device=device), "silu", up=(w, None))
+
+
 def test_linear_no_bias_3d(device: str) -> None:
     x = torch.randn(2, 3, 32, device=device)
     w = torch.randn(48, 32, device=device)
@@ -94,3 +124,24 @@ def test_linear_act_gpu_both_impls(impl: str, m: int) -> None:
     assert ref.rel(gq[..., inv], ref.rope(q, cos, sin)) < ref.TOL[torch.bfloat16]
     assert ref.rel(gk[..., inv], ref.rope(k, cos, sin)) < ref.TOL[torch.bfloat16]
     assert ref.rel(gv, v) < ref.TOL[torch.bfloat16]
+
+
+@ref.requires_cuda
+@pytest.mark.parametrize("impl", ["tma", "pointer"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("m", [1, 1000, 4096, 8200])
+def test_linear_glu_gpu(impl: str, dtype: torch.dtype, m: int) -> None:
+    """Qwen2.5-VL's gate|up shapes (N = 3420: rows of 6840 bytes, padded to 6848 for TMA)."""
+    import kernels.gemm as G
+    from kernels.swiglu import empty_aligned_rows
+
+    n, k = 3420, 1280
+    x = torch.randn(m, k, device="cuda", dtype=dtype)
+    w, w2 = ((torch.randn(n, k, device="cuda") / k**0.5).to(dtype) for _ in range(2))
+    b, b2 = (torch.randn(n, device="cuda", dtype=dtype) for _ in range(2))
+    G.GEMM_IMPL = impl
+    try:
+        y = linear_act(x, w, b, "silu", up=(w2, b2), out=empty_aligned_rows(m, n, dtype, "cuda").fill_(float("nan")))
+    finally:
+        G.GEMM_IMPL = None
+    assert ref.rel(y, _glu_ref(x, w, b, w2, b2)) < ref.TOL[dtype]
