@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .tower import (
+    FusedPatchMerger,
     FusedVisionAttention,
     LinearPatchEmbed,
     VisionMeta,
@@ -95,31 +96,6 @@ class FusedVisionBlock(nn.Module):
         return h + self.mlp(y)
 
 
-class FusedPatchMerger(nn.Module):
-    """``ln_q`` (fused upstream with the last residual add) -> GEMM -> bias + exact GELU -> GEMM."""
-
-    def __init__(self, orig: nn.Module, mlp: str) -> None:
-        super().__init__()
-        from .layer_norm import TritonLayerNorm
-
-        gelu = orig.mlp[1]
-        if not isinstance(gelu, nn.GELU) or gelu.approximate != "none":
-            raise ValueError(f"merger activation must be exact nn.GELU, got {gelu!r}")
-        self.hidden_size = orig.hidden_size
-        self.ln_q = TritonLayerNorm.from_torch(orig.ln_q)
-        self.mlp = orig.mlp  # Sequential(Linear, GELU, Linear): keeps keys mlp.0.*, mlp.2.*
-        self.mode = mlp
-
-    def project(self, y: torch.Tensor) -> torch.Tensor:
-        """y = ln_q(h) [S, C] -> [S / m^2, out_dim]."""
-        f = linear_bias_act(y.reshape(-1, self.hidden_size), self.mlp[0], "gelu", self.mode)
-        fc2 = self.mlp[2]
-        return F.linear(f, fc2.weight, fc2.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.project(self.ln_q(x))
-
-
 def fused_forward(self: nn.Module, hidden_states: torch.Tensor, grid_thw: torch.Tensor | list,
                          **kwargs: Any) -> Any:
     """Replacement for ``Qwen2VisionTransformerPretrainedModel.forward``; same inputs and output
@@ -162,8 +138,10 @@ def patch_tower(tower: nn.Module, prefix: str, attention: str, mlp: str, rope_ge
             f"rope_gemm={rope_gemm})"
         )
         tower.blocks[i] = FusedVisionBlock(blk, act, attention, mlp, rope_gemm)
+    from .layer_norm import TritonLayerNorm
+
     done[f"{p}merger"] = f"{type(tower.merger).__name__} -> FusedPatchMerger"
-    tower.merger = FusedPatchMerger(tower.merger, mlp)
+    tower.merger = FusedPatchMerger(tower.merger, mlp, TritonLayerNorm.from_torch(tower.merger.ln_q))
     old = fuse_class(tower, fused_forward, splitvl_meta)
     done[prefix or "<model>"] = f"{old}.forward -> fused forward (cached cu_seqlens + rotary, fused residual+LN)"
     return done

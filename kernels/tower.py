@@ -3,7 +3,8 @@ fused attention (qkv GEMM -> rotary -> packed attention -> proj GEMM), bias + ac
 the per-grid metadata cache the fused forwards read.
 
 A family's module (``qwen2_vl.py``, ``qwen2_5_vl.py``, ...) builds its blocks from these pieces and
-says only how its tower differs.
+says only how its tower differs; the merger (norm -> GEMM -> GELU -> GEMM) is shared too, with the
+family's norm.
 """
 
 from __future__ import annotations
@@ -40,23 +41,33 @@ def grid_key(grid_thw: torch.Tensor | list) -> tuple[tuple[int, int, int], ...]:
     return tuple((int(t), int(h), int(w)) for t, h, w in rows)
 
 
-def build_meta(
-    grid: tuple[tuple[int, int, int], ...], spatial_merge_size: int, inv_freq: torch.Tensor, scaling: float = 1.0
-) -> VisionMeta:
+def segments(lengths: list[int], device: torch.device) -> tuple[torch.Tensor, int]:
+    """cu_seqlens [n + 1] int32 on ``device`` (queued without a sync) and the longest segment."""
     from ._utils import to_device_async
+
+    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    cu[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0).to(torch.int32)
+    return to_device_async(cu, device), max(lengths) if lengths else 0
+
+
+def build_meta(
+    grid: tuple[tuple[int, int, int], ...], spatial_merge_size: int, inv_freq: torch.Tensor, scaling: float = 1.0,
+    order: torch.Tensor | None = None,
+) -> VisionMeta:
+    """Per-frame segments and rotary tables; ``order`` [S] (host) puts the tables' rows in the
+    tower's token order when it is not the image's (Qwen2.5-VL's window order)."""
     from .rope_vision import rope_angles, rope_positions
 
     lengths = [h * w for t, h, w in grid for _ in range(t)]
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0).to(torch.int32)
-    cos, sin = rope_angles(rope_positions(grid, spatial_merge_size), inv_freq)
+    positions = rope_positions(grid, spatial_merge_size)  # [S, 2]
+    if order is not None:
+        positions = positions[order]
+    cos, sin = rope_angles(positions, inv_freq)
     if scaling != 1.0:  # in place: keeps the tables' padded rows (see rope_vision.padded_table)
         cos.mul_(scaling)
         sin.mul_(scaling)
-    return VisionMeta(
-        grid=grid, lengths=lengths, cu_seqlens=to_device_async(cu, inv_freq.device),
-        max_seqlen=max(lengths) if lengths else 0, cos=cos, sin=sin,
-    )
+    cu, longest = segments(lengths, inv_freq.device)
+    return VisionMeta(grid=grid, lengths=lengths, cu_seqlens=cu, max_seqlen=longest, cos=cos, sin=sin)
 
 
 class LinearPatchEmbed(nn.Module):
@@ -149,6 +160,31 @@ class FusedVisionAttention(nn.Module):
                       backend=self.backend, lengths=meta.lengths, prerotated=pre,
                       interleaved=self.rope_gemm)  # [S, C]
         return F.linear(a, self.proj.weight, self.proj.bias)
+
+
+class FusedPatchMerger(nn.Module):
+    """``ln_q`` (fused upstream with the last residual add) -> GEMM -> bias + exact GELU -> GEMM.
+
+    ``ln_q``: the family's norm module adopting ``orig.ln_q``'s parameters (LayerNorm, RMSNorm)."""
+
+    def __init__(self, orig: nn.Module, mlp: str, ln_q: nn.Module) -> None:
+        super().__init__()
+        gelu = orig.mlp[1]
+        if not isinstance(gelu, nn.GELU) or gelu.approximate != "none":
+            raise ValueError(f"merger activation must be exact nn.GELU, got {gelu!r}")
+        self.hidden_size = orig.hidden_size
+        self.ln_q = ln_q
+        self.mlp = orig.mlp  # Sequential(Linear, GELU, Linear): keeps keys mlp.0.*, mlp.2.*
+        self.mode = mlp
+
+    def project(self, y: torch.Tensor) -> torch.Tensor:
+        """y = ln_q(h) [S, C] -> [S / m^2, out_dim]."""
+        f = linear_bias_act(y.reshape(-1, self.hidden_size), self.mlp[0], "gelu", self.mode)
+        fc2 = self.mlp[2]
+        return F.linear(f, fc2.weight, fc2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(self.ln_q(x))
 
 
 def _reorder_qkv(module: nn.Module, state_dict: dict, prefix: str, inverse: bool) -> None:

@@ -11,6 +11,59 @@ requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
+# a one-layer language model for the full ``*ForConditionalGeneration`` models of the tests
+TINY_TEXT_CONFIG = {"vocab_size": 128, "hidden_size": 48, "intermediate_size": 64, "num_hidden_layers": 1,
+                    "num_attention_heads": 4, "num_key_value_heads": 2,
+                    "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 3]}}
+
+
+def random_model(model_class: type, cfg: object, device: str, dtype: torch.dtype = torch.float32,
+                 seed: int = 3) -> torch.nn.Module:
+    """An HF model (a vision tower, a full model) with every parameter perturbed (``service.tiny.perturb_``),
+    in eval mode."""
+    from service.tiny import perturb_
+
+    torch.manual_seed(seed)
+    m = model_class(cfg).eval()
+    perturb_(m, seed)
+    return m.to(device=device, dtype=dtype)
+
+
+def patched_error(hf32: torch.nn.Module, grid_rows: list[list[int]], dtype: torch.dtype = torch.bfloat16,
+                  **patch_kw: object) -> float:
+    """rel L2 of ``kernels.patch``-ed copy of ``hf32`` in ``dtype`` against ``hf32`` (fp32, HF) on random
+    pixels of ``grid_rows`` (CUDA; ours gets the grid on the host, HF on the device)."""
+    import copy
+
+    import kernels
+
+    ours = copy.deepcopy(hf32).to(dtype)
+    kernels.patch(ours, **patch_kw)
+    grid = torch.tensor(grid_rows)
+    x = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14, device="cuda")
+    with torch.no_grad():
+        want = hf32(x, grid_thw=grid.cuda()).pooler_output
+        got = ours(x.to(dtype), grid_thw=grid).pooler_output
+    return rel(got, want)
+
+
+def check_graphs_match_eager(tower: torch.nn.Module) -> None:
+    """``VisionGraphs`` on a patched bf16 tower: replays equal eager forwards over new, evicted and
+    repeated grids (one, three images), within an LRU of two."""
+    from kernels.graphs import VisionGraphs
+
+    graphs = VisionGraphs(tower, max_graphs=2)
+    three = [[1, 16, 16]] * 3  # the encoder replays batches of up to 8 equal grids
+    for grid_rows in ([[1, 32, 32]], [[1, 22, 30]], [[1, 32, 32]], three, [[1, 20, 20]], three):
+        grid = torch.tensor(grid_rows)
+        x = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14, device="cuda", dtype=torch.bfloat16)
+        with torch.no_grad():
+            want = tower(x, grid_thw=grid).pooler_output
+        got = graphs(x, grid).clone()
+        assert rel(got, want) < 1e-3  # same kernels; only cuBLAS's algorithm choice may differ
+    assert len(graphs) == 2  # LRU bound
+
+
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double().cpu(), b.double().cpu()
     assert torch.isfinite(a).all(), "non-finite output"

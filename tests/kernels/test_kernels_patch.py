@@ -15,7 +15,6 @@ pytest.importorskip("triton")
 import kernels_ref as ref  # noqa: E402
 
 import kernels  # noqa: E402
-from service.tiny import perturb_  # noqa: E402
 
 
 def _vision_config(embed: int, heads: int, depth: int = 2, hidden: int = 48):
@@ -32,10 +31,7 @@ def _vision_config(embed: int, heads: int, depth: int = 2, hidden: int = 48):
 def _tower(cfg, device: str, dtype: torch.dtype = torch.float32, seed: int = 3):
     from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
 
-    torch.manual_seed(seed)
-    m = Qwen2VisionTransformerPretrainedModel(cfg).eval()
-    perturb_(m, seed)
-    return m.to(device=device, dtype=dtype)
+    return ref.random_model(Qwen2VisionTransformerPretrainedModel, cfg, device, dtype, seed)
 
 
 GRID = [[1, 4, 6], [1, 2, 2], [2, 2, 4]]  # mixed sizes, one 2-frame entry
@@ -90,14 +86,9 @@ def test_patch_full_model_finds_visual(device: str) -> None:
 
     cfg = Qwen2VLConfig(
         vision_config=_vision_config(32, 2).to_dict(),
-        text_config={"vocab_size": 128, "hidden_size": 48, "intermediate_size": 64, "num_hidden_layers": 1,
-                     "num_attention_heads": 4, "num_key_value_heads": 2,
-                     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 3]}},
+        text_config=ref.TINY_TEXT_CONFIG,
     )
-    torch.manual_seed(0)
-    model = Qwen2VLForConditionalGeneration(cfg).eval()
-    perturb_(model, 5)
-    model = model.to(device)
+    model = ref.random_model(Qwen2VLForConditionalGeneration, cfg, device, seed=5)
     grid = torch.tensor([[1, 4, 4]])
     x = torch.randn(16, 3 * 2 * 14 * 14, device=device)
     grid = grid.to(device)
@@ -108,27 +99,6 @@ def test_patch_full_model_finds_visual(device: str) -> None:
     with torch.no_grad():
         got = model.model.get_image_features(x, grid).pooler_output[0]
     assert ref.rel(got, want) < 1e-5
-
-
-def test_patch_qwen2_5_vl_swaps_modules(device: str) -> None:
-    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
-    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VisionTransformerPretrainedModel
-
-    cfg = Qwen2_5_VLVisionConfig(depth=2, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=40,
-                                 window_size=56, fullatt_block_indexes=[1], hidden_act="silu")
-    cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    hf = Qwen2_5_VisionTransformerPretrainedModel(cfg).eval()
-    perturb_(hf, 2)
-    hf = hf.to(device)
-    ours = copy.deepcopy(hf)
-    done = kernels.patch(ours)
-    assert done["blocks.0.mlp"].endswith("TritonSwiGLUMLP") and "merger.ln_q" in done
-    assert set(ours.state_dict()) == set(hf.state_dict())
-    grid = torch.tensor([[1, 8, 8]], device=device)
-    x = torch.randn(64, 3 * 2 * 14 * 14, device=device)
-    with torch.no_grad():
-        assert ref.rel(ours(x, grid_thw=grid).pooler_output, hf(x, grid_thw=grid).pooler_output) < 1e-5
 
 
 def test_patch_rejects_other_models() -> None:
@@ -167,16 +137,9 @@ def _real_config(depth: int):
 @pytest.mark.parametrize("mlp,attention,rope_gemm", [("auto", "auto", True), ("cublas", "cudnn", False),
                                                      ("triton", "triton_prerope", True), ("cublas", "triton", False)])
 def test_patched_tower_gpu_bf16_vs_hf_fp32(mlp: str, attention: str, rope_gemm: bool) -> None:
-    cfg = _real_config(depth=8)
-    hf32 = _tower(cfg, "cuda", torch.float32)
-    ours = copy.deepcopy(hf32).to(torch.bfloat16)
-    kernels.patch(ours, mlp=mlp, attention=attention, rope_gemm=rope_gemm)
-    grid = torch.tensor([[1, 32, 32]] * 4 + [[1, 16, 24], [1, 92, 70]])  # > 4096 rows: our GEMM paths
-    x = torch.randn(int(grid.prod(-1).sum()), 1176, device="cuda")
-    with torch.no_grad():
-        want = hf32(x, grid_thw=grid.cuda()).pooler_output
-        got = ours(x.bfloat16(), grid_thw=grid).pooler_output
-    err = ref.rel(got, want)
+    hf32 = _tower(_real_config(depth=8), "cuda", torch.float32)
+    grid = [[1, 32, 32]] * 4 + [[1, 16, 24], [1, 92, 70]]  # > 4096 rows: our GEMM paths
+    err = ref.patched_error(hf32, grid, mlp=mlp, attention=attention, rope_gemm=rope_gemm)
     print(f"bf16 patched vs fp32 HF (depth 8, {mlp}, {attention}, rope_gemm={rope_gemm}): rel L2 {err:.2e}")
     assert err < 1e-2
 
@@ -198,17 +161,6 @@ def test_patched_tower_gpu_dtypes(dtype: torch.dtype) -> None:
 
 @ref.requires_cuda
 def test_cuda_graphs_match_eager() -> None:
-    from kernels.graphs import VisionGraphs
-
     tower = _tower(_real_config(depth=4), "cuda", torch.bfloat16)
     kernels.patch(tower)
-    graphs = VisionGraphs(tower, max_graphs=2)
-    three = [[1, 16, 16]] * 3  # the encoder replays batches of up to 4 equal grids
-    for grid_rows in ([[1, 32, 32]], [[1, 16, 24]], [[1, 32, 32]], three, [[1, 20, 20]], three):
-        grid = torch.tensor(grid_rows)
-        x = torch.randn(int(grid.prod(-1).sum()), 1176, device="cuda", dtype=torch.bfloat16)
-        with torch.no_grad():
-            want = tower(x, grid_thw=grid).pooler_output
-        got = graphs(x, grid).clone()
-        assert ref.rel(got, want) < 1e-3  # same kernels; only cuBLAS's algorithm choice may differ
-    assert len(graphs) == 2  # LRU bound
+    ref.check_graphs_match_eager(tower)
