@@ -3,8 +3,9 @@
     python bench/kernel_bench.py [--out DIR] [--quick]
 
 Shapes are the Qwen2-VL-2B vision tower's (C = 1280, 16 heads x 80, MLP 5120) for 32 images of
-448x448 (S = 32768 patches), one image (S = 1024) and 8 mixed sizes packed. Also measures the
-two ceilings (bf16 GEMM TFLOP/s and device-to-device copy GB/s) that vision_bench.py reports MFU
+448x448 (S = 32768 patches), one image (S = 1024) and 8 mixed sizes packed; ``windows`` and
+``mlp25`` are Qwen2.5-VL's (attention within 112-px windows; the SwiGLU MLP with I = 3420). Also
+measures the two ceilings (bf16 GEMM TFLOP/s and device-to-device copy GB/s) that vision_bench.py reports MFU
 against. Prints one table; writes kernel_bench.json under --out.
 
 ``vision_bench.py`` imports the timing helpers from here.
@@ -378,11 +379,57 @@ def bench_gemms(rows: list[dict], s: int) -> None:
          lambda: bench_kernel(lambda: linear_act(xm, wm, bm, "gelu")), rows, flops=flm)
 
 
+def bench_swiglu_mlp(rows: list[dict], s: int) -> None:
+    """Qwen2.5-VL's vision MLP (C 1280, I 3420, biases): what padding the 3420-element rows to 16 bytes
+    buys cuBLAS, and our two MLP modes against HF's three Linear calls."""
+    import copy
+
+    import kernels.swiglu as SW
+
+    F = torch.nn.functional
+    c, inter = 1280, 3420
+    x = torch.randn(s, c, device="cuda", dtype=torch.bfloat16)
+    hf = torch.nn.ModuleDict({n: torch.nn.Linear(*dims, device="cuda", dtype=torch.bfloat16)
+                              for n, dims in [("gate_proj", (c, inter)), ("up_proj", (c, inter)),
+                                              ("down_proj", (inter, c))]})
+    fl_mlp = 2 * s * 3 * c * inter
+    print(f"[qwen2.5-vl mlp] S={s} C={c} I={inter} bf16", flush=True)
+    a = torch.randn(s, inter, device="cuda", dtype=torch.bfloat16)
+    a_pad = SW.empty_aligned_rows(s, inter, torch.bfloat16, "cuda").copy_(a)
+    wd = hf["down_proj"].weight.detach()
+    wd_pad = torch.nn.Parameter(wd.clone())
+    SW.align_rows_(wd_pad)
+    fl_down = 2 * s * c * inter
+    _try(f"S={s} down: cuBLAS, rows of 6840 B (contiguous)", lambda: bench_kernel(lambda: F.linear(a, wd)), rows,
+         flops=fl_down)
+    _try(f"S={s} down: cuBLAS, rows padded to 6848 B", lambda: bench_kernel(lambda: F.linear(a_pad, wd_pad)), rows,
+         flops=fl_down)
+
+    def hf_mlp() -> torch.Tensor:
+        return hf["down_proj"](F.silu(hf["gate_proj"](x)) * hf["up_proj"](x))
+
+    _try(f"S={s} MLP: HF (3 Linear, silu, mul)", lambda: bench_kernel(hf_mlp), rows, flops=fl_mlp)
+    for mode in ("cublas", "triton"):
+        mlp = SW.TritonSwiGLUMLP(*(copy.deepcopy(hf[n]) for n in ("gate_proj", "up_proj", "down_proj")), mode=mode)
+        with torch.no_grad():
+            _try(f"S={s} MLP: ours mode={mode}", lambda mlp=mlp: bench_kernel(lambda: mlp(x)), rows, flops=fl_mlp)
+            _try(f"S={s} gate|up + SwiGLU only: ours mode={mode}",
+                 lambda mlp=mlp: bench_kernel(lambda: mlp.gated(x)), rows, flops=2 * s * 2 * c * inter)
+
+
+def window_lengths(grid: list[tuple[int, int, int]]) -> list[int]:
+    """Qwen2.5-VL's attention windows (112 px: 4 x 4 merge units) of a workload."""
+    from kernels.qwen2_5_vl import window_order
+
+    return window_order(tuple(grid), 2, 4)[1]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--quick", action="store_true", help="skip flex_attention (its compile costs ~1 min)")
-    ap.add_argument("--only", default="", help="comma list: peaks,norms,acts,rope,attention,gemm")
+    ap.add_argument("--only", default="",
+                    help="comma list: peaks,norms,acts,rope,attention,gemm,windows,mlp25 (the last two: Qwen2.5-VL)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("kernel_bench needs a CUDA GPU")
@@ -406,6 +453,12 @@ def main() -> None:
     if want("attention"):
         for name, grid in wl.items():
             bench_attention(rows, name, [h * w for t, h, w in grid for _ in range(t)], with_flex=not args.quick)
+    if want("windows"):
+        for name, grid in wl.items():
+            bench_attention(rows, f"{name} windows", window_lengths(grid), with_flex=False)
+    if want("mlp25"):
+        for s in (32768, 1024):
+            bench_swiglu_mlp(rows, s)
     if want("norms"):
         for s in (32768, 1024):
             bench_norms(rows, s)

@@ -1,16 +1,20 @@
-"""Qwen2-VL vision tower: our patched tower against every peer, same weights and inputs, one process.
+"""A Qwen-VL vision tower: our patched tower against every peer, same weights and inputs, one process.
 
-    python bench/vision_bench.py [--model 2b|7b] [--out DIR] [--skip compile,liger,eager]
-    python bench/vision_bench.py --smoke      # CPU, tiny config, Triton interpreter: code paths only
+    python bench/vision_bench.py [--family qwen2_vl|qwen2_5_vl] [--model 2b|7b|3b] [--out DIR]
+                                 [--skip compile,liger,eager,variants,graphs] [--workloads 32x448,1x448,mixed8]
+    python bench/vision_bench.py --smoke [--family ...]   # CPU, tiny config, Triton interpreter: code paths only
 
-Builds the Qwen2-VL-2B (or 7B: only the merger's output differs) vision tower -- depth 32,
-embed 1280, 16 heads, MLP ratio 4, patch 14, merge 2, temporal 2, QuickGELU -- with random
-(perturbed) weights in bf16 and runs, on three workloads (32 images of 448x448 in one call; one
-448x448 image; 8 mixed sizes from 224x224 to 1288x966 packed in one call):
+Builds the family's vision tower with random (perturbed) weights in bf16 -- Qwen2-VL-2B/7B: depth
+32, embed 1280, 16 heads, MLP ratio 4, QuickGELU, full attention; Qwen2.5-VL-3B/7B: depth 32,
+hidden 1280, 16 heads, SwiGLU 3420, RMSNorm, 112 px windows but full attention in blocks
+7/15/23/31; both patch 14, merge 2, temporal 2; ``--model`` picks the merger's output size -- and
+runs, on three workloads (32 images of 448x448 in one call; one 448x448 image; 8 mixed sizes
+from 224x224 to 1288x966 packed in one call):
 
-- HF eager, HF sdpa, HF + Liger-Kernel's LayerNorm (norm1/norm2/ln_q swapped; Liger's own
-  monkey-patch refuses a vision-only model), HF + torch.compile (each block compiled);
-- ours: ``kernels.patch`` with each attention / MLP variant, and the best one under CUDA graphs
+- HF eager, HF sdpa (Qwen2.5-VL: one SDPA call per window, HF's loop), HF + Liger-Kernel's norm
+  (LayerNorm / RMSNorm swapped in by hand where Liger's monkey-patch refuses a vision-only model),
+  HF + torch.compile (each block compiled; bounded by ``--compile-limit-s`` in all);
+- ours: ``kernels.patch`` with each attention / MLP variant, and the main ones under CUDA graphs
   (``kernels.graphs.VisionGraphs``).
 
 Reports images/s, median ms (CUDA events), TFLOP/s, MFU against a measured bf16 GEMM peak,
@@ -23,8 +27,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -44,27 +50,90 @@ from kernel_bench import gemm_peak_tflops, sync, time_ms, workloads  # noqa: E40
 PATCH_IN = 3 * 2 * 14 * 14  # channels * temporal * patch * patch = 1176
 
 
-def vision_config(model: str, smoke: bool) -> Any:
+def qwen2_vl_config(out_hidden: int, smoke: bool) -> Any:
     from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
 
-    if smoke:
-        kw = {"depth": 2, "embed_dim": 160, "num_heads": 2, "hidden_size": 48}
+    kw = {"depth": 2, "embed_dim": 160, "num_heads": 2} if smoke else {"depth": 32, "embed_dim": 1280, "num_heads": 16}
+    return Qwen2VLVisionConfig(mlp_ratio=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+                               in_channels=3, hidden_act="quick_gelu", hidden_size=out_hidden, **kw)
+
+
+def qwen2_5_vl_config(out_hidden: int, smoke: bool) -> Any:
+    from transformers.models.qwen2_5_vl.configuration_qwen2_5_vl import Qwen2_5_VLVisionConfig
+
+    if smoke:  # 56 px windows: 2 x 2 merge units, ragged on the smoke grids
+        kw = {"depth": 2, "hidden_size": 160, "num_heads": 2, "intermediate_size": 86, "window_size": 56,
+              "fullatt_block_indexes": [1]}
     else:
-        kw = {"depth": 32, "embed_dim": 1280, "num_heads": 16, "hidden_size": {"2b": 1536, "7b": 3584}[model]}
-    cfg = Qwen2VLVisionConfig(mlp_ratio=4, patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-                              in_channels=3, hidden_act="quick_gelu", **kw)
+        kw = {"depth": 32, "hidden_size": 1280, "num_heads": 16, "intermediate_size": 3420, "window_size": 112,
+              "fullatt_block_indexes": [7, 15, 23, 31]}
+    return Qwen2_5_VLVisionConfig(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                                  hidden_act="silu", out_hidden_size=out_hidden, **kw)
+
+
+def liger_layer_norm(ln: torch.nn.Module) -> torch.nn.Module:
+    from liger_kernel.transformers.layer_norm import LigerLayerNorm
+
+    new = LigerLayerNorm(ln.normalized_shape[0], eps=ln.eps, bias=True)
+    new.weight, new.bias = ln.weight, ln.bias
+    return new
+
+
+def liger_rms_norm(norm: torch.nn.Module) -> torch.nn.Module:
+    from liger_kernel.transformers.rms_norm import LigerRMSNorm
+
+    # "llama" casting: weight * normalized.to(input dtype), as Qwen2_5_VLRMSNorm
+    new = LigerRMSNorm(norm.weight.shape[0], eps=norm.variance_epsilon, casting_mode="llama")
+    new.weight = norm.weight
+    return new
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What differs between the families' towers, for building, counting FLOPs and the Liger peer."""
+
+    title: str
+    models: dict[str, int]  # --model -> the merger's output size (the language model's hidden size); first: default
+    config: Callable[[int, bool], Any]  # (out_hidden, smoke) -> vision config
+    tower_class: str  # transformers.models.<module>.<class>
+    width: Callable[[Any], int]  # C, the residual stream's width
+    mlp_macs: Callable[[Any], int]  # multiply-adds per token per block in the MLP
+    liger_norm: Callable[[torch.nn.Module], torch.nn.Module]  # Liger's module sharing one norm's weights
+    liger_name: str
+
+    def hf_class(self) -> type:
+        import importlib
+
+        mod, cls = self.tower_class.rsplit(".", 1)
+        return getattr(importlib.import_module(f"transformers.models.{mod}"), cls)
+
+
+FAMILIES = {
+    "qwen2_vl": Family(
+        "Qwen2-VL", {"2b": 1536, "7b": 3584}, qwen2_vl_config,
+        "qwen2_vl.modeling_qwen2_vl.Qwen2VisionTransformerPretrainedModel",
+        width=lambda cfg: cfg.embed_dim, mlp_macs=lambda cfg: 2 * cfg.embed_dim * int(cfg.embed_dim * cfg.mlp_ratio),
+        liger_norm=liger_layer_norm, liger_name="LayerNorm"),
+    "qwen2_5_vl": Family(
+        "Qwen2.5-VL", {"7b": 3584, "3b": 2048}, qwen2_5_vl_config,
+        "qwen2_5_vl.modeling_qwen2_5_vl.Qwen2_5_VisionTransformerPretrainedModel",
+        width=lambda cfg: cfg.hidden_size, mlp_macs=lambda cfg: 3 * cfg.hidden_size * cfg.intermediate_size,
+        liger_norm=liger_rms_norm, liger_name="RMSNorm"),
+}
+
+
+def vision_config(family: Family, model: str, smoke: bool) -> Any:
+    cfg = family.config(48 if smoke else family.models[model], smoke)
     cfg._attn_implementation = "sdpa"
     return cfg
 
 
 @torch.no_grad()
-def build_tower(cfg: Any, device: str, seed: int = 0) -> torch.nn.Module:
+def build_tower(family: Family, cfg: Any, device: str, seed: int = 0) -> torch.nn.Module:
     """Random tower with every parameter perturbed (norms ~1 +- 0.1, biases ~0.05, W ~ 1/sqrt(fan_in)),
-    as service.tiny.perturb_ does, but drawn on the device (665M values)."""
-    from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
-
+    as service.tiny.perturb_ does, but drawn on the device (~670M values)."""
     with torch.device(device):
-        model = Qwen2VisionTransformerPretrainedModel(cfg).eval()
+        model = family.hf_class()(cfg).eval()
     gen = torch.Generator(device).manual_seed(seed)
     for name, p in model.named_parameters():
         noise = torch.randn(p.shape, generator=gen, device=device)
@@ -77,18 +146,28 @@ def build_tower(cfg: Any, device: str, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-def tower_flops(cfg: Any, grid: list[tuple[int, int, int]]) -> float:
+def attention_lengths(cfg: Any, grid: list[tuple[int, int, int]], block: int) -> list[int]:
+    """Tokens per attention segment in ``block``: whole frames, or Qwen2.5-VL's windows."""
+    windowed = hasattr(cfg, "fullatt_block_indexes") and block not in cfg.fullatt_block_indexes
+    if not windowed:
+        return [h * w for t, h, w in grid for _ in range(t)]
+    from kernels.qwen2_5_vl import window_order
+
+    merge = cfg.spatial_merge_size
+    return window_order(tuple(grid), merge, cfg.window_size // merge // cfg.patch_size)[1]
+
+
+def tower_flops(family: Family, cfg: Any, grid: list[tuple[int, int, int]]) -> float:
     """Matrix FLOPs of one forward (2 per multiply-add): GEMMs + attention (QK^T and PV)."""
-    c = cfg.embed_dim
-    hid = int(c * cfg.mlp_ratio)
+    c = family.width(cfg)
+    out = getattr(cfg, "out_hidden_size", None) or cfg.hidden_size
     m2 = cfg.spatial_merge_size**2
-    lengths = [h * w for t, h, w in grid for _ in range(t)]
-    s = sum(lengths)
-    per_tok_block = 2 * c * (3 * c + c + 2 * hid)
-    attn_block = 4 * c * sum(n * n for n in lengths)
+    s = sum(t * h * w for t, h, w in grid)
+    per_tok_block = 2 * (c * (3 * c + c) + family.mlp_macs(cfg))
+    attn = sum(4 * c * sum(n * n for n in attention_lengths(cfg, grid, i)) for i in range(cfg.depth))
     embed = 2 * s * c * PATCH_IN
-    merger = 2 * (s // m2) * (m2 * c) * (m2 * c + cfg.hidden_size)
-    return cfg.depth * (s * per_tok_block + attn_block) + embed + merger
+    merger = 2 * (s // m2) * (m2 * c) * (m2 * c + out)
+    return cfg.depth * s * per_tok_block + attn + embed + merger
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -102,18 +181,14 @@ def set_attn_impl(model: torch.nn.Module, impl: str) -> None:
         blk.attn.config._attn_implementation = impl
 
 
-def swap_liger_norms(model: torch.nn.Module) -> Callable[[], None]:
-    """Replace norm1/norm2/ln_q by Liger's LayerNorm sharing the same Parameters; returns undo."""
-    from liger_kernel.transformers.layer_norm import LigerLayerNorm
-
+def swap_liger_norms(model: torch.nn.Module, make: Callable[[torch.nn.Module], torch.nn.Module]) -> Callable[[], None]:
+    """Replace norm1/norm2/ln_q by Liger's modules sharing the same Parameters; returns undo."""
     saved: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
 
     def swap(parent: torch.nn.Module, attr: str) -> None:
-        ln = getattr(parent, attr)
-        new = LigerLayerNorm(ln.normalized_shape[0], eps=ln.eps, bias=True)
-        new.weight, new.bias = ln.weight, ln.bias
-        saved.append((parent, attr, ln))
-        setattr(parent, attr, new)
+        norm = getattr(parent, attr)
+        saved.append((parent, attr, norm))
+        setattr(parent, attr, make(norm))
 
     for blk in model.blocks:
         swap(blk, "norm1")
@@ -121,10 +196,22 @@ def swap_liger_norms(model: torch.nn.Module) -> Callable[[], None]:
     swap(model.merger, "ln_q")
 
     def undo() -> None:
-        for parent, attr, ln in saved:
-            setattr(parent, attr, ln)
+        for parent, attr, norm in saved:
+            setattr(parent, attr, norm)
 
     return undo
+
+
+def liger_qwen2_5_vl_refuses(model: torch.nn.Module) -> str:
+    """Liger's own entry point on a vision-only Qwen2.5-VL tower: what it says (it wants the full model)."""
+    try:
+        from liger_kernel.transformers import apply_liger_kernel_to_qwen2_5_vl
+
+        apply_liger_kernel_to_qwen2_5_vl(rope=False, cross_entropy=False, fused_linear_cross_entropy=False,
+                                         rms_norm=True, swiglu=False, model=model)
+    except Exception as exc:  # noqa: BLE001
+        return f"refused: {repr(exc)[:160]}"
+    return "accepted"
 
 
 def compile_blocks(model: torch.nn.Module) -> Callable[[], None]:
@@ -141,6 +228,24 @@ def compile_blocks(model: torch.nn.Module) -> Callable[[], None]:
     return undo
 
 
+class TimeLimit:
+    """Raise ``TimeoutError`` in the main thread after ``seconds`` (a compile that runs away); 0: none."""
+
+    def __init__(self, seconds: int) -> None:
+        self.seconds = seconds
+
+    def __enter__(self) -> None:
+        def fire(signum: int, frame: Any) -> None:
+            raise TimeoutError(f"over the {self.seconds} s limit")
+
+        self.old = signal.signal(signal.SIGALRM, fire)
+        signal.alarm(self.seconds)
+
+    def __exit__(self, *exc: Any) -> None:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, self.old)
+
+
 def set_ours(model: torch.nn.Module, attention: str, mlp: str, rope_gemm: bool) -> None:
     """Switch a patched tower between variants (same weights; q/k rows re-ordered if needed)."""
     for blk in model.blocks:
@@ -153,12 +258,20 @@ def set_ours(model: torch.nn.Module, attention: str, mlp: str, rope_gemm: bool) 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="2b", choices=["2b", "7b"])
+    ap.add_argument("--family", default="qwen2_vl", choices=sorted(FAMILIES))
+    ap.add_argument("--model", default=None, help="qwen2_vl: 2b (default) or 7b; qwen2_5_vl: 7b (default) or 3b")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
-    ap.add_argument("--skip", default="", help="comma list of peers to skip: eager,sdpa,liger,compile,variants")
+    ap.add_argument("--skip", default="",
+                    help="comma list of peers to skip: eager,sdpa,liger,compile,variants,graphs")
     ap.add_argument("--workloads", default="", help="comma list (default all): 32x448,1x448,mixed8")
+    ap.add_argument("--compile-limit-s", type=int, default=300,
+                    help="HF + torch.compile: stop after this long in all (compiles included), the row in flight failed")
     ap.add_argument("--smoke", action="store_true", help="CPU + interpreter, tiny config: checks code paths")
     args = ap.parse_args()
+    family = FAMILIES[args.family]
+    model_name = args.model or next(iter(family.models))  # the first is the default
+    if model_name not in family.models:
+        ap.error(f"--model {model_name}: {family.title} has {', '.join(family.models)}")
     skip = set(filter(None, args.skip.split(",")))
     smoke = args.smoke
     device = "cpu" if smoke else "cuda"
@@ -170,7 +283,7 @@ def main() -> None:
 
     import kernels
 
-    info: dict[str, Any] = {"model": f"Qwen2-VL-{args.model.upper()} vision tower", "torch": torch.__version__}
+    info: dict[str, Any] = {"model": f"{family.title}-{model_name.upper()} vision tower", "torch": torch.__version__}
     if not smoke:
         import triton
 
@@ -182,16 +295,16 @@ def main() -> None:
     print(info, flush=True)
     jsonl.write(json.dumps({"info": info}) + "\n")
 
-    cfg = vision_config(args.model, smoke)
+    cfg = vision_config(family, model_name, smoke)
     dtype = torch.float32 if smoke else torch.bfloat16
     t0 = time.perf_counter()
-    hf = build_tower(cfg, device).to(dtype)
+    hf = build_tower(family, cfg, device).to(dtype)
     weights_gib = sum(p.numel() * p.element_size() for p in hf.parameters()) / 2**30
     print(f"built tower in {time.perf_counter() - t0:.1f}s; weights {weights_gib:.3f} GiB ({dtype})", flush=True)
 
     wls = workloads()
-    if smoke:
-        wls = {"4x": [(1, 4, 4)] * 4, "1x": [(1, 4, 4)], "mixed": [(1, 4, 6), (1, 2, 2), (1, 8, 4)]}
+    if smoke:  # (Qwen2.5-VL's 2 x 2-unit windows are ragged on the 4 x 6 and 8 x 6 grids)
+        wls = {"4x": [(1, 4, 4)] * 4, "1x": [(1, 4, 4)], "mixed": [(1, 4, 6), (1, 2, 2), (1, 8, 6), (2, 4, 4)]}
     if args.workloads:
         wls = {k: v for k, v in wls.items() if k in args.workloads.split(",")}
     gen = torch.Generator(device).manual_seed(1)
@@ -219,10 +332,10 @@ def main() -> None:
 
     results: list[dict[str, Any]] = []
 
-    def measure(peer: str, wname: str, fn: Callable[[], torch.Tensor]) -> None:
+    def measure(peer: str, wname: str, fn: Callable[[], torch.Tensor], limit_s: int = 0) -> None:
         grid = wls[wname]
         try:
-            with torch.no_grad():
+            with torch.no_grad(), TimeLimit(limit_s):
                 sync()
                 before = torch.cuda.memory_allocated() if not smoke else 0
                 t_first = time.perf_counter()
@@ -248,7 +361,7 @@ def main() -> None:
             jsonl.flush()
             return
         ms = t["median_ms"]
-        fl = tower_flops(cfg, grid)
+        fl = tower_flops(family, cfg, grid)
         row = {
             "peer": peer, "workload": wname, "images": len(grid), "patches": sum(t * h * w for t, h, w in grid),
             "ms": ms, "min_ms": t["min_ms"], "p90_ms": t["p90_ms"], "reps": t["reps"],
@@ -270,10 +383,15 @@ def main() -> None:
     # (attention, mlp/GEMM mode, rotary in the qkv GEMM epilogue); the first is patch()'s default
     variants = [("auto", "auto", False), ("auto", "cublas", False), ("auto", "auto", True),
                 ("cudnn", "auto", False), ("fa2", "auto", False), ("triton", "cublas", False)]
+    if args.family == "qwen2_5_vl":  # (rope in the GEMM and in attention: measured slower on Qwen2-VL)
+        variants = [("auto", "auto", False), ("auto", "cublas", False), ("auto", "triton", False),
+                    ("triton_prerope", "auto", False)]
     if smoke:
         variants = [v for v in variants if v[0] != "fa2"]
     if "variants" in skip:
         variants = variants[:1]
+    # under graphs: the main variants (Qwen2.5-VL: the MLP's two modes, which differ below 4096 rows)
+    graph_variants = [v for v in variants[:4] if args.family != "qwen2_5_vl" or v[:2] != ("auto", "cublas")]
 
     def vname(v: tuple[str, str, bool]) -> str:
         return f"{v[0]},{v[1]}{',rope-gemm' if v[2] else ''}"
@@ -288,7 +406,7 @@ def main() -> None:
         # launch gaps dominate small inputs: replay a captured graph (eager ranking does not
         # carry over, so the main variants are all captured)
         for wname, (x, grid) in inputs.items():
-            for v in variants[:4]:
+            for v in graph_variants:
                 set_ours(ours, *v)
                 graphs = VisionGraphs(ours, max_graphs=1)
                 measure(f"ours+graphs[{vname(v)}]", wname, lambda x=x, grid=grid, g=graphs: g(x, grid))
@@ -313,17 +431,27 @@ def main() -> None:
     set_attn_impl(hf, "sdpa")
     if "liger" not in skip:
         try:
-            undo = swap_liger_norms(hf)
+            import liger_kernel  # noqa: F401
         except ImportError as exc:
             print(f"liger-kernel not importable ({exc}); skipping that peer", flush=True)
         else:
+            if args.family == "qwen2_5_vl":  # (on a copy: it may patch what it accepts)
+                info["liger_entry_point"] = liger_qwen2_5_vl_refuses(copy.deepcopy(hf))
+                print(f"apply_liger_kernel_to_qwen2_5_vl(model=<vision tower>): {info['liger_entry_point']}; "
+                      f"swapping LigerRMSNorm in by hand", flush=True)
+            undo = swap_liger_norms(hf, family.liger_norm)
             for wname, (x, grid) in inputs_hf.items():
-                measure("HF sdpa + Liger LayerNorm", wname, lambda x=x, grid=grid: hf_run(x, grid))
+                measure(f"HF sdpa + Liger {family.liger_name}", wname, lambda x=x, grid=grid: hf_run(x, grid))
             undo()
     if "compile" not in skip and not smoke:
         undo = compile_blocks(hf)
+        deadline = time.monotonic() + args.compile_limit_s
         for wname, (x, grid) in inputs_hf.items():
-            measure("HF sdpa + torch.compile", wname, lambda x=x, grid=grid: hf_run(x, grid))
+            left = int(deadline - time.monotonic())
+            if left <= 0:
+                print(f"{wname:>8s} HF sdpa + torch.compile: skipped, past --compile-limit-s", flush=True)
+                continue
+            measure("HF sdpa + torch.compile", wname, lambda x=x, grid=grid: hf_run(x, grid), left)
         undo()
 
     # ---- summary
@@ -335,7 +463,7 @@ def main() -> None:
             continue
         ours_best = min((r for r in rows if r["peer"].startswith("ours")), key=lambda r: r["ms"], default=None)
         print(f"\n[{wname}] {len(wls[wname])} images, {rows[0]['patches']} patches, "
-              f"{tower_flops(cfg, wls[wname]) / 1e12:.2f} TFLOP")
+              f"{tower_flops(family, cfg, wls[wname]) / 1e12:.2f} TFLOP")
         print(f"  {'peer':<30s} {'ms':>9s} {'img/s':>8s} {'TFLOP/s':>8s} {'MFU':>6s} {'peakGiB':>8s} "
               f"{'relL2':>9s} {'ours x':>7s}")
         for r in sorted(rows, key=lambda r: r["ms"]):

@@ -128,8 +128,8 @@ def test_linear_act_gpu_both_impls(impl: str, m: int) -> None:
 
 @ref.requires_cuda
 @pytest.mark.parametrize("impl", ["tma", "pointer"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("m", [1, 1000, 4096, 8200])
+@pytest.mark.parametrize("dtype,m", [(torch.bfloat16, 1), (torch.bfloat16, 1000), (torch.bfloat16, 8200),
+                                     (torch.float16, 4096)])
 def test_linear_glu_gpu(impl: str, dtype: torch.dtype, m: int) -> None:
     """Qwen2.5-VL's gate|up shapes (N = 3420: rows of 6840 bytes, padded to 6848 for TMA)."""
     import kernels.gemm as G
