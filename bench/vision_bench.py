@@ -383,15 +383,15 @@ def main() -> None:
     # (attention, mlp/GEMM mode, rotary in the qkv GEMM epilogue); the first is patch()'s default
     variants = [("auto", "auto", False), ("auto", "cublas", False), ("auto", "auto", True),
                 ("cudnn", "auto", False), ("fa2", "auto", False), ("triton", "cublas", False)]
+    graph_variants = variants[:4]
     if args.family == "qwen2_5_vl":  # (rope in the GEMM and in attention: measured slower on Qwen2-VL)
-        variants = [("auto", "auto", False), ("auto", "cublas", False), ("auto", "triton", False),
-                    ("triton_prerope", "auto", False)]
+        variants = [("auto", "auto", False), ("auto", "cublas", False), ("triton_prerope", "auto", False)]
+        # under graphs: the MLP's two modes, which differ below 4096 rows (one image)
+        graph_variants = [("auto", "auto", False), ("auto", "triton", False)]
     if smoke:
         variants = [v for v in variants if v[0] != "fa2"]
     if "variants" in skip:
-        variants = variants[:1]
-    # under graphs: the main variants (Qwen2.5-VL: the MLP's two modes, which differ below 4096 rows)
-    graph_variants = [v for v in variants[:4] if args.family != "qwen2_5_vl" or v[:2] != ("auto", "cublas")]
+        variants = graph_variants = variants[:1]
 
     def vname(v: tuple[str, str, bool]) -> str:
         return f"{v[0]},{v[1]}{',rope-gemm' if v[2] else ''}"

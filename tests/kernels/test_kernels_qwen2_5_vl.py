@@ -98,7 +98,7 @@ def test_packed_batch_equals_one_image_at_a_time(device: str) -> None:
     with torch.no_grad():
         packed = tower(torch.cat(xs), grid_thw=torch.tensor(grid)).pooler_output
         alone = [tower(x, grid_thw=torch.tensor([g])).pooler_output for x, g in zip(xs, grid, strict=True)]
-    assert ref.rel(packed, torch.cat(alone)) < 1e-6
+    assert ref.rel(packed, torch.cat(alone)) < 1e-5  # (on a GPU the backends differ: ragged vs equal windows)
 
 
 def test_patch_full_model_equals_get_image_features(device: str) -> None:
