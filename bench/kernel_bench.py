@@ -404,6 +404,11 @@ def bench_swiglu_mlp(rows: list[dict], s: int) -> None:
          flops=fl_down)
     _try(f"S={s} down: cuBLAS, rows padded to 6848 B", lambda: bench_kernel(lambda: F.linear(a_pad, wd_pad)), rows,
          flops=fl_down)
+    width = SW.padded_width(inter)  # what TritonSwiGLUMLP runs: K padded with zeros to a multiple of 64
+    a_wide = torch.nn.functional.pad(a, (0, width - inter))
+    wd_wide = torch.nn.functional.pad(wd, (0, width - inter))
+    _try(f"S={s} down: cuBLAS, K zero-padded to {width}", lambda: bench_kernel(lambda: F.linear(a_wide, wd_wide)),
+         rows, flops=fl_down)
 
     def hf_mlp() -> torch.Tensor:
         return hf["down_proj"](F.silu(hf["gate_proj"](x)) * hf["up_proj"](x))
@@ -414,7 +419,7 @@ def bench_swiglu_mlp(rows: list[dict], s: int) -> None:
         with torch.no_grad():
             _try(f"S={s} MLP: ours mode={mode}", lambda mlp=mlp: bench_kernel(lambda: mlp(x)), rows, flops=fl_mlp)
             _try(f"S={s} gate|up + SwiGLU only: ours mode={mode}",
-                 lambda mlp=mlp: bench_kernel(lambda: mlp.gated(x)), rows, flops=2 * s * 2 * c * inter)
+                 lambda mlp=mlp: bench_kernel(lambda: mlp.gated(x, mlp._weights())), rows, flops=2 * s * 2 * c * inter)
 
 
 def window_lengths(grid: list[tuple[int, int, int]]) -> list[int]:

@@ -108,6 +108,27 @@ def align_rows_(p: nn.Parameter) -> bool:
     return True
 
 
+# The intermediate width is padded to a multiple of this many elements: with Qwen2.5-VL's I = 3420
+# (not a multiple of 8) cuBLAS ran the down projection at 228 TFLOP/s on an H200 (kernel_bench
+# mlp25, 32768 rows). Zero weight rows in gate/up and zero columns in down add exact zeros.
+PAD_TO = 64
+
+
+def padded_width(n: int, multiple: int = PAD_TO) -> int:
+    return -(-n // multiple) * multiple
+
+
+@torch.no_grad()
+def pad_(p: nn.Parameter, shape: tuple[int, ...]) -> torch.Tensor:
+    """Re-home ``p`` into zeros of ``shape`` (each dim at least p's): same Parameter object, same
+    values, now a view of the leading block of the returned padded storage."""
+    storage = torch.zeros(shape, dtype=p.dtype, device=p.device)
+    view = storage[tuple(slice(0, n) for n in p.shape)]
+    view.copy_(p.data)
+    p.data = view
+    return storage
+
+
 def _contiguous_down_weight(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
     """state_dict() gives the padded down_proj.weight as a contiguous tensor (savable as is)."""
     key = prefix + "down_proj.weight"
@@ -120,10 +141,14 @@ class TritonSwiGLUMLP(nn.Module):
 
     ``mode``: ``"triton"``: gate and up in one GEMM kernel with the gating in its epilogue
     (``gemm.linear_act(up=...)``: the [M, I] halves are never written); ``"cublas"``: two bias-free
-    cuBLAS GEMMs then one ``swiglu`` pass (biases and gating); ``"auto"``: as ``tower.use_triton_gemm``
-    decides. Then cuBLAS for down_proj. The intermediate [M, I] rows are padded to 16 bytes and
-    down_proj.weight is re-homed likewise (``align_rows_``): I = 3420 is not a multiple of 8.
-    Submodule names match HF's, so state dicts are unchanged. Inference only.
+    cuBLAS GEMMs then one ``swiglu`` pass (biases and gating); ``"auto"``: ``"triton"`` on Hopper
+    (faster there at 1,024 and at 32,768 rows), else ``"cublas"``. Then cuBLAS for down_proj.
+
+    The intermediate width I is padded to a multiple of ``PAD_TO``: the three weights (and the
+    biases) are re-homed once into zero-padded storage (``pad_``: same Parameter objects, state
+    dicts unchanged), so every GEMM sees aligned shapes and the padding adds exact zeros. Weights
+    moved or replaced later (``.to()``) run unpadded, correctly. Submodule names match HF's.
+    Inference only.
     """
 
     def __init__(self, gate_proj: nn.Linear, up_proj: nn.Linear, down_proj: nn.Linear, mode: str = "cublas") -> None:
@@ -132,7 +157,12 @@ class TritonSwiGLUMLP(nn.Module):
         self.up_proj = up_proj
         self.down_proj = down_proj
         self.mode = mode
-        align_rows_(down_proj.weight)
+        inter, hidden = gate_proj.weight.shape
+        width = padded_width(inter)
+        # [gate W, up W, gate b, up b, down W] -> its zero-padded storage (None: no bias)
+        self._padded = [pad_(gate_proj.weight, (width, hidden)), pad_(up_proj.weight, (width, hidden))] + [
+            None if lin.bias is None else pad_(lin.bias, (width,)) for lin in (gate_proj, up_proj)] + [
+            pad_(down_proj.weight, (down_proj.weight.shape[0], width))]
         self.register_state_dict_post_hook(_contiguous_down_weight)
 
     @classmethod
@@ -143,22 +173,32 @@ class TritonSwiGLUMLP(nn.Module):
             raise ValueError(f"SwiGLU replacement needs a SiLU MLP, got {type(act).__name__}")
         return cls(mlp.gate_proj, mlp.up_proj, mlp.down_proj, mode)
 
-    def gated(self, x2: torch.Tensor) -> torch.Tensor:
-        """x2 [M, C] -> silu(gate(x2)) * up(x2) [M, I], rows 16-byte aligned."""
-        from .gemm import linear_act
-        from .tower import use_triton_gemm
+    def _weights(self) -> tuple[torch.Tensor | None, ...]:
+        """(gate W, up W, gate b, up b, down W): the padded storages while the parameters still view
+        them, else the parameters themselves (biases None when absent)."""
+        gate, up, down = self.gate_proj, self.up_proj, self.down_proj
+        params = (gate.weight, up.weight, gate.bias, up.bias, down.weight)
+        intact = all((p is None) == (full is None) and (p is None or (
+            p.data_ptr() == full.data_ptr() and p.device == full.device and p.dtype == full.dtype))
+            for p, full in zip(params, self._padded, strict=True))
+        return tuple(self._padded) if intact else params
 
-        gate, up = self.gate_proj, self.up_proj
-        m, n = x2.shape[0], gate.weight.shape[0]
+    def gated(self, x2: torch.Tensor, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """x2 [M, C] -> silu(gate(x2)) * up(x2) [M, W] (W: the padded width, or I), rows 16-byte aligned."""
+        from .gemm import hopper, linear_act
+
+        gate_w, up_w, gate_b, up_b, _ = weights
+        m, n = x2.shape[0], gate_w.shape[0]
         g = empty_aligned_rows(m, n, x2.dtype, x2.device)
-        if use_triton_gemm(self.mode, x2):
-            return linear_act(x2, gate.weight, gate.bias, "silu", up=(up.weight, up.bias), out=g)
+        if self.mode == "triton" or (self.mode == "auto" and hopper(x2)):
+            return linear_act(x2, gate_w, gate_b, "silu", up=(up_w, up_b), out=g)
         u = empty_aligned_rows(m, n, x2.dtype, x2.device)
-        torch.mm(x2, gate.weight.t(), out=g)  # (mm writes into the padded rows: no copy)
-        torch.mm(x2, up.weight.t(), out=u)
-        return swiglu(g, u, gate.bias, up.bias, out=g)
+        torch.mm(x2, gate_w.t(), out=g)  # (mm writes into the padded rows: no copy)
+        torch.mm(x2, up_w.t(), out=u)
+        return swiglu(g, u, gate_b, up_b, out=g)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2 = as_rows(x, x.shape[-1])
-        y = F.linear(self.gated(x2), self.down_proj.weight, self.down_proj.bias)  # [M, C]
+        weights = self._weights()
+        y = F.linear(self.gated(x2, weights), weights[4], self.down_proj.bias)  # [M, C]
         return y.view(*x.shape[:-1], y.shape[-1])

@@ -34,6 +34,7 @@ class VisionMeta:
     max_seqlen: int
     cos: torch.Tensor  # [S, D/2] fp32, device
     sin: torch.Tensor
+    auto: str = "auto"  # the attention backend "auto" stands for on these segments
 
 
 def grid_key(grid_thw: torch.Tensor | list) -> tuple[tuple[int, int, int], ...]:
@@ -156,8 +157,9 @@ class FusedVisionAttention(nn.Module):
         else:
             qkv = F.linear(y, self.qkv.weight, self.qkv.bias)  # [S, 3C]
             pre = False
+        backend = meta.auto if self.backend == "auto" else self.backend
         a = attention(qkv, meta.cu_seqlens, meta.max_seqlen, self.num_heads, meta.cos, meta.sin,
-                      backend=self.backend, lengths=meta.lengths, prerotated=pre,
+                      backend=backend, lengths=meta.lengths, prerotated=pre,
                       interleaved=self.rope_gemm)  # [S, C]
         return F.linear(a, self.proj.weight, self.proj.bias)
 

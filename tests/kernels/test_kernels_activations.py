@@ -10,7 +10,7 @@ pytest.importorskip("triton")
 import kernels_ref as ref  # noqa: E402
 
 from kernels.activations import TritonBiasAct, bias_act, bias_gelu, bias_quick_gelu  # noqa: E402
-from kernels.swiglu import TritonSwiGLUMLP, align_rows_, empty_aligned_rows, swiglu  # noqa: E402
+from kernels.swiglu import TritonSwiGLUMLP, align_rows_, empty_aligned_rows, padded_width, swiglu  # noqa: E402
 
 SHAPES = [(1, 32), (7, 80), (129, 1280), (2, 3, 48)]
 
@@ -79,12 +79,21 @@ def test_swiglu_mlp_matches_hf(mode: str, device: str) -> None:
         want = hf(x)
     before = {k: v.clone() for k, v in hf.state_dict().items()}
     ours = TritonSwiGLUMLP.from_module(hf, mode)
-    assert ours.down_proj.weight is hf.down_proj.weight  # adopted: its rows re-homed, 16-byte aligned
-    assert ours.down_proj.weight.stride(0) == 80
+    assert ours.down_proj.weight is hf.down_proj.weight  # adopted: re-homed into zero-padded storage
+    assert ours.down_proj.weight.stride(0) == padded_width(78) == 128
+    assert [w.shape[0] for w in ours._weights()[:4]] == [128] * 4  # the GEMMs run the padded width
     after = ours.state_dict()
     assert all(torch.equal(after[k], v) and after[k].is_contiguous() for k, v in before.items())
     with torch.no_grad():
         assert ref.rel(ours(x), want) < 1e-5
+        other = {k: torch.randn_like(v) for k, v in before.items()}  # loaded after patching: still used
+        ours.load_state_dict(other)
+        hf_other = Qwen2_5_VLMLP(cfg.vision_config, bias=True).to(device)
+        hf_other.load_state_dict(other)
+        assert ours._weights()[0].shape[0] == 128 and ref.rel(ours(x), hf_other(x)) < 1e-5
+        # a parameter replaced (as .to() to another device or dtype does): the unpadded path, still right
+        ours.up_proj.weight = torch.nn.Parameter(ours.up_proj.weight.detach().clone())
+        assert ours._weights()[0].shape[0] == 78 and ref.rel(ours(x), hf_other(x)) < 1e-5
 
 
 def test_align_rows(device: str) -> None:
