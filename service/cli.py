@@ -183,9 +183,9 @@ def _serve_one(settings: Settings, role: Role, checkpoint: Checkpoint) -> int:
             settings = settings.model_copy(update={"redis_url": embedded.start()})
             log.info("embedded Redis at %s", settings.redis_url)
         # our handler formats uvicorn's lines too; the access line is ours (with the request id)
-        config = uvicorn.Config(create_app(settings, role, checkpoint=checkpoint), host=settings.host, port=settings.port,
-                                log_level=settings.log_level, log_config=None, access_log=False,
-                                timeout_graceful_shutdown=10)
+        app = create_app(settings, role, checkpoint=checkpoint)
+        config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                                log_config=None, access_log=False, timeout_graceful_shutdown=10)
         server = uvicorn.Server(config)
         server.run()
         return 0 if server.started else 1

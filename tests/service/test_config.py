@@ -85,3 +85,12 @@ def test_every_number_has_a_range():
 
 def test_roles_are_known():
     assert all(set(roles_of(name)) <= set(ROLES) for name in Settings.model_fields)
+
+
+def test_served_model_name_is_never_a_server_path(tmp_path):
+    checkpoint = tmp_path / "models" / "my-tiny"
+    checkpoint.mkdir(parents=True)
+    assert Settings(model=str(checkpoint)).served_name() == "my-tiny"
+    assert Settings(model=str(checkpoint) + "/").served_name() == "my-tiny"
+    assert Settings(model="Qwen/Qwen2-VL-2B-Instruct").served_name() == "Qwen/Qwen2-VL-2B-Instruct"
+    assert Settings(model=str(checkpoint), served_model_name="vl-prod").served_name() == "vl-prod"
