@@ -8,6 +8,7 @@ import hmac
 import inspect
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import get_args
@@ -43,6 +44,14 @@ async def require_api_key(request: Request) -> None:
                        headers={"WWW-Authenticate": 'Bearer realm="splitvl"'})
 
 
+def loaded_line(settings: Settings, role: Role, checkpoint: Checkpoint | None, seconds: float) -> str:
+    """What a newcomer wants to see once at start: which model, of which family, from where, on
+    which device and dtype, and how long loading took."""
+    where = f" ({checkpoint.family.name}) from {checkpoint.path}" if checkpoint is not None else ""
+    return (f"serve {role}: model {settings.served_name()}{where}, {settings.resolved_device()} "
+            f"{str(settings.resolved_dtype()).removeprefix('torch.')}, loaded in {seconds:.1f} s")
+
+
 def create_app(settings: Settings, role: Role, *, workers: dict | None = None,
                checkpoint: Checkpoint | None = None) -> FastAPI:
     """``workers`` may hand in already built workers (tests, ``serve all``); otherwise they load here,
@@ -60,6 +69,7 @@ def create_app(settings: Settings, role: Role, *, workers: dict | None = None,
         started = []
         refresher = None
         try:
+            loading = time.perf_counter()
             opened = checkpoint
             needed = (role != "llm" and given.get("vision_encoder") is None) or (
                 role != "vision" and given.get("llm_engine") is None)
@@ -90,6 +100,8 @@ def create_app(settings: Settings, role: Role, *, workers: dict | None = None,
                     from service.llm.vision_client import RemoteVision
 
                     app.state.remote_vision = RemoteVision(settings.vision_url, timeout_s=settings.request_timeout_s)
+            logging.getLogger("splitvl").info(
+                "%s", loaded_line(settings, role, opened, time.perf_counter() - loading))
             if metrics.multiprocess_dir:
                 refresher = asyncio.create_task(metrics.refresh_forever(), name="metrics-refresh")
             app.state.ready = True

@@ -45,22 +45,29 @@ def resolve_model_path(model: str | Path) -> Path:
     path = Path(model).expanduser()
     if path.is_dir():
         return path
-    if isinstance(model, str) and model.count("/") == 1 and not path.exists():
+    if isinstance(model, str) and model.count("/") == 1 and not path.exists() and not model.startswith((".", "~")):
         try:
             from huggingface_hub import snapshot_download
 
             return Path(snapshot_download(model, local_files_only=True))
-        except Exception as exc:  # noqa: BLE001 - any hub failure means "not available offline"
+        except Exception:  # noqa: BLE001 - any hub failure means "not available offline"
+            from huggingface_hub.constants import HF_HUB_CACHE
+
             raise CheckpointError(
-                f"model {model!r} is not a directory and is not in the local Hugging Face cache: {exc}"
-            ) from exc
-    raise CheckpointError(f"model directory {str(path)!r} does not exist")
+                f"no directory {model!r} here, and no copy of the hub model {model!r} in the local Hugging Face "
+                f"cache ({HF_HUB_CACHE}); splitvl never downloads: fetch it first (`hf download {model}`), "
+                "or pass a checkpoint directory"
+            ) from None
+    if path.exists():
+        raise CheckpointError(f"{str(model)!r} is a file: pass the checkpoint's directory (the one holding config.json)")
+    raise CheckpointError(f"model directory {str(model)!r} does not exist: pass a checkpoint directory (holding "
+                          "config.json) or a hub id already in the local Hugging Face cache")
 
 
 def load_json(path: Path, name: str) -> dict:
     file = path / name
     if not file.is_file():
-        raise CheckpointError(f"{file} is missing")
+        raise CheckpointError(f"{file} is missing: {path} is not a (complete) Hugging Face checkpoint directory")
     return json.loads(file.read_text())
 
 

@@ -3,11 +3,23 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: the kernel sends it SIGTERM when the thread that started it ends,
+    so even a SIGKILLed splitvl leaves no redis-server behind (Linux; elsewhere a no-op)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
 def redis_binary() -> str:
@@ -28,7 +40,8 @@ def redis_binary() -> str:
 
 class EmbeddedRedis:
     """redis-server on a unix socket in a private directory, or on ``127.0.0.1:tcp_port`` (what a
-    separate Redis host costs, for benchmarks); no persistence; stopped on exit."""
+    separate Redis host costs, for benchmarks); no persistence; stopped on exit, and by the kernel
+    when the thread that started it ends (start it from a thread that lives as long as it should)."""
 
     def __init__(self, maxmemory: str = "0", *, tcp_port: int | None = None) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="splitvl-redis-"))
@@ -58,7 +71,7 @@ class EmbeddedRedis:
         self.proc = subprocess.Popen(
             [redis_binary(), *self._listen(), "--save", "", "--appendonly", "no", "--dir", str(self.dir),
              "--maxmemory", self.maxmemory, "--maxmemory-policy", "allkeys-lru"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent,
         )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:

@@ -29,6 +29,16 @@ class RequestIdFilter(logging.Filter):
         return True
 
 
+class UvicornNameFilter(logging.Filter):
+    """uvicorn writes its start-up and shutdown lines on a logger named ``uvicorn.error``: shown as
+    ``uvicorn``, so that "Uvicorn running on …" does not read as an error."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "uvicorn.error":
+            record.name = "uvicorn"
+        return True
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, message, request_id, and any ``extra=`` fields;
     with ``show_pid`` also the process id (several worker processes share one log stream)."""
@@ -71,6 +81,7 @@ def configure_logging(level: str = "info", fmt: str = "text", *, show_pid: bool 
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(show_pid) if fmt == "json" else TextFormatter(show_pid))
     handler.addFilter(RequestIdFilter())
+    handler.addFilter(UvicornNameFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -1,6 +1,6 @@
 """Image decoding and Qwen2-VL preprocessing, equal to HF's ``Qwen2VLImageProcessorPil``.
 
-HF's pipeline for one image: ``convert("RGB")`` -> PIL resize to ``smart_resize``'s size (BICUBIC, on
+HF's pipeline for one image: RGB (transparency composited onto white) -> PIL resize to ``smart_resize``'s size (BICUBIC, on
 uint8) -> rescale (float64 multiply, then float32) -> normalize (float32) -> replicate the frame
 ``temporal_patch_size`` times -> flatten into patches in the 2x2-merge order.
 
@@ -41,7 +41,7 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SUPPORTED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 
 # Bumped whenever this module's output for a given config changes, so cached features are not reused.
-ALGORITHM_VERSION = 1
+ALGORITHM_VERSION = 2  # 2: transparency composited onto white
 
 # HF's smart_resize refuses larger ratios, so no configuration can go above it.
 HF_MAX_ASPECT_RATIO = 200.0
@@ -263,25 +263,37 @@ def _load_oriented(image: PIL.Image.Image) -> PIL.Image.Image:
 
 
 def _to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    """HF's ``convert_to_rgb``: a plain ``convert("RGB")``.
-
-    Alpha is dropped, not composited: a transparent pixel keeps whatever colour it stores (often
-    black), exactly what HF's processor gives the model. 16-bit and float
-    grayscale (I;16, I, F) are clipped to 0..255 by Pillow, not rescaled; HF does the same.
-    """
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("P", "PA") and "transparency" in image.info:
-        # Transparency only ever feeds alpha, which RGB drops; removing it first yields the same
-        # RGB pixels without Pillow's "Palette images with Transparency" warning on every upload.
-        image = image.copy()
-        image.info.pop("transparency", None)
+    """``to_rgb``, with a mode Pillow cannot convert refused as the caller's mistake."""
     try:
-        return image.convert("RGB")
+        return to_rgb(image)
     except ValueError as exc:
         raise ApiError(415, "unsupported_image",
                        f"Images in pixel mode {image.mode} cannot be converted to RGB ({exc}). "
                        "Convert it to 8-bit RGB first.") from None
+
+
+def to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """HF's ``convert_to_rgb``: an image with transparency is composited onto white, any other is a
+    plain ``convert("RGB")``. 16-bit and float grayscale (I;16, I, F) are clipped to 0..255 by
+    Pillow, not rescaled; HF does the same."""
+    if image.mode == "RGB":
+        return image
+    return composite_on_white(image) if has_transparency(image) else image.convert("RGB")
+
+
+def has_transparency(image: PIL.Image.Image) -> bool:
+    """An alpha band, or a transparent colour or palette entries (PNG tRNS, GIF)."""
+    return "A" in image.getbands() or image.info.get("transparency") is not None
+
+
+def composite_on_white(image: PIL.Image.Image) -> PIL.Image.Image:
+    """Transparent pixels show white, half-transparent ones are blended with it: what HF's current
+    image processor (checked against 5.25; 5.17 still dropped alpha) and Qwen-VL's own utilities
+    feed the model, where a plain ``convert("RGB")`` shows whatever colour a transparent pixel
+    stores (often black)."""
+    rgba = image.convert("RGBA")  # palette and colour-key transparency become alpha here
+    white = PIL.Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+    return PIL.Image.alpha_composite(white, rgba).convert("RGB")
 
 
 # --------------------------------------------------------------------------------------------
@@ -324,7 +336,7 @@ def target_size(height: int, width: int, cfg: PreprocessConfig) -> tuple[int, in
 
 def resize_pil(image: PIL.Image.Image, cfg: PreprocessConfig) -> PIL.Image.Image:
     """HF's resize: ``image.resize`` to ``smart_resize``'s size on the uint8 RGB image."""
-    image = _rgb(image)
+    image = to_rgb(image)
     height, width = target_size(image.height, image.width, cfg)
     if (height, width) == (image.height, image.width):
         return image
@@ -393,16 +405,11 @@ def _to_patches(values: torch.Tensor, cfg: PreprocessConfig) -> tuple[torch.Tens
     return pixel_values, grid_thw
 
 
-def _rgb(image: PIL.Image.Image) -> PIL.Image.Image:
-    # HF's processor converts any mode the same way before anything else.
-    return image if image.mode == "RGB" else image.convert("RGB")
-
-
 def image_to_tensor(image: PIL.Image.Image, *, pin: bool = False) -> torch.Tensor:
     """uint8 [3, H, W] on the CPU, no resize (non-RGB images are converted as HF does). ``pin``: in
     pinned memory (needs CUDA), so that a copy to the device is queued, not waited for; the
     channel-first layout is then written there directly, without a pageable copy in between."""
-    array = np.array(_rgb(image), dtype=np.uint8)  # a writable copy: torch refuses read-only buffers
+    array = np.array(to_rgb(image), dtype=np.uint8)  # a writable copy: torch refuses read-only buffers
     hwc = torch.from_numpy(array)
     if not pin:
         return hwc.permute(2, 0, 1).contiguous()

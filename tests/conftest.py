@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import time
@@ -16,6 +17,30 @@ from service.ports import free_port
 from service.tiny import make_tiny_checkpoint
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Under CI (CI=true) every test that a CPU machine can run must run: a skip for any other reason (a tool
+# that .ci/run failed to install, say) fails the session instead of hiding behind a green run.
+CPU_MACHINE_SKIP = re.compile(r"CUDA|GPU")
+_unexpected_skips: list[str] = []
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if report.skipped and isinstance(report.longrepr, tuple):
+        reason = str(report.longrepr[2])
+        if not CPU_MACHINE_SKIP.search(reason):
+            _unexpected_skips.append(f"{report.nodeid}: {reason}")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes") and _unexpected_skips and exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:  # noqa: ANN001
+    if _unexpected_skips and os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        terminalreporter.write_sep("=", "skipped under CI, where they must run", red=True)
+        for line in _unexpected_skips:
+            terminalreporter.write_line(line)
 
 
 def random_image_bytes(width: int, height: int, seed: int, fmt: str = "PNG") -> bytes:

@@ -104,7 +104,7 @@ async def chat_completions(body: ChatRequest, request: Request, llm: LLM) -> Any
         raise
     cid = "chatcmpl-" + uuid.uuid4().hex
     created = int(time.time())
-    model = body.model or llm.settings.model
+    model = body.model or llm.settings.served_name()
     headers = {"X-Splitvl-Image-Id": image.image_id}
     if body.stream:
         head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model,

@@ -69,7 +69,7 @@ class VisionWorker:
             graph_max_images=settings.graph_max_images,
         )
         self.fingerprint = self.encoder.fingerprint
-        self.model_name = settings.model
+        self.model_name = settings.served_name()  # never a server path
         self.batcher: BatchQueue[Patches, torch.Tensor] = BatchQueue(
             self.encoder.launch,
             finish=self.encoder.finish,

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 from safetensors.torch import load_file
 
@@ -50,3 +54,17 @@ def test_errors_go_to_stderr(server, tmp_path, capsys, monkeypatch, write_png):
     assert "no such file" in capsys.readouterr().err
     assert main(["embed", write_png(tmp_path / "x.png", 3), "--api-key", "wrong"]) == 1
     assert "unauthorized" in capsys.readouterr().err
+
+
+def test_client_verbs_are_quiet_and_never_import_torch(server, tmp_path, write_png):
+    """A client verb is one HTTP call or two: no log lines on stderr, and no torch (seconds to import)."""
+    image = write_png(tmp_path / "quiet.png", seed=23)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPLITVL_")}
+    env.update(SPLITVL_URL=server.url, SPLITVL_API_KEY="sekret")
+    probe = ("import sys\nfrom service.cli import main\ncode = main(sys.argv[1:])\n"
+             "print('torch' in sys.modules, code)")
+    for argv in (["embed", image], ["ask", image, "What?", "--max-tokens", "2"]):
+        done = subprocess.run([sys.executable, "-c", probe, *argv], env=env, capture_output=True, text=True,
+                              timeout=120)
+        assert done.stderr == "", done.stderr
+        assert done.stdout.splitlines()[-1] == "False 0", done.stdout

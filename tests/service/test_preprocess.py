@@ -7,6 +7,7 @@ pixel_values); the assertions allow 1e-5, the float noise the contract permits.
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 import json
 import struct
@@ -17,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import PIL.ImageFile
+import PIL.ImageOps
 import pytest
 import torch
-from transformers.image_utils import load_image
+from transformers.image_transforms import convert_to_rgb
 from transformers.models.qwen2_vl import image_processing_pil_qwen2_vl as hf_qwen
 
 from service.errors import ApiError
@@ -119,9 +121,31 @@ def encode(image: PIL.Image.Image, fmt: str, **kwargs: object) -> bytes:
     return buf.getvalue()
 
 
+def _hf_convert_to_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    if "return_numpy" in inspect.signature(convert_to_rgb).parameters:  # newer releases; PIL output deprecated
+        return PIL.Image.fromarray(convert_to_rgb(image, return_numpy=True))
+    return convert_to_rgb(image)
+
+
+# Current transformers (checked: 5.25) composites transparency onto white in its processor's RGB step;
+# 5.17, the pinned release, still dropped alpha there. Where the installed release drops it, the current
+# rule, written out below, stands in, so these tests hold against both and against HF itself on the newer.
+HF_COMPOSITES = _hf_convert_to_rgb(PIL.Image.new("RGBA", (1, 1), (0, 0, 0, 0))).getpixel((0, 0)) == (255, 255, 255)
+
+
+def hf_rgb(image: PIL.Image.Image) -> PIL.Image.Image:
+    """The RGB image HF's current processor feeds the model."""
+    if HF_COMPOSITES or image.mode == "RGB":
+        return _hf_convert_to_rgb(image)
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        white = PIL.Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return PIL.Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
+    return image.convert("RGB")
+
+
 def hf_open(data: bytes) -> PIL.Image.Image:
-    """HF's own path from bytes: PIL.Image.open, then load_image (EXIF transpose + convert("RGB"))."""
-    return load_image(PIL.Image.open(io.BytesIO(data)))
+    """HF's path from bytes: PIL.Image.open, the EXIF transpose of its load_image, its processor's RGB step."""
+    return hf_rgb(PIL.ImageOps.exif_transpose(PIL.Image.open(io.BytesIO(data))))
 
 
 def api_error(data: bytes, limits: ImageLimits | None = None) -> ApiError:
@@ -336,7 +360,21 @@ def _rgba() -> bytes:
     rng = np.random.default_rng(7)
     array = rng.integers(0, 256, (23, 29, 4), dtype=np.uint8)
     array[0, 0] = (10, 20, 30, 0)  # fully transparent, with a colour underneath
+    array[0, 1] = (255, 0, 0, 128)  # half-transparent red
+    array[0, 2] = (0, 0, 255, 255)  # opaque blue
     return encode(PIL.Image.fromarray(array, "RGBA"), "PNG")
+
+
+def _gif_transparent() -> bytes:
+    image = PIL.Image.fromarray(np.random.default_rng(10).integers(0, 3, (15, 21), dtype=np.uint8), "L").convert("P")
+    image.putpalette([200, 30, 30, 30, 200, 30, 0, 0, 0])
+    return encode(image, "GIF", transparency=2)  # index 2 (stored black) is transparent
+
+
+def _webp_alpha() -> bytes:
+    array = np.random.default_rng(11).integers(0, 256, (19, 23, 4), dtype=np.uint8)
+    array[:3, :3, 3] = 0
+    return encode(PIL.Image.fromarray(array, "RGBA"), "WEBP", lossless=True)
 
 
 def _sixteen_bit() -> bytes:
@@ -357,6 +395,8 @@ UPLOADS = {
     "bilevel": lambda: encode(noise_image(37, 53, mode="L").convert("1"), "PNG"),
     "palette-transparency": _palette_with_transparency,
     "rgba": _rgba,
+    "gif-transparent": _gif_transparent,
+    "webp-alpha": _webp_alpha,
     "la": lambda: encode(PIL.Image.fromarray(np.random.default_rng(9).integers(0, 256, (17, 45, 2), dtype=np.uint8), "LA"), "PNG"),
     "png-16bit": _sixteen_bit,
     "cmyk-jpeg": lambda: encode(noise_image(37, 53, mode="CMYK"), "JPEG", quality=95),
@@ -373,9 +413,10 @@ def test_decode_equals_hf(kind: str) -> None:
     assert image.mode == "RGB"
     assert image.size == reference.size
     assert np.array_equal(np.asarray(image), np.asarray(reference))
-    # HF's processor fed the raw PIL image (its own convert_to_rgb, no EXIF step) agrees too.
+    # HF's processor fed the raw PIL image (its own convert_to_rgb, no EXIF step) agrees too; a release
+    # that drops alpha is fed the composited image instead.
     raw = PIL.Image.open(io.BytesIO(data))
-    assert_matches_hf(preprocess(image, NARROW), raw, NARROW)
+    assert_matches_hf(preprocess(image, NARROW), raw if HF_COMPOSITES else hf_rgb(raw), NARROW)
 
 
 def test_decode_source_modes() -> None:
@@ -386,9 +427,24 @@ def test_decode_source_modes() -> None:
     assert modes["png-16bit"] == "I;16" and modes["cmyk-jpeg"] == "CMYK"
 
 
-def test_alpha_is_dropped_like_hf_not_composited() -> None:
+@pytest.mark.parametrize("kind", ["rgba", "la", "palette-transparency", "gif-transparent", "webp-alpha"])
+def test_transparency_is_composited_onto_white_like_current_hf(kind: str) -> None:
+    data = UPLOADS[kind]()
+    stored = np.asarray(PIL.Image.open(io.BytesIO(data)).convert("RGBA")).astype(np.float64)
+    image = np.asarray(decode_image(data, ImageLimits())).astype(np.float64)
+    alpha = stored[..., 3:] / 255
+    expected = stored[..., :3] * alpha + 255 * (1 - alpha)  # over white
+    assert np.abs(image - expected).max() <= 1  # Pillow's alpha_composite rounds in fixed point
+    assert (alpha == 0).any() and (image[alpha[..., 0] == 0] == 255).all()  # a transparent pixel is white
+    if HF_COMPOSITES:  # the installed transformers is a current one: the same bytes as its processor's
+        assert np.array_equal(image, np.asarray(_hf_convert_to_rgb(PIL.Image.open(io.BytesIO(data)))))
+
+
+def test_rgba_pixels() -> None:
     image = decode_image(_rgba(), ImageLimits())
-    assert image.getpixel((0, 0)) == (10, 20, 30)  # not white: HF's convert("RGB") keeps the stored colour
+    assert image.getpixel((0, 0)) == (255, 255, 255)  # fully transparent: white, not the stored (10, 20, 30)
+    assert image.getpixel((1, 0)) == (255, 127, 127)  # red at alpha 128 over white: 255 * 127 / 255
+    assert image.getpixel((2, 0)) == (0, 0, 255)  # opaque: unchanged
 
 
 def test_palette_transparency_without_warning(recwarn: pytest.WarningsRecorder) -> None:
