@@ -9,34 +9,35 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_qwen3_vl}
+PY=${PYTHON:-python3}  # the GPU image's python3 holds torch
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-if ! python -c "import liger_kernel" 2>/dev/null; then
+export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+if ! $PY -c "import liger_kernel" 2>/dev/null; then
   for whl in .whl/liger_kernel*.whl; do
-    [ -e "$whl" ] && python -m pip install -q --no-deps --target /tmp/site "$whl" >"$OUT/liger_install.log" 2>&1
+    [ -e "$whl" ] && $PY -m pip install -q --no-index --no-deps --target /tmp/site "$whl" >"$OUT/liger_install.log" 2>&1
   done
 fi
 {
   nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
+  $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
   date -u +%Y-%m-%dT%H:%MZ
 } | tee "$OUT/env.txt"
 
 # 1. tests: every test of the new kernels and the patched tower on the GPU (bf16/fp16/fp32 at real
 #    shapes, CUDA graphs), and the head_dim-72 attention backends
-timeout 200 python -m pytest -q -rs -p no:cacheprovider \
+timeout 200 $PY -m pytest -q -rs -p no:cacheprovider \
   tests/kernels/test_kernels_qwen3_vl.py tests/kernels/test_kernels_pos_embed.py \
   "tests/kernels/test_kernels_rope_attention.py::test_attention_gpu_head_dim_72" -s >"$OUT/tests.log" 2>&1
 echo "tests: rc=$? $(tail -n 1 "$OUT/tests.log")" | tee "$OUT/tests_summary.txt"
 
 # 2. the bench: ours (default, cuDNN and FA2 attention; each also under CUDA graphs) against HF
 #    sdpa, HF + Liger LayerNorm and HF + torch.compile on 32 x 448^2, 1 x 448^2 and 8 mixed sizes
-timeout 360 python bench/vision_bench.py --family qwen3_vl --skip eager --variants default,cudnn,fa2 \
+timeout 360 $PY bench/vision_bench.py --family qwen3_vl --skip eager --variants default,cudnn,fa2 \
   --out "$OUT" >"$OUT/bench.log" 2>&1
 echo "bench: rc=$?" | tee -a "$OUT/tests_summary.txt"
 
 # 3. the short table (from vision_bench.json), against the issue's goals
-python - "$OUT" <<'EOF'
+$PY - "$OUT" <<'EOF'
 import json, sys
 from pathlib import Path
 

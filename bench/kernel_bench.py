@@ -36,9 +36,12 @@ MIXED_SIZES = [(224, 224), (320, 480), (448, 448), (480, 640), (768, 1024), (720
 
 def smart_grid(h: int, w: int, patch: int = 14, merge: int = 2, min_pixels: int = 56 * 56,
                max_pixels: int = 28 * 28 * 16384) -> tuple[int, int, int]:
-    """(t, h, w) patch grid of one image after the processor's smart_resize (the service's copy of
-    HF's: HF's module needs torchvision)."""
-    from service.preprocess import smart_resize
+    """(t, h, w) patch grid of one image after the processor's smart_resize: HF's (its module needs
+    torchvision, which the GPU image has), else the service's copy of it (which needs FastAPI)."""
+    try:
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+    except ImportError:
+        from service.preprocess import smart_resize
 
     rh, rw = smart_resize(h, w, patch * merge, min_pixels, max_pixels)
     return (1, rh // patch, rw // patch)
