@@ -34,23 +34,27 @@ if str(ROOT) not in sys.path:
 MIXED_SIZES = [(224, 224), (320, 480), (448, 448), (480, 640), (768, 1024), (720, 1280), (375, 500), (1288, 966)]
 
 
-def smart_grid(h: int, w: int, patch: int = 14, merge: int = 2) -> tuple[int, int, int]:
-    """(t, h, w) patch grid of one image after the processor's smart_resize."""
+def smart_grid(h: int, w: int, patch: int = 14, merge: int = 2, min_pixels: int = 56 * 56,
+               max_pixels: int = 28 * 28 * 16384) -> tuple[int, int, int]:
+    """(t, h, w) patch grid of one image after the processor's smart_resize: HF's (its module needs
+    torchvision, which the GPU image has), else the service's copy of it (which needs FastAPI)."""
     try:
         from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+    except ImportError:
+        from service.preprocess import smart_resize
 
-        rh, rw = smart_resize(h, w, factor=patch * merge, min_pixels=56 * 56, max_pixels=28 * 28 * 16384)
-    except Exception:  # noqa: BLE001  (older/newer transformers: same rounding by hand)
-        f = patch * merge
-        rh, rw = max(f, round(h / f) * f), max(f, round(w / f) * f)
+    rh, rw = smart_resize(h, w, patch * merge, min_pixels, max_pixels)
     return (1, rh // patch, rw // patch)
 
 
-def workloads() -> dict[str, list[tuple[int, int, int]]]:
+def workloads(**processor: int) -> dict[str, list[tuple[int, int, int]]]:
+    """The three tower workloads; ``processor``: ``smart_grid``'s patch / merge / pixel bounds
+    (default Qwen2-VL's: 448 x 448 is 32 x 32 patches)."""
+    one = smart_grid(448, 448, **processor)
     return {
-        "32x448": [(1, 32, 32)] * 32,
-        "1x448": [(1, 32, 32)],
-        "mixed8": [smart_grid(h, w) for h, w in MIXED_SIZES],
+        "32x448": [one] * 32,
+        "1x448": [one],
+        "mixed8": [smart_grid(h, w, **processor) for h, w in MIXED_SIZES],
     }
 
 

@@ -1,15 +1,17 @@
 """A Qwen-VL vision tower: our patched tower against every peer, same weights and inputs, one process.
 
-    python bench/vision_bench.py [--family qwen2_vl|qwen2_5_vl] [--model 2b|7b|3b] [--out DIR]
+    python bench/vision_bench.py [--family qwen2_vl|qwen2_5_vl|qwen3_vl] [--model 2b|7b|3b|8b] [--out DIR]
                                  [--skip compile,liger,eager,variants,graphs] [--workloads 32x448,1x448,mixed8]
     python bench/vision_bench.py --smoke [--family ...]   # CPU, tiny config, Triton interpreter: code paths only
 
 Builds the family's vision tower with random (perturbed) weights in bf16 -- Qwen2-VL-2B/7B: depth
 32, embed 1280, 16 heads, MLP ratio 4, QuickGELU, full attention; Qwen2.5-VL-3B/7B: depth 32,
 hidden 1280, 16 heads, SwiGLU 3420, RMSNorm, 112 px windows but full attention in blocks
-7/15/23/31; both patch 14, merge 2, temporal 2; ``--model`` picks the merger's output size -- and
-runs, on three workloads (32 images of 448x448 in one call; one 448x448 image; 8 mixed sizes
-from 224x224 to 1288x966 packed in one call):
+7/15/23/31; both patch 14, merge 2, temporal 2; Qwen3-VL-8B: depth 27, hidden 1152, 16 heads of
+72, MLP 4304 GELU-tanh, patch 16, a 48 x 48 learned position table, DeepStack mergers after blocks
+8/16/24 (each of its outputs is checked); ``--model`` picks the merger's output size -- and runs,
+on three workloads (32 images of 448x448 in one call; one 448x448 image; 8 mixed sizes from
+224x224 to 1288x966 packed in one call; images resized by the family's processor):
 
 - HF eager, HF sdpa (Qwen2.5-VL: one SDPA call per window, HF's loop), HF + Liger-Kernel's norm
   (LayerNorm / RMSNorm swapped in by hand where Liger's monkey-patch refuses a vision-only model),
@@ -19,8 +21,9 @@ from 224x224 to 1288x966 packed in one call):
 
 Reports images/s, median ms (CUDA events), TFLOP/s, MFU against a measured bf16 GEMM peak,
 peak activation memory, weights memory, ratios vs each peer, and the relative L2 error of every
-bf16 output vs HF in fp32 on the same weights and inputs. Rows go to vision_bench.jsonl as they
-are measured; the summary table is printed last.
+bf16 output vs HF in fp32 on the same weights and inputs (the worst of the family's outputs; each
+one in the JSON). Rows go to vision_bench.jsonl as they are measured; the summary table, with
+each workload's GEMM-peak floor, is printed last.
 """
 
 from __future__ import annotations
@@ -47,8 +50,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kernel_bench import gemm_peak_tflops, sync, time_ms, workloads  # noqa: E402
 
-PATCH_IN = 3 * 2 * 14 * 14  # channels * temporal * patch * patch = 1176
-
 
 def qwen2_vl_config(out_hidden: int, smoke: bool) -> Any:
     from transformers.models.qwen2_vl.configuration_qwen2_vl import Qwen2VLVisionConfig
@@ -69,6 +70,19 @@ def qwen2_5_vl_config(out_hidden: int, smoke: bool) -> Any:
               "fullatt_block_indexes": [7, 15, 23, 31]}
     return Qwen2_5_VLVisionConfig(patch_size=14, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
                                   hidden_act="silu", out_hidden_size=out_hidden, **kw)
+
+
+def qwen3_vl_config(out_hidden: int, smoke: bool) -> Any:
+    from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
+
+    if smoke:  # head_dim 72 as the real one; a 6 x 6 table resampled onto the smoke grids
+        kw = {"depth": 3, "hidden_size": 144, "num_heads": 2, "intermediate_size": 200,
+              "num_position_embeddings": 36, "deepstack_visual_indexes": [0, 2]}
+    else:
+        kw = {"depth": 27, "hidden_size": 1152, "num_heads": 16, "intermediate_size": 4304,
+              "num_position_embeddings": 2304, "deepstack_visual_indexes": [8, 16, 24]}
+    return Qwen3VLVisionConfig(patch_size=16, spatial_merge_size=2, temporal_patch_size=2, in_channels=3,
+                               hidden_act="gelu_pytorch_tanh", out_hidden_size=out_hidden, **kw)
 
 
 def liger_layer_norm(ln: torch.nn.Module) -> torch.nn.Module:
@@ -100,6 +114,9 @@ class Family:
     mlp_macs: Callable[[Any], int]  # multiply-adds per token per block in the MLP
     liger_norm: Callable[[torch.nn.Module], torch.nn.Module]  # Liger's module sharing one norm's weights
     liger_name: str
+    # kernel_bench.smart_grid's patch / pixel bounds (the processor's); default Qwen2-VL's
+    processor: dict[str, int] = dataclasses.field(default_factory=dict)
+    mergers: Callable[[Any], int] = lambda cfg: 1  # mergers run per forward (Qwen3-VL: + DeepStack)
 
     def hf_class(self) -> type:
         import importlib
@@ -119,6 +136,12 @@ FAMILIES = {
         "qwen2_5_vl.modeling_qwen2_5_vl.Qwen2_5_VisionTransformerPretrainedModel",
         width=lambda cfg: cfg.hidden_size, mlp_macs=lambda cfg: 3 * cfg.hidden_size * cfg.intermediate_size,
         liger_norm=liger_rms_norm, liger_name="RMSNorm"),
+    "qwen3_vl": Family(  # its preprocessor_config: size {shortest_edge 65536, longest_edge 16777216}
+        "Qwen3-VL", {"8b": 4096}, qwen3_vl_config, "qwen3_vl.modeling_qwen3_vl.Qwen3VLVisionModel",
+        width=lambda cfg: cfg.hidden_size, mlp_macs=lambda cfg: 2 * cfg.hidden_size * cfg.intermediate_size,
+        liger_norm=liger_layer_norm, liger_name="LayerNorm",
+        processor={"patch": 16, "min_pixels": 65536, "max_pixels": 16777216},
+        mergers=lambda cfg: 1 + len([i for i in range(cfg.depth) if i in cfg.deepstack_visual_indexes])),
 }
 
 
@@ -165,9 +188,23 @@ def tower_flops(family: Family, cfg: Any, grid: list[tuple[int, int, int]]) -> f
     s = sum(t * h * w for t, h, w in grid)
     per_tok_block = 2 * (c * (3 * c + c) + family.mlp_macs(cfg))
     attn = sum(4 * c * sum(n * n for n in attention_lengths(cfg, grid, i)) for i in range(cfg.depth))
-    embed = 2 * s * c * PATCH_IN
+    embed = 2 * s * c * patch_values(cfg)
     merger = 2 * (s // m2) * (m2 * c) * (m2 * c + out)
-    return cfg.depth * s * per_tok_block + attn + embed + merger
+    return cfg.depth * s * per_tok_block + attn + embed + family.mergers(cfg) * merger
+
+
+def patch_values(cfg: Any) -> int:
+    """Values per patch: channels x temporal x patch x patch (1176 at patch 14, 1536 at 16)."""
+    return getattr(cfg, "in_channels", 3) * cfg.temporal_patch_size * cfg.patch_size**2
+
+
+def outputs(out: Any) -> list[torch.Tensor]:
+    """The tower's features: ``pooler_output``, then Qwen3-VL's DeepStack tensors (if any)."""
+    return [out.pooler_output, *(getattr(out, "deepstack_features", None) or [])]
+
+
+def mergers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [model.merger, *getattr(model, "deepstack_merger_list", [])]
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -182,7 +219,8 @@ def set_attn_impl(model: torch.nn.Module, impl: str) -> None:
 
 
 def swap_liger_norms(model: torch.nn.Module, make: Callable[[torch.nn.Module], torch.nn.Module]) -> Callable[[], None]:
-    """Replace norm1/norm2/ln_q by Liger's modules sharing the same Parameters; returns undo."""
+    """Replace norm1/norm2 and every merger's norm (ln_q, Qwen3-VL's norm) by Liger's modules
+    sharing the same Parameters; returns undo."""
     saved: list[tuple[torch.nn.Module, str, torch.nn.Module]] = []
 
     def swap(parent: torch.nn.Module, attr: str) -> None:
@@ -193,7 +231,8 @@ def swap_liger_norms(model: torch.nn.Module, make: Callable[[torch.nn.Module], t
     for blk in model.blocks:
         swap(blk, "norm1")
         swap(blk, "norm2")
-    swap(model.merger, "ln_q")
+    for m in mergers(model):
+        swap(m, "ln_q" if hasattr(m, "ln_q") else "norm")
 
     def undo() -> None:
         for parent, attr, norm in saved:
@@ -215,9 +254,9 @@ def liger_qwen2_5_vl_refuses(model: torch.nn.Module) -> str:
 
 
 def compile_blocks(model: torch.nn.Module) -> Callable[[], None]:
-    """HF + torch.compile: each block (and the merger) compiled; one traced graph serves all 32
+    """HF + torch.compile: each block (and each merger) compiled; one traced graph serves all the
     blocks (same code, parameters as inputs), so the compile takes seconds, not minutes."""
-    mods = [*model.blocks, model.merger]
+    mods = [*model.blocks, *mergers(model)]
     for m in mods:
         m.compile()
 
@@ -253,13 +292,15 @@ def set_ours(model: torch.nn.Module, attention: str, mlp: str, rope_gemm: bool) 
         blk.attn.gemm = mlp
         blk.attn.set_rope_gemm(rope_gemm)
         blk.mlp.mode = mlp
-    model.merger.mode = mlp
+    for m in mergers(model):
+        m.mode = mlp
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", default="qwen2_vl", choices=sorted(FAMILIES))
-    ap.add_argument("--model", default=None, help="qwen2_vl: 2b (default) or 7b; qwen2_5_vl: 7b (default) or 3b")
+    ap.add_argument("--model", default=None,
+                    help="qwen2_vl: 2b (default) or 7b; qwen2_5_vl: 7b (default) or 3b; qwen3_vl: 8b")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--skip", default="",
                     help="comma list of peers to skip: eager,sdpa,liger,compile,variants,graphs")
@@ -302,7 +343,7 @@ def main() -> None:
     weights_gib = sum(p.numel() * p.element_size() for p in hf.parameters()) / 2**30
     print(f"built tower in {time.perf_counter() - t0:.1f}s; weights {weights_gib:.3f} GiB ({dtype})", flush=True)
 
-    wls = workloads()
+    wls = workloads(**family.processor)
     if smoke:  # (Qwen2.5-VL's 2 x 2-unit windows are ragged on the 4 x 6 and 8 x 6 grids)
         wls = {"4x": [(1, 4, 4)] * 4, "1x": [(1, 4, 4)], "mixed": [(1, 4, 6), (1, 2, 2), (1, 8, 6), (2, 4, 4)]}
     if args.workloads:
@@ -312,19 +353,19 @@ def main() -> None:
     hf_grids: dict[str, torch.Tensor] = {}
     for name, grid in wls.items():
         s = sum(t * h * w for t, h, w in grid)
-        x = torch.randn(s, PATCH_IN, generator=gen, device=device).to(dtype)
+        x = torch.randn(s, patch_values(cfg), generator=gen, device=device).to(dtype)
         inputs[name] = (x, torch.tensor(grid, dtype=torch.int64))  # ours: grid on the CPU, no device sync
         hf_grids[name] = inputs[name][1].to(device)  # HF builds positions on grid_thw's device
 
     # fp32 reference on the same weights and the same (bf16-rounded) pixels
-    refs: dict[str, torch.Tensor] = {}
+    refs: dict[str, list[torch.Tensor]] = {}
     ref32 = copy.deepcopy(hf).float()
     # a true fp32 reference: cuDNN would run HF's Conv3d patch embedding in TF32 (~1e-4 error)
     torch.backends.cudnn.allow_tf32 = False
     torch.backends.cuda.matmul.allow_tf32 = False
     with torch.no_grad():
         for name, (x, _grid) in inputs.items():
-            refs[name] = ref32(x.float(), grid_thw=hf_grids[name]).pooler_output
+            refs[name] = outputs(ref32(x.float(), grid_thw=hf_grids[name]))
     del ref32
     torch.backends.cudnn.allow_tf32 = True  # back to torch's defaults for the timed runs
     if not smoke:
@@ -332,7 +373,7 @@ def main() -> None:
 
     results: list[dict[str, Any]] = []
 
-    def measure(peer: str, wname: str, fn: Callable[[], torch.Tensor], limit_s: int = 0) -> None:
+    def measure(peer: str, wname: str, fn: Callable[[], list[torch.Tensor]], limit_s: int = 0) -> None:
         grid = wls[wname]
         try:
             with torch.no_grad(), TimeLimit(limit_s):
@@ -342,7 +383,8 @@ def main() -> None:
                 out = fn()  # first call: compiles / autotunes / captures
                 sync()
                 first_s = time.perf_counter() - t_first
-                err = rel_l2(out, refs[wname])
+                errs = [rel_l2(o, r) for o, r in zip(out, refs[wname], strict=True)]
+                err = max(errs)
                 peak = 0.0
                 if not smoke:
                     # memory a first call leaves allocated (a CUDA graph's pool), or the transient
@@ -366,7 +408,7 @@ def main() -> None:
             "peer": peer, "workload": wname, "images": len(grid), "patches": sum(t * h * w for t, h, w in grid),
             "ms": ms, "min_ms": t["min_ms"], "p90_ms": t["p90_ms"], "reps": t["reps"],
             "img_per_s": len(grid) / ms * 1e3, "tflops": fl / ms / 1e9, "peak_act_gib": peak,
-            "rel_l2_vs_fp32": err, "first_call_s": first_s,
+            "rel_l2_vs_fp32": err, "rel_l2_parts": errs, "first_call_s": first_s,
         }
         if "gemm_peak_tflops" in info:
             row["mfu"] = row["tflops"] / info["gemm_peak_tflops"]
@@ -374,7 +416,8 @@ def main() -> None:
         jsonl.write(json.dumps(row) + "\n")
         jsonl.flush()
         print(f"{wname:>8s} {peer:<28s} {ms:9.3f} ms  {row['img_per_s']:8.1f} img/s  {row['tflops']:6.1f} TFLOP/s"
-              f"  peak {peak:6.3f} GiB  relL2 {err:.2e}  (first {first_s:.1f}s, {t['reps']} reps)", flush=True)
+              f"  peak {peak:6.3f} GiB  relL2 {' '.join(f'{e:.2e}' for e in errs)}  (first {first_s:.1f}s, "
+              f"{t['reps']} reps)", flush=True)
 
     # ---- ours first (on a copy, patched in place), so a slow peer cannot starve it of time
     ours: torch.nn.Module | None = copy.deepcopy(hf)
@@ -388,6 +431,8 @@ def main() -> None:
         variants = [("auto", "auto", False), ("auto", "cublas", False), ("triton_prerope", "auto", False)]
         # under graphs: the MLP's two modes, which differ below 4096 rows (one image)
         graph_variants = [("auto", "auto", False), ("auto", "triton", False)]
+    if args.family == "qwen3_vl":  # attention: which backend wins at head_dim 72 (cuDNN for mixed sizes too?)
+        variants = graph_variants = [("auto", "auto", False), ("cudnn", "auto", False), ("fa2", "auto", False)]
     if smoke:
         variants = [v for v in variants if v[0] != "fa2"]
     if "variants" in skip:
@@ -399,17 +444,24 @@ def main() -> None:
     for wname, (x, grid) in inputs.items():
         for v in variants:
             set_ours(ours, *v)
-            measure(f"ours[{vname(v)}]", wname, lambda x=x, grid=grid: ours(x, grid_thw=grid).pooler_output)
+            measure(f"ours[{vname(v)}]", wname, lambda x=x, grid=grid: outputs(ours(x, grid_thw=grid)))
     if not smoke and "graphs" not in skip:
         from kernels.graphs import VisionGraphs
+        from kernels.qwen3_vl import stacked_features
+
+        def graph_output(out: Any) -> torch.Tensor:  # [S/4, D], or [1 + L, S/4, D] with DeepStack
+            return stacked_features(out) if hasattr(out, "deepstack_features") else out.pooler_output
+
+        def as_list(t: torch.Tensor) -> list[torch.Tensor]:
+            return list(t) if t.dim() == 3 else [t]
 
         # launch gaps dominate small inputs: replay a captured graph (eager ranking does not
         # carry over, so the main variants are all captured)
         for wname, (x, grid) in inputs.items():
             for v in graph_variants:
                 set_ours(ours, *v)
-                graphs = VisionGraphs(ours, max_graphs=1)
-                measure(f"ours+graphs[{vname(v)}]", wname, lambda x=x, grid=grid, g=graphs: g(x, grid))
+                graphs = VisionGraphs(ours, max_graphs=1, output=graph_output)
+                measure(f"ours+graphs[{vname(v)}]", wname, lambda x=x, grid=grid, g=graphs: as_list(g(x, grid)))
                 del graphs
                 torch.cuda.empty_cache()
     ours = None  # free its weights before the peers run
@@ -417,8 +469,8 @@ def main() -> None:
         torch.cuda.empty_cache()
 
     # ---- peers on the unpatched tower
-    def hf_run(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
-        return hf(x, grid_thw=grid).pooler_output
+    def hf_run(x: torch.Tensor, grid: torch.Tensor) -> list[torch.Tensor]:
+        return outputs(hf(x, grid_thw=grid))
 
     inputs_hf = {name: (x, hf_grids[name]) for name, (x, _) in inputs.items()}
 
@@ -462,8 +514,9 @@ def main() -> None:
         if not rows:
             continue
         ours_best = min((r for r in rows if r["peer"].startswith("ours")), key=lambda r: r["ms"], default=None)
-        print(f"\n[{wname}] {len(wls[wname])} images, {rows[0]['patches']} patches, "
-              f"{tower_flops(family, cfg, wls[wname]) / 1e12:.2f} TFLOP")
+        fl = tower_flops(family, cfg, wls[wname])
+        floor = f", GEMM-peak floor {fl / info['gemm_peak_tflops'] / 1e9:.2f} ms" if "gemm_peak_tflops" in info else ""
+        print(f"\n[{wname}] {len(wls[wname])} images, {rows[0]['patches']} patches, {fl / 1e12:.2f} TFLOP{floor}")
         print(f"  {'peer':<30s} {'ms':>9s} {'img/s':>8s} {'TFLOP/s':>8s} {'MFU':>6s} {'peakGiB':>8s} "
               f"{'relL2':>9s} {'ours x':>7s}")
         for r in sorted(rows, key=lambda r: r["ms"]):

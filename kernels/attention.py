@@ -23,7 +23,12 @@ waste 60% of the QK matrix work, so the kernel splits the rotary halves: with HA
 each half is a 32-wide piece plus an 8-wide piece (padded to 16, the smallest dot K), and the
 rotation pairs piece with piece: (x[0:32], x[40:72]) and (x[32:40], x[72:80]). q.k is the sum of
 the four piece products (K = 32 + 32 + 16 + 16 = 96, the same padding FA2 uses for 80). V and the
-output split 64 + 16. Exact for any even D.
+output split 64 + 16. Exact for any even D (Qwen3-VL's 72: 32 + 4 per half, V 64 + 8).
+
+Row and head strides that are multiples of 8 but not 16 elements (head_dim 72: a head starts every
+144 bytes) are not specialized by Triton, which then assumes 2-byte alignment: no vector loads, no
+cp.async pipelining. The host passes the strides' power-of-two alignment (``ALIGN``) and the kernel
+asserts it on the row offsets.
 """
 
 from __future__ import annotations
@@ -90,6 +95,7 @@ def _varlen_attn_kernel(
     HALF: tl.constexpr, P1: tl.constexpr, HAS_P1: tl.constexpr, R: tl.constexpr, RP: tl.constexpr,
     HAS_R: tl.constexpr, V1: tl.constexpr, HAS_V1: tl.constexpr, VR: tl.constexpr, VRP: tl.constexpr,
     HAS_VR: tl.constexpr, ROPE: tl.constexpr, PREC: tl.constexpr,
+    ALIGN: tl.constexpr,  # every row/head stride is a multiple of ALIGN elements (a power of two)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -104,7 +110,7 @@ def _varlen_attn_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     mask_m = offs_m < seqlen
     rows_q = (start + offs_m).to(tl.int64)
-    q_rows = rows_q * stride_qs + head * stride_qh
+    q_rows = tl.multiple_of(rows_q * stride_qs + head * stride_qh, ALIGN)
     cq_rows = rows_q * stride_cs
 
     # q pieces, rotated, pre-scaled by scale*log2e (fp32, rounded once to the input dtype)
@@ -130,7 +136,7 @@ def _varlen_attn_kernel(
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < seqlen
         rows_k = (start + offs_n).to(tl.int64)
-        k_rows = rows_k * stride_ks + head * stride_kh
+        k_rows = tl.multiple_of(rows_k * stride_ks + head * stride_kh, ALIGN)
         ck_rows = rows_k * stride_cs
         qk = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         if HAS_P1:
@@ -147,7 +153,7 @@ def _varlen_attn_kernel(
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         p = p.to(DT)
-        v_rows = rows_k * stride_vs + head * stride_vh
+        v_rows = tl.multiple_of(rows_k * stride_vs + head * stride_vh, ALIGN)
         if HAS_V1:
             v1 = tl.load(V + v_rows[:, None] + cols_v1[None, :], mask=mask_n[:, None], other=0.0)
             acc1 = tl.dot(p, v1, acc1 * alpha[:, None], input_precision=PREC)
@@ -158,7 +164,7 @@ def _varlen_attn_kernel(
         m_i = m_new
 
     inv_l = 1.0 / l_i
-    o_rows = rows_q * stride_os + head * stride_oh
+    o_rows = tl.multiple_of(rows_q * stride_os + head * stride_oh, ALIGN)
     if HAS_V1:
         tl.store(Out + o_rows[:, None] + cols_v1[None, :], (acc1 * inv_l[:, None]).to(DT), mask=mask_m[:, None])
     if HAS_VR:
@@ -230,7 +236,9 @@ def varlen_attention(
         o.stride(0), o.stride(1), cos.stride(0) if rope else 0,
         sm_scale * math.log2(math.e), next_pow2(max_seqlen),
     )
-    meta = dict(lay, ROPE=rope, PREC=prec)
+    strides = (q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), o.stride(0), o.stride(1))
+    align = math.gcd(16, *strides)  # a power of two <= 16 (see module doc)
+    meta = dict(lay, ROPE=rope, PREC=prec, ALIGN=align)
     if interpreting():
         bm = bn = 16
         _varlen_attn_kernel[(triton.cdiv(max_seqlen, bm), n_seq, heads)](*args, **meta, BLOCK_M=bm, BLOCK_N=bn)

@@ -19,6 +19,21 @@ install_interpreter_fix()
 
 
 @triton.jit
+def normalize_row(x, cols, mask, W, B, N, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr):
+    """LayerNorm of one fp32 row held in registers (masked lanes are 0): two-pass mean and
+    variance, then the affine; shared with the kernels that form the row themselves."""
+    mean = tl.sum(x, axis=0) / N
+    xc = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(xc * xc, axis=0) / N
+    y = xc * tl.math.rsqrt(var + eps)
+    if HAS_W:
+        y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_B:
+        y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    return y
+
+
+@triton.jit
 def _layer_norm_kernel(
     X,  # [M, N] input (the block's branch output when HAS_RES)
     R,  # [M, N] residual stream (read only when HAS_RES)
@@ -50,14 +65,7 @@ def _layer_norm_kernel(
         hs = (x + r).to(H.dtype.element_ty)
         tl.store(H + row * stride_h + cols, hs, mask=mask)
         x = hs.to(tl.float32)
-    mean = tl.sum(x, axis=0) / N
-    xc = tl.where(mask, x - mean, 0.0)
-    var = tl.sum(xc * xc, axis=0) / N
-    y = xc * tl.math.rsqrt(var + eps)
-    if HAS_W:
-        y = y * tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_B:
-        y = y + tl.load(B + cols, mask=mask, other=0.0).to(tl.float32)
+    y = normalize_row(x, cols, mask, W, B, N, eps, HAS_W, HAS_B)
     tl.store(Y + row * stride_y + cols, y.to(Y.dtype.element_ty), mask=mask)
 
 

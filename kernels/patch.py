@@ -34,6 +34,7 @@ DEFAULT_ROPE_GEMM = False
 _TOWERS = {
     "Qwen2VisionTransformerPretrainedModel": "qwen2_vl",
     "Qwen2_5_VisionTransformerPretrainedModel": "qwen2_5_vl",
+    "Qwen3VLVisionModel": "qwen3_vl",
 }
 
 

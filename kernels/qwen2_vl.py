@@ -51,6 +51,8 @@ class FusedVisionMlp(nn.Module):
 class FusedVisionBlock(nn.Module):
     """Qwen2-VL vision block on our kernels; same submodule names as ``Qwen2VLVisionBlock``."""
 
+    mlp_class: type[nn.Module] = FusedVisionMlp  # a family whose MLP names its linears otherwise swaps it
+
     def __init__(self, orig: nn.Module, act: str, attention: str, mlp: str, rope_gemm: bool = False) -> None:
         super().__init__()
         from .layer_norm import TritonLayerNorm
@@ -58,7 +60,7 @@ class FusedVisionBlock(nn.Module):
         self.norm1 = TritonLayerNorm.from_torch(orig.norm1)
         self.norm2 = TritonLayerNorm.from_torch(orig.norm2)
         self.attn = FusedVisionAttention(orig.attn, attention, rope_gemm=rope_gemm, gemm=mlp)
-        self.mlp = FusedVisionMlp(orig.mlp, act, mlp)
+        self.mlp = self.mlp_class(orig.mlp, act, mlp)
 
     def fused(
         self, h: torch.Tensor, y: torch.Tensor, meta: VisionMeta, next_norm: nn.Module
@@ -122,24 +124,30 @@ def splitvl_meta(self: nn.Module, grid_thw: torch.Tensor | list) -> VisionMeta:
     return cached_meta(self, grid_thw, lambda grid: build_meta(grid, self.spatial_merge_size, rot.inv_freq, scaling))
 
 
-def patch_tower(tower: nn.Module, prefix: str, attention: str, mlp: str, rope_gemm: bool) -> dict[str, str]:
-    cfg = tower.config
-    act = cfg.hidden_act
+def patch_embed_and_blocks(tower: nn.Module, p: str, attention: str, mlp: str, rope_gemm: bool,
+                           block_class: type[FusedVisionBlock] = FusedVisionBlock) -> dict[str, str]:
+    """Swap the patch embedding and every block (``block_class``) in place; ``p``: the tower's
+    qualified name plus a dot, or empty. Returns the ``patch`` report entries."""
     from .activations import act_code
 
+    act = tower.config.hidden_act
     act_code(act)  # raises for an activation we have no kernel for
-    done: dict[str, str] = {}
-    p = f"{prefix}." if prefix else ""
-    done[f"{p}patch_embed"] = f"{type(tower.patch_embed).__name__} -> LinearPatchEmbed"
+    done = {f"{p}patch_embed": f"{type(tower.patch_embed).__name__} -> LinearPatchEmbed"}
     tower.patch_embed = LinearPatchEmbed(tower.patch_embed)
     for i, blk in enumerate(tower.blocks):
         done[f"{p}blocks.{i}"] = (
-            f"{type(blk).__name__} -> FusedVisionBlock(attention={attention}, mlp={mlp}, act={act}, "
+            f"{type(blk).__name__} -> {block_class.__name__}(attention={attention}, mlp={mlp}, act={act}, "
             f"rope_gemm={rope_gemm})"
         )
-        tower.blocks[i] = FusedVisionBlock(blk, act, attention, mlp, rope_gemm)
+        tower.blocks[i] = block_class(blk, act, attention, mlp, rope_gemm)
+    return done
+
+
+def patch_tower(tower: nn.Module, prefix: str, attention: str, mlp: str, rope_gemm: bool) -> dict[str, str]:
     from .layer_norm import TritonLayerNorm
 
+    p = f"{prefix}." if prefix else ""
+    done = patch_embed_and_blocks(tower, p, attention, mlp, rope_gemm)
     done[f"{p}merger"] = f"{type(tower.merger).__name__} -> FusedPatchMerger"
     tower.merger = FusedPatchMerger(tower.merger, mlp, TritonLayerNorm.from_torch(tower.merger.ln_q))
     old = fuse_class(tower, fused_forward, splitvl_meta)

@@ -84,8 +84,11 @@ class Qwen3VL(Qwen2VL):
 
     def features(self, output: Any) -> torch.Tensor:
         """[1 + L, S/4, D]: the merged embeddings, then the DeepStack outputs in the order of
-        ``deepstack_visual_indexes`` (as HF hands them to the language model)."""
-        return torch.stack([output.pooler_output, *output.deepstack_features])
+        ``deepstack_visual_indexes`` (as HF hands them to the language model). The patched tower
+        writes them into one buffer, returned without a copy; HF's separate tensors are stacked."""
+        from kernels.qwen3_vl import stacked_features  # no triton import: fine on the CPU path
+
+        return stacked_features(output)
 
     def text_config(self, config: dict) -> TextConfig:
         """Qwen3: q/k RMSNorm, biases only if ``attention_bias``, explicit ``head_dim``, interleaved

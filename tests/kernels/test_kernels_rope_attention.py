@@ -72,7 +72,7 @@ def test_rope_qk_rows(s_len: int, heads: int, d: int, device: str) -> None:
     assert ref.rel(out[:, heads * d :], ref.rope(k, cos, sin).reshape(s_len, -1)) < 1e-6
 
 
-CASES = [([1], 1, 16), ([7, 33], 2, 80), ([17, 5, 40], 1, 32), ([20], 2, 48)]
+CASES = [([1], 1, 16), ([7, 33], 2, 80), ([17, 5, 40], 1, 32), ([20], 2, 48), ([9, 23], 2, 72)]
 
 
 @pytest.mark.parametrize("lengths,heads,d", CASES)
@@ -131,3 +131,19 @@ def test_attention_gpu(dtype: torch.dtype, lengths: list[int], backend: str) -> 
     got = attention(qkv.clone(), _cu(lengths, "cuda"), max(lengths), heads, cos, sin, backend=backend)
     tol = 3e-3 if dtype == torch.float32 else ref.TOL[dtype]  # fp32 runs on tf32-free ieee dots
     assert ref.rel(got, want) < tol
+
+
+@ref.requires_cuda
+@pytest.mark.parametrize("lengths", [[784] * 4, [256, 4800, 784, 3520]])
+@pytest.mark.parametrize("backend", ["triton", "triton_prerope", "fa2", "cudnn"])
+def test_attention_gpu_head_dim_72(lengths: list[int], backend: str) -> None:
+    """Qwen3-VL's heads (16 x 72): head strides are multiples of 8, not 16, elements."""
+    heads, d = 16, 72
+    s_len = sum(lengths)
+    qkv = torch.randn(s_len, 3 * heads * d, device="cuda", dtype=torch.bfloat16)
+    ang = torch.rand(s_len, d // 2, device="cuda") * 40
+    cos, sin = ang.cos(), ang.sin()
+    q, k, v = qkv_views(qkv, heads)
+    want = ref.attention(ref.rope(q, cos, sin), ref.rope(k, cos, sin), v, lengths).reshape(s_len, -1)
+    got = attention(qkv.clone(), _cu(lengths, "cuda"), max(lengths), heads, cos, sin, backend=backend)
+    assert ref.rel(got, want) < ref.TOL[torch.bfloat16]
