@@ -34,7 +34,7 @@ class VisionMeta:
     max_seqlen: int
     cos: torch.Tensor  # [S, D/2] fp32, device
     sin: torch.Tensor
-    auto: str = "auto"  # the attention backend "auto" stands for on these segments
+    auto: str = dataclasses.field(default="auto", kw_only=True)  # what backend "auto" means on these segments
 
 
 def grid_key(grid_thw: torch.Tensor | list) -> tuple[tuple[int, int, int], ...]:
