@@ -30,21 +30,25 @@ def random_model(model_class: type, cfg: object, device: str, dtype: torch.dtype
 
 
 def patched_error(hf32: torch.nn.Module, grid_rows: list[list[int]], dtype: torch.dtype = torch.bfloat16,
-                  **patch_kw: object) -> float:
+                  *, with_hf: bool = False, **patch_kw: object) -> float | tuple[float, float]:
     """rel L2 of ``kernels.patch``-ed copy of ``hf32`` in ``dtype`` against ``hf32`` (fp32, HF) on random
-    pixels of ``grid_rows`` (CUDA; ours gets the grid on the host, HF on the device)."""
+    pixels of ``grid_rows`` (CUDA; ours gets the grid on the host, HF on the device). ``with_hf``: also
+    HF's own error in ``dtype`` on the same weights and pixels (what rounding alone costs this model)."""
     import copy
 
     import kernels
 
     ours = copy.deepcopy(hf32).to(dtype)
+    hf_low = copy.deepcopy(ours) if with_hf else None
     kernels.patch(ours, **patch_kw)
     grid = torch.tensor(grid_rows)
     x = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14, device="cuda")
     with torch.no_grad():
         want = hf32(x, grid_thw=grid.cuda()).pooler_output
-        got = ours(x.to(dtype), grid_thw=grid).pooler_output
-    return rel(got, want)
+        got = rel(ours(x.to(dtype), grid_thw=grid).pooler_output, want)
+        if hf_low is None:
+            return got
+        return got, rel(hf_low(x.to(dtype), grid_thw=grid.cuda()).pooler_output, want)
 
 
 def check_graphs_match_eager(tower: torch.nn.Module) -> None:

@@ -155,9 +155,12 @@ def test_patched_tower_gpu_bf16_vs_hf_fp32(mlp: str, attention: str) -> None:
     hf32 = _tower(_real_config(depth=8, fullatt=(3, 7)), "cuda", torch.float32)
     # > 4096 rows (our GEMM paths), full and ragged windows (a 92 x 70 grid: 46 x 35 units)
     grid = [[1, 32, 32]] * 4 + [[1, 16, 24], [1, 92, 70]]
-    err = ref.patched_error(hf32, grid, mlp=mlp, attention=attention)
-    print(f"Qwen2.5-VL bf16 patched vs fp32 HF (depth 8, {mlp}, {attention}): rel L2 {err:.2e}")
-    assert err < 1e-2
+    err, hf_err = ref.patched_error(hf32, grid, with_hf=True, mlp=mlp, attention=attention)
+    print(f"Qwen2.5-VL bf16 patched vs fp32 HF (depth 8, {mlp}, {attention}): rel L2 {err:.2e} "
+          f"(HF's own bf16: {hf_err:.2e})")
+    # On these random weights bf16 rounding alone costs HF 1.5-2e-2 (H200, 2026-12-02): ours must be
+    # no worse than HF's own bf16 forward, and in the range the rounding explains.
+    assert err < 1.1 * hf_err and err < 3e-2
 
 
 @ref.requires_cuda
