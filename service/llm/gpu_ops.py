@@ -3,18 +3,20 @@
 Each one replaces a chain of small PyTorch ops that would otherwise cost a kernel launch apiece
 (a decode step at batch 1 is launch-bound, not bandwidth-bound, without them):
 
-- ``rms_norm(x, weight, eps, residual)``: optional residual add, then RMSNorm, in one pass;
-- ``rope_kv(qkv, cos, sin, k_cache, v_cache, slots, cache_pos)``: rotates q and k (M-RoPE
-  cos/sin already selected per frequency), writes k and v straight into the static cache, and
-  returns q;
+- ``rms_norm(x, weight, eps, residual, add)``: optional residual add (and a second add: the
+  DeepStack features after a layer), then RMSNorm, in one pass;
+- ``rope_kv(qkv, cos, sin, k_cache, v_cache, slots, cache_pos, qk_norm)``: rotates q and k (M-RoPE
+  cos/sin already selected per frequency; Qwen3's per-head RMSNorm of q and k first), writes k and
+  v straight into the static cache, and returns q;
 - ``silu_mul(gate_up)``: SiLU(gate) * up;
 - ``gate_up_silu(x, weight)``: the gate/up projection and SiLU(gate) * up in one kernel, for up to
   16 rows (a decode step): narrower tiles than cuBLAS picks there, and no [rows, 2 I] round trip;
 - ``linear_parts(x, weight)`` then ``rms_norm_of_parts(parts, ...)``: a few-row projection split
   along K into fp32 partial sums, which the residual-add + RMSNorm kernel adds up (the down
   projection: no separate reduction kernel, deterministic);
-- ``decode_attention(qkv, cos, sin, k_cache, v_cache, cache_pos)``: a decode step's attention
-  from the qkv projection: q and k rotated, k and v written into the cache, then one query token
+- ``decode_attention(qkv, cos, sin, k_cache, v_cache, cache_pos, qk_norm)``: a decode step's
+  attention from the qkv projection: q and k (normed, for Qwen3, then) rotated, k and v written
+  into the cache, then one query token
   per batch row over the row's cache ``[0, cache_pos]`` (the bound is read on the device, so one
   CUDA graph serves every length), split along the cache into parts attended in parallel
   (flash-decoding; at batch 1 there would be only one program per KV head), grouped-query heads
@@ -22,7 +24,8 @@ Each one replaces a chain of small PyTorch ops that would otherwise cost a kerne
 
 The elementwise kernels round to the activation dtype wherever PyTorch's eager ops do (HF's
 numerics: RMSNorm in fp32 cast back before the weight, rope products rounded one by one), so the
-fused path differs from the eager one only by reduction order. Import this module lazily: under
+fused path differs from the eager one only by reduction order. Any even head size works (tiles of
+the next power of two, masked). Import this module lazily: under
 ``TRITON_INTERPRET=1`` (CPU tests) the environment must be set before the kernels are defined.
 """
 
@@ -41,8 +44,8 @@ install_interpreter_fix()  # loop bounds read from memory, under TRITON_INTERPRE
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr, n_cols, eps, part_stride,
-                     HAS_RES: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr):
+def _rms_norm_kernel(x_ptr, res_ptr, add_ptr, w_ptr, y_ptr, res_out_ptr, n_cols, eps, part_stride,
+                     HAS_RES: tl.constexpr, HAS_ADD: tl.constexpr, PARTS: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     m = cols < n_cols
@@ -56,6 +59,9 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr, n_cols, eps, par
     if HAS_RES:
         r = tl.load(res_ptr + row * n_cols + cols, mask=m, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(res_out_ptr.dtype.element_ty)
+        if HAS_ADD:  # a second add, rounded on its own as the eager ``(x + r) + a`` rounds
+            a = tl.load(add_ptr + row * n_cols + cols, mask=m, other=0.0)
+            x = (x.to(tl.float32) + a.to(tl.float32)).to(res_out_ptr.dtype.element_ty)
         tl.store(res_out_ptr + row * n_cols + cols, x, mask=m)
     h = x.to(tl.float32)
     var = tl.sum(h * h, axis=0) / n_cols
@@ -64,89 +70,106 @@ def _rms_norm_kernel(x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr, n_cols, eps, par
     tl.store(y_ptr + row * n_cols + cols, (w * normed).to(y_ptr.dtype.element_ty), mask=m)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [..., n] -> (h, y): h = x + residual (x itself without one), y = weight * RMSNorm(h)."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             add: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [..., n] -> (h, y): h = (x + residual) + add (x itself without a residual; ``add``, shaped
+    like x, needs one), y = weight * RMSNorm(h)."""
     n = x.shape[-1]
-    x2 = x.reshape(-1, n)
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
+    x2 = _rows(x, n)
     y = torch.empty_like(x2)
     if residual is not None:
-        r2 = residual.reshape(-1, n)
-        r2 = r2 if r2.is_contiguous() else r2.contiguous()
+        r2 = _rows(residual, n)
         h = torch.empty_like(x2)
     else:
+        assert add is None, "add comes after a residual add"
         r2, h = x2, x2
-    _launch_rms_norm(x2, r2, weight, y, h, eps, has_res=residual is not None)
+    _launch_rms_norm(x2, r2, weight, y, h, eps, has_res=residual is not None, add=add)
     return h.view(x.shape), y.view(x.shape)
 
 
-def rms_norm_of_parts(parts: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``rms_norm(sum(parts).to(residual.dtype), weight, eps, residual)`` in one kernel: parts
+def rms_norm_of_parts(parts: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor,
+                      add: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rms_norm(sum(parts).to(residual.dtype), weight, eps, residual, add)`` in one kernel: parts
     [P, rows, n] fp32 (``linear_parts``), residual [rows, n] -> (h, y) as ``rms_norm``."""
     assert parts.is_contiguous() and residual.is_contiguous() and residual.shape == parts.shape[1:]
     y, h = torch.empty_like(residual), torch.empty_like(residual)
-    _launch_rms_norm(parts, residual, weight, y, h, eps, has_res=True, parts=parts.shape[0])
+    _launch_rms_norm(parts, residual, weight, y, h, eps, has_res=True, parts=parts.shape[0], add=add)
     return h, y
 
 
+def _rows(t: torch.Tensor, n: int) -> torch.Tensor:
+    """``t`` [..., n] as contiguous rows [M, n] (a copy only when it is not contiguous)."""
+    t2 = t.reshape(-1, n)
+    return t2 if t2.is_contiguous() else t2.contiguous()
+
+
 def _launch_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, y: torch.Tensor, h: torch.Tensor,
-                     eps: float, *, has_res: bool, parts: int = 0) -> None:
-    """One program per row of y [rows, n]; x is [rows, n], or [parts, rows, n] fp32 partial sums."""
+                     eps: float, *, has_res: bool, parts: int = 0, add: torch.Tensor | None = None) -> None:
+    """One program per row of y [rows, n]; x is [rows, n], or [parts, rows, n] fp32 partial sums;
+    ``add`` rows like y, or None."""
     rows, n = y.shape
     block = next_pow2(n)
-    _rms_norm_kernel[(rows,)](x, residual, weight, y, h, n, eps, rows * n, HAS_RES=has_res, PARTS=parts,
-                              BLOCK=block, num_warps=max(1, min(8, block // 256)))
+    a2 = residual if add is None else _rows(add, n)
+    assert a2.shape == y.shape
+    _rms_norm_kernel[(rows,)](x, residual, a2, weight, y, h, n, eps, rows * n, HAS_RES=has_res,
+                              HAS_ADD=add is not None, PARTS=parts, BLOCK=block,
+                              num_warps=max(1, min(8, block // 256)))
 
 
 # -- rotary embedding + KV-cache write ------------------------------------------------------------
 
 
 @triton.jit
-def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, slot_ptr, pos_ptr,
+def _rope_kv_kernel(qkv_ptr, cos_ptr, sin_ptr, q_ptr, k_ptr, v_ptr, slot_ptr, pos_ptr, q_norm_ptr, k_norm_ptr,
                     qkv_stride, cs_stride, q_stride_row, q_stride_head,
-                    c_stride_s, c_stride_h, c_stride_l, max_pos,
-                    H: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr):
+                    c_stride_s, c_stride_h, c_stride_l, max_pos, eps,
+                    H: tl.constexpr, HKV: tl.constexpr, HALF: tl.constexpr, BLOCK_D: tl.constexpr,
+                    QK_NORM: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
-    d = tl.arange(0, 2 * HALF)
+    d = tl.arange(0, BLOCK_D)
+    dm = d < 2 * HALF
     src = qkv_ptr + row * qkv_stride + head * (2 * HALF) + d
     slot = tl.load(slot_ptr + row).to(tl.int64)
     pos = tl.minimum(tl.load(pos_ptr + row), max_pos - 1).to(tl.int64)
     if head < H + HKV:
-        c = tl.load(cos_ptr + row * cs_stride + d).to(tl.float32)
-        s = tl.load(sin_ptr + row * cs_stride + d).to(tl.float32)
+        c = tl.load(cos_ptr + row * cs_stride + d, mask=dm, other=0.0).to(tl.float32)
+        s = tl.load(sin_ptr + row * cs_stride + d, mask=dm, other=0.0).to(tl.float32)
         if head < H:
             dst = q_ptr + row * q_stride_row + head * q_stride_head
+            norm = q_norm_ptr
         else:
             dst = k_ptr + slot * c_stride_s + (head - H) * c_stride_h + pos * c_stride_l
-        tl.store(dst + d, _rotate_row(src, d, c, s, HALF))
+            norm = k_norm_ptr
+        tl.store(dst + d, _rotate_row(src, d, dm, c, s, norm, eps, HALF, QK_NORM), mask=dm)
     else:
         dst = v_ptr + slot * c_stride_s + (head - H - HKV) * c_stride_h + pos * c_stride_l
-        tl.store(dst + d, tl.load(src))
+        tl.store(dst + d, tl.load(src, mask=dm), mask=dm)
 
 
 def rope_kv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-            slots: torch.Tensor, cache_pos: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+            slots: torch.Tensor, cache_pos: torch.Tensor, num_heads: int, num_kv_heads: int,
+            qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
     """Rotate and scatter one layer's projections of ``N`` tokens.
 
     qkv [N, (H + 2 Hkv) * D] (q, k, v heads stacked); cos, sin [N, D] in qkv's dtype;
     k_cache, v_cache [S, Hkv, L, D] (a layer's cache, last dim contiguous, same strides);
-    slots, cache_pos [N] long: where token n's key and value go (positions past L - 1 are clamped).
+    slots, cache_pos [N] long: where token n's key and value go (positions past L - 1 are clamped);
+    qk_norm (Qwen3): the q and k RMSNorm weights [D] and eps, applied to each head before the rotary.
     Returns q [N, H, D], rotated.
     """
     n = qkv.shape[0]
     d = k_cache.shape[-1]
     assert qkv.stride(-1) == 1 and cos.stride(-1) == 1 and sin.stride(-1) == 1 and k_cache.stride(-1) == 1
-    assert k_cache.stride() == v_cache.stride() and cos.stride() == sin.stride()
+    assert k_cache.stride() == v_cache.stride() and cos.stride() == sin.stride() and d % 2 == 0
+    q_norm, k_norm, eps = qk_norm if qk_norm is not None else (cos, cos, 0.0)
     q = torch.empty(n, num_heads, d, device=qkv.device, dtype=qkv.dtype)
     _rope_kv_kernel[(n, num_heads + 2 * num_kv_heads)](
-        qkv, cos, sin, q, k_cache, v_cache, slots, cache_pos,
+        qkv, cos, sin, q, k_cache, v_cache, slots, cache_pos, q_norm, k_norm,
         qkv.stride(0), cos.stride(0), q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.shape[2],
-        H=num_heads, HKV=num_kv_heads, HALF=d // 2, num_warps=1)
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.shape[2], eps,
+        H=num_heads, HKV=num_kv_heads, HALF=d // 2, BLOCK_D=next_pow2(d), QK_NORM=qk_norm is not None,
+        num_warps=1)
     return q
 
 
@@ -182,130 +205,146 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _rotate_row(x_ptr, d, c, s, HALF: tl.constexpr):
-    """Rows of ``x`` (pointers ``x_ptr``, column d) rotated: x * cos + rotate_half(x) * sin, each
-    product rounded as the eager ops round it."""
+def _rotate_row(x_ptr, d, dm, c, s, norm_ptr, eps, HALF: tl.constexpr, NORM: tl.constexpr):
+    """Heads of ``x`` (pointers ``x_ptr`` [..., BLOCK_D], column d, ``dm`` the real columns) rotated:
+    x * cos + rotate_half(x) * sin, each product rounded as the eager ops round it. ``NORM``
+    (Qwen3): each head RMS-normed first (fp32, rounded, then times ``norm_ptr``'s weight, rounded)."""
     dtype = x_ptr.dtype.element_ty
-    x = tl.load(x_ptr).to(tl.float32)
-    partner = tl.load(x_ptr + tl.where(d < HALF, HALF, -HALF)).to(tl.float32)
+    other = tl.where(d < HALF, HALF, -HALF)  # the partner column
+    x = tl.load(x_ptr, mask=dm, other=0.0).to(tl.float32)
+    partner = tl.load(x_ptr + other, mask=dm, other=0.0).to(tl.float32)
+    if NORM:
+        rstd = tl.rsqrt(tl.sum(x * x, axis=-1, keep_dims=True) / (2 * HALF) + eps)
+        w = tl.load(norm_ptr + d, mask=dm, other=0.0).to(tl.float32)
+        w_partner = tl.load(norm_ptr + d + other, mask=dm, other=0.0).to(tl.float32)
+        x = (w * (x * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        partner = (w_partner * (partner * rstd).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
     turned = tl.where(d < HALF, -partner, partner)
     return ((x * c).to(dtype).to(tl.float32) + (turned * s).to(dtype).to(tl.float32)).to(dtype)
 
 
 @triton.jit
-def _decode_attn_split_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, at_ptr, part_ptr,
-                              qkv_stride, cs_stride, c_stride_s, c_stride_h, c_stride_l, n_max, scale,
+def _decode_attn_split_kernel(qkv_ptr, cos_ptr, sin_ptr, k_ptr, v_ptr, at_ptr, part_ptr, q_norm_ptr, k_norm_ptr,
+                              qkv_stride, cs_stride, c_stride_s, c_stride_h, c_stride_l, n_max, scale, eps,
                               H: tl.constexpr, HKV: tl.constexpr, G: tl.constexpr, BLOCK_G: tl.constexpr,
-                              SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+                              SPLITS: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                              QK_NORM: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
     g = tl.arange(0, BLOCK_G)
-    d = tl.arange(0, D)
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
     n = tl.arange(0, BLOCK_N)
     heads = kvh * G + tl.where(g < G, g, 0)  # padded rows read head kvh * G and are never stored
-    c = tl.load(cos_ptr + b * cs_stride + d).to(tl.float32)
-    s = tl.load(sin_ptr + b * cs_stride + d).to(tl.float32)
+    c = tl.load(cos_ptr + b * cs_stride + d, mask=dm, other=0.0).to(tl.float32)
+    s = tl.load(sin_ptr + b * cs_stride + d, mask=dm, other=0.0).to(tl.float32)
     row = qkv_ptr + b * qkv_stride
-    q = _rotate_row(row + heads[:, None] * D + d[None, :], d[None, :], c[None, :], s[None, :], D // 2)  # [G, D]
+    q = _rotate_row(row + heads[:, None] * D + d[None, :], d[None, :], dm[None, :], c[None, :], s[None, :],
+                    q_norm_ptr, eps, D // 2, QK_NORM)  # [BLOCK_G, BLOCK_D], zero past D
     at = tl.minimum(tl.load(at_ptr + b), n_max - 1)
     k_base = k_ptr + b * c_stride_s + kvh * c_stride_h
     v_base = v_ptr + b * c_stride_s + kvh * c_stride_h
     # split 0 owns the new token: it writes the rotated key and the value to the cache position and
     # takes the token's score from registers, so every split reads only older positions [0, at)
     if split == 0:
-        k_new = _rotate_row(row + (H + kvh) * D + d, d, c, s, D // 2)  # [D]
-        v_new = tl.load(row + (H + HKV + kvh) * D + d)
-        tl.store(k_base + at * c_stride_l + d, k_new)
-        tl.store(v_base + at * c_stride_l + d, v_new)
+        k_new = _rotate_row(row + (H + kvh) * D + d, d, dm, c, s, k_norm_ptr, eps, D // 2, QK_NORM)  # [BLOCK_D]
+        v_new = tl.load(row + (H + HKV + kvh) * D + d, mask=dm, other=0.0)
+        tl.store(k_base + at * c_stride_l + d, k_new, mask=dm)
+        tl.store(v_base + at * c_stride_l + d, v_new, mask=dm)
         m_i = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], 1) * scale  # [G]
         l_i = tl.full([BLOCK_G], 1.0, tl.float32)
-        acc = tl.zeros([BLOCK_G, D], tl.float32) + v_new.to(tl.float32)[None, :]
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32) + v_new.to(tl.float32)[None, :]
     else:
         m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, D], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     chunk = tl.cdiv(at, SPLITS)
     lo = split * chunk
     hi = tl.minimum(lo + chunk, at)
     for start in range(lo, hi, BLOCK_N):
         cols = start + n
         cm = cols < hi
-        k = tl.load(k_base + cols[:, None] * c_stride_l + d[None, :], mask=cm[:, None], other=0.0)
+        tile = cm[:, None] & dm[None, :]
+        k = tl.load(k_base + cols[:, None] * c_stride_l + d[None, :], mask=tile, other=0.0)
         sc = tl.dot(q, tl.trans(k)) * scale
         sc = tl.where(cm[None, :], sc, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(sc, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(sc - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + cols[:, None] * c_stride_l + d[None, :], mask=cm[:, None], other=0.0)
+        v = tl.load(v_base + cols[:, None] * c_stride_l + d[None, :], mask=tile, other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
     if SPLITS == 1:  # nothing to combine: part_ptr is the output [B, H * D]
         tl.store(part_ptr + b * H * D + heads[:, None] * D + d[None, :], (acc / l_i[:, None]).to(qkv_ptr.dtype.element_ty),
-                 mask=(g < G)[:, None])
+                 mask=(g < G)[:, None] & dm[None, :])
         return
     # partials [B, HKV, SPLITS, BLOCK_G, D + 2] fp32: acc, then the running max and sum
     out = part_ptr + ((b * HKV + kvh) * SPLITS + split) * BLOCK_G * (D + 2) + g[:, None] * (D + 2)
-    tl.store(out + d[None, :], acc)
+    tl.store(out + d[None, :], acc, mask=dm[None, :])
     tl.store(out + D, m_i[:, None])
     tl.store(out + D + 1, l_i[:, None])
 
 
 @triton.jit
 def _decode_attn_combine_kernel(part_ptr, out_ptr, o_stride_b, HKV: tl.constexpr, G: tl.constexpr,
-                                BLOCK_G: tl.constexpr, SPLITS: tl.constexpr, D: tl.constexpr):
+                                BLOCK_G: tl.constexpr, SPLITS: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     g = tl.arange(0, BLOCK_G)
-    d = tl.arange(0, D)
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
     base = part_ptr + (b * HKV + kvh) * SPLITS * BLOCK_G * (D + 2) + g * (D + 2)  # [BLOCK_G]
     m = tl.load(base + D)
     for split in tl.static_range(1, SPLITS):
         m = tl.maximum(m, tl.load(base + split * BLOCK_G * (D + 2) + D))
     total = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, D], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
     for split in tl.static_range(SPLITS):
         part = base + split * BLOCK_G * (D + 2)
         w = tl.exp(tl.load(part + D) - m)  # an empty split's max is -inf: weight 0
         total += tl.load(part + D + 1) * w
-        acc += tl.load(part[:, None] + d[None, :]) * w[:, None]
+        acc += tl.load(part[:, None] + d[None, :], mask=dm[None, :], other=0.0) * w[:, None]
     heads = kvh * G + g
     tl.store(out_ptr + b * o_stride_b + heads[:, None] * D + d[None, :], (acc / total[:, None]).to(out_ptr.dtype.element_ty),
-             mask=(g < G)[:, None])
+             mask=(g < G)[:, None] & dm[None, :])
 
 
 def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                     v_cache: torch.Tensor, cache_pos: torch.Tensor, num_heads: int, splits: int | None = None
-                     ) -> torch.Tensor:
+                     v_cache: torch.Tensor, cache_pos: torch.Tensor, num_heads: int, splits: int | None = None,
+                     qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
     """One decode token per batch row, from its qkv projection to its attention output.
 
     qkv [B, (H + 2 Hkv) * D] (q, k, v heads stacked); cos, sin [B, D] in qkv's dtype (the step's
     M-RoPE tables); k_cache, v_cache [>=B, Hkv, L, D] (row b is slot b); cache_pos [B]: row b's
     rotated key and its value go to position ``p = min(cache_pos[b], L - 1)`` and its rotated query
-    attends to ``[0, p]``. The positions before ``p`` are cut into ``splits`` parts attended in
+    attends to ``[0, p]``; qk_norm (Qwen3): the q and k RMSNorm weights [D] and eps, applied to each
+    head before the rotary. The positions before ``p`` are cut into ``splits`` parts attended in
     parallel, then combined (default: enough parts for ~64 programs, at most 8; one part, and no
     combining kernel, from 33 (row, KV head) pairs: batch 32 of 2 KV heads). Returns [B, H * D].
     """
     b = qkv.shape[0]
     hkv, d = k_cache.shape[1], k_cache.shape[-1]
-    assert d == next_pow2(d) and qkv.stride(-1) == 1 and k_cache.stride(-1) == 1 and cos.stride() == sin.stride()
+    assert d % 2 == 0 and qkv.stride(-1) == 1 and k_cache.stride(-1) == 1 and cos.stride() == sin.stride()
     assert k_cache.stride() == v_cache.stride() and qkv.shape[1] == (num_heads + 2 * hkv) * d and cos.stride(-1) == 1
     if splits is None:
         splits = max(1, min(8, 64 // (b * hkv)))
     group = num_heads // hkv
     block_g = max(16, next_pow2(group))
+    q_norm, k_norm, eps = qk_norm if qk_norm is not None else (cos, cos, 0.0)
     out = torch.empty(b, num_heads * d, device=qkv.device, dtype=qkv.dtype)
     parts = out if splits == 1 else torch.empty(b, hkv, splits, block_g, d + 2, device=qkv.device,
                                                 dtype=torch.float32)
+    block_d = max(16, next_pow2(d))  # a tl.dot's smallest K
     _decode_attn_split_kernel[(b, hkv, splits)](
-        qkv, cos, sin, k_cache, v_cache, cache_pos, parts,
+        qkv, cos, sin, k_cache, v_cache, cache_pos, parts, q_norm, k_norm,
         qkv.stride(0), cos.stride(0), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), k_cache.shape[2],
-        d**-0.5, H=num_heads, HKV=hkv, G=group, BLOCK_G=block_g, SPLITS=splits, BLOCK_N=64, D=d,
-        num_warps=4, num_stages=3)
+        d**-0.5, eps, H=num_heads, HKV=hkv, G=group, BLOCK_G=block_g, SPLITS=splits, BLOCK_N=64, D=d,
+        BLOCK_D=block_d, QK_NORM=qk_norm is not None, num_warps=4, num_stages=3)
     if splits > 1:
         _decode_attn_combine_kernel[(b, hkv)](parts, out, out.stride(0), HKV=hkv, G=group, BLOCK_G=block_g,
-                                              SPLITS=splits, D=d, num_warps=4)
+                                              SPLITS=splits, D=d, BLOCK_D=block_d, num_warps=4)
     return out
 
 

@@ -54,44 +54,73 @@ def test_elementwise_kernels_round_like_eager_ops(dtype: torch.dtype) -> None:
     torch.testing.assert_close(ops.silu_mul(gu), F.silu(g) * u, atol=2e-3, rtol=2e-3)
 
 
+def _tol(dtype: torch.dtype) -> dict[str, float]:
+    """The interpreter rounds each product as the eager ops do; compiled, the GPU may contract a
+    rope product and the sum into one FMA, and its rsqrt may flip the last bit of a q/k-normed
+    value: one rounding of the output's size apart."""
+    return {"rtol": 2 * torch.finfo(dtype).eps, "atol": 16 * torch.finfo(dtype).eps}
+
+
+def _qk_norm(d: int, dtype: torch.dtype, norm: bool) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """Qwen3's q and k RMSNorm weights [d] and eps, or None (Qwen2)."""
+    if not norm:
+        return None
+    q_w, k_w = ((1 + 0.3 * torch.randn(d, device=DEVICE)).to(dtype) for _ in range(2))
+    return q_w, k_w, 1e-6
+
+
+def _head_norm(x: torch.Tensor, qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None, which: int) -> torch.Tensor:
+    """HF's Qwen3 q (which=0) or k (1) norm over each head: fp32 RMSNorm, rounded, times the weight."""
+    if qk_norm is None:
+        return x
+    x32 = x.float()
+    return qk_norm[which] * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + qk_norm[2])).to(x.dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_rope_kv_rotates_and_scatters_into_the_cache(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(("heads", "kv_heads", "d", "norm"), [(4, 2, 16, False), (4, 2, 24, True), (3, 1, 24, False),
+                                                               (16, 8, 128, True), (2, 2, 40, True)])
+def test_rope_kv_rotates_and_scatters_into_the_cache(heads: int, kv_heads: int, d: int, norm: bool,
+                                                     dtype: torch.dtype) -> None:
+    """Any even head size (the tiny Qwen3-VL checkpoint's is 24), with Qwen3's q/k norm or without."""
     from service.llm import gpu_ops as ops
     from service.llm.model import _rotate
 
-    heads, kv_heads, d, slots, length, n = 4, 2, 16, 3, 40, 5
-    qkv = torch.randn(n, (heads + 2 * kv_heads) * d, dtype=dtype, device=DEVICE)
+    slots, length, n = 3, 40, 5
+    qkv = (3 * torch.randn(n, (heads + 2 * kv_heads) * d, device=DEVICE)).to(dtype)
     angle = 10 * torch.randn(n, d, device=DEVICE)
     cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
     k_cache = torch.full((slots, kv_heads, length, d), float("nan"), dtype=dtype, device=DEVICE)
     v_cache = k_cache.clone()
     slot = torch.tensor([0, 2, 2, 1, 0], device=DEVICE)
     at = torch.tensor([3, 7, 8, 39, 50], device=DEVICE)  # the last one is clamped to length - 1
-    q = ops.rope_kv(qkv, cos, sin, k_cache, v_cache, slot, at, heads, kv_heads)
+    qk_norm = _qk_norm(d, dtype, norm)
+    q = ops.rope_kv(qkv, cos, sin, k_cache, v_cache, slot, at, heads, kv_heads, qk_norm=qk_norm)
     qr, kr, vr = qkv.view(n, -1, d).split([heads, kv_heads, kv_heads], dim=1)
+    qr, kr = _head_norm(qr, qk_norm, 0), _head_norm(kr, qk_norm, 1)
     c, s = cos[:, None, None], sin[:, None, None]
-    # the interpreter rounds each product as the eager ops do; compiled, the GPU may contract a
-    # product and the sum into one FMA: one rounding of the products' size apart
-    tol = {"rtol": 2 * torch.finfo(dtype).eps, "atol": 16 * torch.finfo(dtype).eps}
-    torch.testing.assert_close(q, _rotate(qr[:, :, None], c, s)[:, :, 0], **tol)
+    torch.testing.assert_close(q, _rotate(qr[:, :, None], c, s)[:, :, 0], **_tol(dtype))
     k_ref = _rotate(kr[:, :, None], c, s)[:, :, 0]
     for i in range(n):
         p = min(int(at[i]), length - 1)
-        torch.testing.assert_close(k_cache[slot[i], :, p], k_ref[i], **tol)
+        torch.testing.assert_close(k_cache[slot[i], :, p], k_ref[i], **_tol(dtype))
         assert torch.equal(v_cache[slot[i], :, p], vr[i])
     assert int((~k_cache.isnan()).sum()) == n * kv_heads * d  # nothing else written
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize(("heads", "kv_heads", "splits"),
-                         [(12, 2, 8), (28, 4, 3), (4, 4, 1), (12, 2, 1), (12, 2, None)])  # None: the default
-def test_decode_attention_rotates_writes_the_cache_and_attends(heads: int, kv_heads: int, splits: int | None,
-                                                                dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(("heads", "kv_heads", "d", "splits", "norm"),  # splits None: the default
+                         [(12, 2, 32, 8, False), (28, 4, 32, 3, False), (4, 4, 32, 1, False), (12, 2, 32, 1, False),
+                          (12, 2, 32, None, False), (4, 2, 24, 3, True), (4, 2, 24, 1, False),
+                          (16, 8, 128, None, True), (32, 8, 128, 1, True), (6, 2, 40, 2, True)])
+def test_decode_attention_rotates_writes_the_cache_and_attends(heads: int, kv_heads: int, d: int, splits: int | None,
+                                                                norm: bool, dtype: torch.dtype) -> None:
+    """Any even head size, Qwen3's q/k norm or not (Qwen3-VL-2B: 16 / 8 heads, 8B: 32 / 8, of 128)."""
     from service.llm import gpu_ops as ops
     from service.llm.model import _rotate
 
-    b, d, length = 4, 32, 150
-    qkv = torch.randn(b, (heads + 2 * kv_heads) * d, dtype=dtype, device=DEVICE)
+    b, length = 4, 150
+    qkv = (3 * torch.randn(b, (heads + 2 * kv_heads) * d, device=DEVICE)).to(dtype)
     angle = 10 * torch.randn(b, d, device=DEVICE)
     cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
     k_cache = torch.randn(b + 1, kv_heads, length, d, dtype=dtype, device=DEVICE)
@@ -99,17 +128,17 @@ def test_decode_attention_rotates_writes_the_cache_and_attends(heads: int, kv_he
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     # nothing before it; fewer positions than splits; a ragged split; past the window (clamped)
     at = torch.tensor([0, 5, 70, 400], device=DEVICE)
-    out = ops.decode_attention(qkv, cos, sin, k_cache, v_cache, at, heads, splits=splits)
+    qk_norm = _qk_norm(d, dtype, norm)
+    out = ops.decode_attention(qkv, cos, sin, k_cache, v_cache, at, heads, splits=splits, qk_norm=qk_norm)
 
     q, k, v = qkv.view(b, -1, d).split([heads, kv_heads, kv_heads], dim=1)
+    q, k = _head_norm(q, qk_norm, 0), _head_norm(k, qk_norm, 1)
     c, s = cos[:, None, None], sin[:, None, None]
     q, k = _rotate(q[:, :, None], c, s), _rotate(k[:, :, None], c, s)  # [B, heads, 1, D]
     end = at.clamp(max=length - 1)
     for i in range(b):
         k_ref[i, :, end[i]], v_ref[i, :, end[i]] = k[i, :, 0], v[i]
-    # the GPU may contract a rope product and the sum into one FMA: one rounding apart at most
-    tol = {"rtol": 2 * torch.finfo(dtype).eps, "atol": 16 * torch.finfo(dtype).eps}
-    torch.testing.assert_close(k_cache, k_ref, **tol)
+    torch.testing.assert_close(k_cache, k_ref, **_tol(dtype))
     assert torch.equal(v_cache, v_ref)  # and nothing else in either cache moved
     mask = (torch.arange(length, device=DEVICE)[None] <= end[:, None])[:, None, None]
     ref = F.scaled_dot_product_attention(q.float(), k_ref[:b].float(), v_ref[:b].float(), attn_mask=mask,
@@ -236,3 +265,27 @@ def test_linear_parts_then_rms_norm_of_parts(rows: int, n: int, k: int, parts: i
     torch.testing.assert_close(h, want_h, atol=2 * torch.finfo(dtype).eps, rtol=2 * torch.finfo(dtype).eps)
     torch.testing.assert_close(y, want_y, atol=4e-3, rtol=4e-3)
 
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("rows", "n", "parts"), [(5, 96, 3), (1, 200, 8), (16, 64, 1)])
+def test_rms_norm_adds_deepstack_after_the_residual(rows: int, n: int, parts: int, dtype: torch.dtype) -> None:
+    """h = (x + residual) + add, each add rounded as the eager ops round it (HF adds the DeepStack
+    features to a layer's output); a zero ``add`` row leaves h exactly as without one."""
+    from service.llm import gpu_ops as ops
+
+    x, r, a = (torch.randn(rows, n, dtype=dtype, device=DEVICE) for _ in range(3))
+    a[0] = 0  # a row away from the image
+    w = (1 + 0.1 * torch.randn(n, device=DEVICE)).to(dtype)
+    h, y = ops.rms_norm(x, w, 1e-6, residual=r, add=a)
+    assert torch.equal(h, (x + r) + a)
+    assert torch.equal(h[0], ops.rms_norm(x, w, 1e-6, residual=r)[0][0])
+    h32 = h.float()
+    torch.testing.assert_close(y, w * (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype),
+                               atol=4e-3, rtol=4e-3)
+    # the few-row form: a projection's partial sums, summed and rounded, then the same two adds
+    partial = torch.randn(parts, rows, n, device=DEVICE)
+    h2, y2 = ops.rms_norm_of_parts(partial, w, 1e-6, r, add=a)
+    want_h, want_y = ops.rms_norm(partial.sum(0).to(dtype), w, 1e-6, residual=r, add=a)
+    torch.testing.assert_close(h2, want_h, **_tol(dtype))
+    torch.testing.assert_close(y2, want_y, atol=4e-3, rtol=4e-3)
