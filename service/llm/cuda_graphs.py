@@ -23,7 +23,10 @@ prefill (embedding, the layers, the LM head and the argmax at each row's real la
 replayed from a CUDA graph. Padding tokens write keys and values past their row's real tokens,
 where no real token attends and decoding overwrites them; padding rows write only the cache's last
 position, which no request reaches (a prompt plus its answer fit in ``max_len``), and attention
-never reads past each token's own cache position.
+never reads past each token's own cache position. A row that holds an image brings its embeddings
+and, for Qwen3-VL, its DeepStack features [L, n, hidden]: both land in static buffers at the
+image's tokens, and the graph keeps the DeepStack features there and zeros everywhere else (padding
+and stale rows of the buffer included), which the layers add after layers 0 .. L-1.
 """
 
 from __future__ import annotations
@@ -40,10 +43,11 @@ DecodeFn = Callable[[Qwen2LM, torch.Tensor, torch.Tensor, torch.Tensor, torch.Te
 
 
 class PrefillFn(Protocol):
-    """``prefill_at`` / ``prefill_fused_at``: (model, kv, embeds, positions, slots, at, window, causal)."""
+    """``prefill_at`` / ``prefill_fused_at``: (model, kv, embeds, positions, slots, at, window, causal, deepstack)."""
 
     def __call__(self, model: Qwen2LM, kv: torch.Tensor, embeds: torch.Tensor, positions: torch.Tensor,
-                 slots: torch.Tensor, at: torch.Tensor, window: int, *, causal: bool = False) -> torch.Tensor: ...
+                 slots: torch.Tensor, at: torch.Tensor, window: int, *, causal: bool = False,
+                 deepstack: torch.Tensor | None = None) -> torch.Tensor: ...
 
 TOKEN, CACHE_POS, ROPE_POS, ACTIVE = range(4)
 
@@ -228,6 +232,7 @@ class PrefillRow:
     slot: int
     start: int
     image: tuple[int, torch.Tensor] | None = None  # (index in ids, embeddings [n, hidden]) replacing ids
+    deepstack: torch.Tensor | None = None  # the image's DeepStack features [L, n, hidden] (Qwen3-VL)
 
 
 @dataclass(frozen=True)
@@ -273,6 +278,7 @@ class PrefillRunner(_CacheRunner):
         self._pool = None
         self._meta: torch.Tensor | None = None  # static inputs of the graphs (lazily, on first capture)
         self._images: torch.Tensor | None = None
+        self._deepstack: torch.Tensor | None = None  # [L, max_graph_tokens, hidden] (DeepStack models)
         self.counters = {"graph_runs": 0, "eager_runs": 0}
 
     @property
@@ -337,47 +343,62 @@ class PrefillRunner(_CacheRunner):
 
     # -- running ----------------------------------------------------------------------------------
 
-    def _body(self, fn: PrefillFn, shape: PrefillShape, meta: torch.Tensor, images: torch.Tensor | None
-              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def _body(self, fn: PrefillFn, shape: PrefillShape, meta: torch.Tensor, images: torch.Tensor | None,
+              deepstack: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         r, t = shape.rows, shape.tokens
         ids, pos, at, image, slots, last = self._split(meta, r, t)
         x = self.model.embed(ids)  # [R, T, hidden]
+        stack = None
         if shape.images:
             assert images is not None
-            x = torch.where(image[:, :, None] != 0, images, x)
-        hidden = fn(self.model, self.kv, x, pos, slots, at, shape.window, causal=shape.causal)
+            at_image = image[:, :, None] != 0  # [R, T, 1]
+            x = torch.where(at_image, images, x)
+            if deepstack is not None:  # [L, R, T, hidden], zero away from the images
+                stack = deepstack.masked_fill(~at_image, 0)
+        hidden = fn(self.model, self.kv, x, pos, slots, at, shape.window, causal=shape.causal, deepstack=stack)
         if not shape.logits:
             return None, None
         logits = self.model.logits(hidden[torch.arange(r, device=hidden.device), last])
         return logits, torch.argmax(logits, dim=-1)
 
-    def _static(self, shape: PrefillShape) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Views of the graphs' static inputs for ``shape`` (allocated once, at the largest size)."""
+    def _static(self, shape: PrefillShape) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Views of the graphs' static inputs for ``shape`` (allocated once, at the largest size):
+        meta, and the images and DeepStack buffers (None when the shape has no image or the model no
+        DeepStack layers)."""
+        cfg = self.model.cfg
         if self._meta is None:
             self._meta = torch.zeros(6 * self.max_graph_tokens + 2 * self._max_rows, dtype=torch.long,
                                      device=self.device)
-            self._images = torch.zeros(self.max_graph_tokens, self.model.cfg.hidden_size, dtype=self.model.dtype,
+            self._images = torch.zeros(self.max_graph_tokens, cfg.hidden_size, dtype=self.model.dtype,
                                        device=self.device)
+            if cfg.deepstack_layers:
+                self._deepstack = torch.zeros(cfg.deepstack_layers, self.max_graph_tokens, cfg.hidden_size,
+                                              dtype=self.model.dtype, device=self.device)
         assert self._images is not None
+        rt = shape.rows * shape.tokens
         meta = self._meta[: self._meta_size(shape.rows, shape.tokens)]
-        images = self._images[: shape.rows * shape.tokens].view(shape.rows, shape.tokens, -1)
-        return meta, images if shape.images else None
+        if not shape.images:
+            return meta, None, None
+        images = self._images[:rt].view(shape.rows, shape.tokens, -1)
+        stack = None if self._deepstack is None else self._deepstack[:, :rt].view(-1, shape.rows, shape.tokens,
+                                                                                   cfg.hidden_size)
+        return meta, images, stack
 
-    def _capture(self, fn: PrefillFn, shape: PrefillShape, meta: torch.Tensor, images: torch.Tensor | None
-                 ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor | None, torch.Tensor | None]:
+    def _capture(self, fn: PrefillFn, shape: PrefillShape, meta: torch.Tensor, images: torch.Tensor | None,
+                 deepstack: torch.Tensor | None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor | None, torch.Tensor | None]:
         """Record ``shape``'s prefill. The warm-up runs (Triton compiles, cuBLAS picks algorithms)
         really run this call's prefill: they write the same keys and values the replay writes."""
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             for _ in range(2):
-                self._body(fn, shape, meta, images)
+                self._body(fn, shape, meta, images, deepstack)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-            logits, tokens = self._body(fn, shape, meta, images)
+            logits, tokens = self._body(fn, shape, meta, images, deepstack)
         return graph, logits, tokens
 
     def run(self, fn: PrefillFn, rows: Sequence[PrefillRow], *, logits: bool = True
@@ -385,32 +406,40 @@ class PrefillRunner(_CacheRunner):
         """Prefill ``rows`` (one per slot) without waiting for the device; see the class doc."""
         shape = self.shape(rows, logits=logits)
         key = (id(fn), shape)
-        graphed = (self.use_graphs and shape.bucketed and shape.rows <= self._max_rows
-                   and (key in self._graphs or len(self._graphs) < self.max_graphs))
+        # a bucketed shape runs on the static inputs, graphed or not (the CPU tests exercise the
+        # graphs' bookkeeping, stale buffer rows included)
+        static = shape.bucketed and shape.rows <= self._max_rows
+        graphed = self.use_graphs and static and (key in self._graphs or len(self._graphs) < self.max_graphs)
         host = self._host_meta(rows, shape)
-        if graphed:
-            meta, images = self._static(shape)
+        if static:
+            meta, images, deepstack = self._static(shape)
             meta.copy_(host, non_blocking=True)  # pinned: the host allocator keeps it until the copy ran
         else:
             meta = host.to(self.device, non_blocking=True)
-            images = None
+            images = deepstack = None
             if shape.images:
-                images = torch.zeros(shape.rows, shape.tokens, self.model.cfg.hidden_size, dtype=self.model.dtype,
-                                     device=self.device)
+                cfg, dtype = self.model.cfg, self.model.dtype
+                images = torch.zeros(shape.rows, shape.tokens, cfg.hidden_size, dtype=dtype, device=self.device)
+                if cfg.deepstack_layers:
+                    deepstack = torch.zeros(cfg.deepstack_layers, *images.shape, dtype=dtype, device=self.device)
         if images is not None:
             for b, row in enumerate(rows):
                 if row.image is not None:
                     lo, embeds = row.image
                     images[b, lo : lo + embeds.shape[0]].copy_(embeds, non_blocking=True)
+                    if deepstack is not None:
+                        if row.deepstack is None:
+                            raise ValueError("a row holds an image but not its DeepStack features")
+                        deepstack[:, b, lo : lo + embeds.shape[0]].copy_(row.deepstack, non_blocking=True)
         if graphed:
             self.counters["graph_runs"] += 1
             if key not in self._graphs:
-                self._graphs[key] = self._capture(fn, shape, meta, images)
+                self._graphs[key] = self._capture(fn, shape, meta, images, deepstack)
             graph, out, tokens = self._graphs[key]
             graph.replay()
         else:
             self.counters["eager_runs"] += 1
-            out, tokens = self._body(fn, shape, meta, images)
+            out, tokens = self._body(fn, shape, meta, images, deepstack)
         if out is None or tokens is None:
             return None, None
         return out[: len(rows)], tokens[: len(rows)]

@@ -65,7 +65,6 @@ from service.llm.model import (
     allocate_kv_cache,
     decode_step,
     decode_step_fused,
-    fused_model_supported,
     fused_supported,
     load_model,
     prefill,
@@ -194,7 +193,7 @@ class LLMEngine:
         self.eos_token_ids = frozenset(self.prompts.eos_token_ids)
         self.kv = allocate_kv_cache(self.model.cfg, max_batch_slots, self.max_seq_len, device=self.device, dtype=dtype)
         if fused is None:
-            fused = fused_supported(self.device, dtype) and fused_model_supported(self.model.cfg)
+            fused = fused_supported(self.device, dtype)
         self.fused = fused
         self.attention = attention or ("triton" if self.fused else "sdpa")
         if self.attention == "triton" and not self.fused:
@@ -212,9 +211,7 @@ class LLMEngine:
                 for batch in self.runner.batch_buckets:
                     self.runner.capture(self.decode_fn, *self.runner.bucket(batch, 1))
         if prefill_graphs is None:
-            prefill_graphs = self.runner.use_graphs and not self.deepstack_layers
-        if prefill_graphs and self.deepstack_layers:
-            raise ValueError("bucketed prefills (prefill_graphs) do not inject DeepStack features yet")
+            prefill_graphs = self.runner.use_graphs
         # prefill graphs are recorded on first use of each bucket
         self.prefiller = PrefillRunner(self.model, self.kv, use_graphs=self.runner.use_graphs) if prefill_graphs else None
         self._prefixes: OrderedDict[str, _Prefix] = OrderedDict()
@@ -436,8 +433,9 @@ class LLMEngine:
             prefill_rows = []
             for r, start, end in rows:
                 lo, n = r.prompt.image_start - start, r.prompt.num_image_tokens
-                image = (lo, r.embeds) if lo >= 0 and lo + n <= end - start else None
-                prefill_rows.append(PrefillRow(r.prompt.ids[start:end], r.positions[:, start:end], r.slot, start, image))
+                holds = lo >= 0 and lo + n <= end - start  # the row holds the image (and its DeepStack features)
+                prefill_rows.append(PrefillRow(r.prompt.ids[start:end], r.positions[:, start:end], r.slot, start,
+                                               (lo, r.embeds) if holds else None, r.deepstack if holds else None))
             out, greedy = self.prefiller.run(self.prefill_at_fn, prefill_rows, logits=logits)
             self.counters["prefill_tokens"] += sum(end - start for _, start, end in rows)
             return None if out is None or greedy is None else (out, greedy)

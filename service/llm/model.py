@@ -359,11 +359,6 @@ def fused_supported(device: torch.device | str, dtype: torch.dtype) -> bool:
     return True
 
 
-def fused_model_supported(cfg: TextConfig) -> bool:
-    """Whether the fused kernels cover this language model variant (not yet Qwen3's q/k norm)."""
-    return not cfg.qk_norm and not cfg.deepstack_layers
-
-
 def _norm_weights(model: Qwen2LM) -> list[torch.Tensor]:
     """The RMSNorm weight applied after each residual add: post-attention, then the next input norm."""
     layers = model.layers
@@ -372,10 +367,21 @@ def _norm_weights(model: Qwen2LM) -> list[torch.Tensor]:
         layers[i + 1].input_layernorm.weight if i + 1 < len(layers) else model.norm.weight)]
 
 
-def _fused_layers(model: Qwen2LM, h: torch.Tensor, attend: Callable[[int, torch.Tensor], torch.Tensor]
-                  ) -> torch.Tensor:
+def _qk_norm(model: Qwen2LM, i: int) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """Layer ``i``'s q and k RMSNorm weights and eps for the kernels that rotate q and k (Qwen3), or None."""
+    if not model.cfg.qk_norm:
+        return None
+    block = model.layers[i]
+    return block.q_norm.weight, block.k_norm.weight, model.cfg.rms_norm_eps
+
+
+def _fused_layers(model: Qwen2LM, h: torch.Tensor, attend: Callable[[int, torch.Tensor], torch.Tensor],
+                  deepstack: torch.Tensor | None = None) -> torch.Tensor:
     """h [N, hidden] token rows -> final-normed [N, hidden]; ``attend(layer, qkv [N, (H + 2 Hkv) * D])
-    -> [N, H * D]`` rotates, writes the layer's keys and values into the cache, and attends."""
+    -> [N, H * D]`` (q/k-norms,) rotates, writes the layer's keys and values into the cache, and attends.
+
+    deepstack [L, N, hidden] or None: added to the residual stream after layers 0 .. L-1, by the
+    residual-add + RMSNorm kernel that ends the layer (zero rows stay exactly as they were)."""
     from service.llm import gpu_ops as ops
 
     eps = model.cfg.rms_norm_eps
@@ -383,14 +389,15 @@ def _fused_layers(model: Qwen2LM, h: torch.Tensor, attend: Callable[[int, torch.
     few = h.shape[0] <= ops.FEW_ROWS  # a decode step (or a small prefill): the MLP on our few-row kernels
     _, x = ops.rms_norm(h, model.layers[0].input_layernorm.weight, eps)
     for i, block in enumerate(model.layers):
-        qkv = F.linear(x, block.qkv_proj.weight, block.qkv_proj.bias)
+        qkv = F.linear(x, block.qkv_proj.weight, block.qkv_proj.bias)  # bias None for Qwen3
         h, x = ops.rms_norm(F.linear(attend(i, qkv), block.o_proj.weight), norms[2 * i], eps, residual=h)
+        add = deepstack[i] if deepstack is not None and i < len(deepstack) else None
         if few:  # the MLP's weights read by our kernels: SwiGLU in the first, the residual norm after the second
             parts = ops.linear_parts(ops.gate_up_silu(x, block.gate_up_proj.weight), block.down_proj.weight)
-            h, x = ops.rms_norm_of_parts(parts, norms[2 * i + 1], eps, residual=h)
+            h, x = ops.rms_norm_of_parts(parts, norms[2 * i + 1], eps, residual=h, add=add)
         else:
             mlp = F.linear(ops.silu_mul(F.linear(x, block.gate_up_proj.weight)), block.down_proj.weight)
-            h, x = ops.rms_norm(mlp, norms[2 * i + 1], eps, residual=h)
+            h, x = ops.rms_norm(mlp, norms[2 * i + 1], eps, residual=h, add=add)
     return x
 
 
@@ -404,7 +411,8 @@ def _rope_kv_then(model: Qwen2LM, kv: torch.Tensor, cos: torch.Tensor, sin: torc
     cfg = model.cfg
 
     def rope_then_attend(i: int, qkv: torch.Tensor) -> torch.Tensor:
-        q = ops.rope_kv(qkv, cos, sin, kv[i, 0], kv[i, 1], slot_rows, at_rows, cfg.num_heads, cfg.num_kv_heads)
+        q = ops.rope_kv(qkv, cos, sin, kv[i, 0], kv[i, 1], slot_rows, at_rows, cfg.num_heads, cfg.num_kv_heads,
+                        qk_norm=_qk_norm(model, i))
         return attend(i, q)
 
     return rope_then_attend
@@ -432,11 +440,10 @@ def prefill_fused_at(model: Qwen2LM, kv: torch.Tensor, embeds: torch.Tensor, pos
 
     ``causal``: every real row starts at cache position 0 and ``window == T``, so attention is
     causal over ``[0, T)`` (flash, no mask); rows past the real ones, and padding tokens, get
-    whatever the causal rule gives them (their outputs are ignored).
+    whatever the causal rule gives them (their outputs are ignored). ``deepstack`` [L, B, T, hidden]
+    as in ``prefill`` (zero away from the image: padding rows and tokens hold zeros).
     """
     cfg = model.cfg
-    if not fused_model_supported(cfg) or deepstack is not None:
-        raise NotImplementedError("the fused prefill has no q/k norm or DeepStack yet: use prefill_at")
     b, t, hidden = embeds.shape
     h, hkv, d = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     if causal and window != t:
@@ -465,7 +472,8 @@ def prefill_fused_at(model: Qwen2LM, kv: torch.Tensor, embeds: torch.Tensor, pos
 
     x = _fused_layers(model, embeds.reshape(b * t, hidden),
                       _rope_kv_then(model, kv, cos.reshape(b * t, -1), sin.reshape(b * t, -1),
-                                    slots[:, None].expand(b, t).contiguous().view(-1), at.contiguous().view(-1), attend))
+                                    slots[:, None].expand(b, t).contiguous().view(-1), at.contiguous().view(-1), attend),
+                      None if deepstack is None else deepstack.reshape(len(deepstack), b * t, hidden))
     return x.view(b, t, hidden)
 
 
@@ -486,7 +494,8 @@ def decode_step_fused(model: Qwen2LM, kv: torch.Tensor, tokens: torch.Tensor, po
     cos, sin = cos[:, 0], sin[:, 0]  # [B, D]
     if attention == "triton":
         def attend(i: int, qkv: torch.Tensor) -> torch.Tensor:
-            return ops.decode_attention(qkv, cos, sin, kv[i, 0], kv[i, 1], cache_pos, model.cfg.num_heads)
+            return ops.decode_attention(qkv, cos, sin, kv[i, 0], kv[i, 1], cache_pos, model.cfg.num_heads,
+                                        qk_norm=_qk_norm(model, i))
     else:
         mask = (torch.arange(length, device=tokens.device)[None, :] <= cache_pos[:, None])[:, None, None, :]
 
