@@ -138,32 +138,42 @@ def guarded(name: str, budget: float) -> Callable[[Callable[[], None]], None]:
 # -- checkpoint directory (config, tokenizer, template; weights stay in memory) --------------------
 
 
-def make_checkpoint(path: Path, text: dict, vision: dict, *, smoke: bool) -> Any:
-    from transformers import Qwen2VLConfig
-
-    from service.models.qwen2_vl import CHAT_TEMPLATE
+def write_checkpoint(path: Path, family: str, text: dict | None, vision: dict | None) -> Any:
+    """A checkpoint directory without weights (they stay in memory): the family's HF config of
+    ``text`` and ``vision`` (None: the family's tiny config), the tests' tokenizer, the family's
+    chat template, and an EOS no model can emit, so that every answer runs to max_tokens and the
+    timings count the same tokens. Returns the HF config."""
+    from service.models import family as family_named
     from service.tiny import SPECIAL_TOKENS, _build_tokenizer
 
+    fam = family_named(family)
     path.mkdir(parents=True, exist_ok=True)
     tokenizer = _build_tokenizer(400)
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    rope = {"rope_type": "default", "rope_theta": 10000.0 if smoke else 1_000_000.0,
-            "mrope_section": [2, 3, 3] if smoke else [16, 24, 24]}
-    cfg = Qwen2VLConfig(
-        vision_config={**vision, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
-                       "in_channels": 3, "hidden_act": "quick_gelu"},
-        text_config={**text, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_parameters": rope,
-                     "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"]},
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-        tie_word_embeddings=text["tie_word_embeddings"])
+    if text is None or vision is None:
+        cfg = fam.tiny_config(ids, len(tokenizer), tie_word_embeddings=True)
+    else:
+        cfg = fam.hf_config_class()(
+            vision_config=vision, text_config={**text, "bos_token_id": ids["<|endoftext|>"],
+                                               "eos_token_id": ids["<|im_end|>"]},
+            **fam.tiny_token_ids(ids), tie_word_embeddings=text["tie_word_embeddings"])
     cfg.save_pretrained(path)
     tokenizer.save_pretrained(path)
-    (path / "chat_template.jinja").write_text(CHAT_TEMPLATE)
-    # an EOS no model can emit: every answer runs to max_tokens, so timings count the same tokens
-    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [text["vocab_size"] + 1]}))
+    (path / "chat_template.jinja").write_text(fam.chat_template)
+    vocab = cfg.get_text_config().vocab_size
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [vocab + 1]}))
     return cfg
+
+
+def make_checkpoint(path: Path, text: dict, vision: dict, *, smoke: bool) -> Any:
+    """Qwen2-VL of these sizes (``write_checkpoint``)."""
+    rope = {"rope_type": "default", "rope_theta": 10000.0 if smoke else 1_000_000.0,
+            "mrope_section": [2, 3, 3] if smoke else [16, 24, 24]}
+    return write_checkpoint(
+        path, "qwen2_vl",
+        {**text, "max_position_embeddings": 32768, "rms_norm_eps": 1e-6, "rope_parameters": rope},
+        {**vision, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2, "in_channels": 3,
+         "hidden_act": "quick_gelu"})
 
 
 def lm_from_hf(hf: Any, cfg: TextConfig, dtype: torch.dtype) -> Qwen2LM:
@@ -177,13 +187,17 @@ def lm_from_hf(hf: Any, cfg: TextConfig, dtype: torch.dtype) -> Qwen2LM:
 
 
 class Image:
-    def __init__(self, embeds: torch.Tensor, grid: tuple[int, int, int], key: str) -> None:
-        self.embeds, self.grid, self.key = embeds, grid, key
+    """An image's features as the LLM worker reads them: embeddings [n, hidden] and, for Qwen3-VL,
+    DeepStack features [L, n, hidden] (both on the CPU, as from Redis)."""
+
+    def __init__(self, embeds: torch.Tensor, grid: tuple[int, int, int], key: str,
+                 deepstack: torch.Tensor | None = None) -> None:
+        self.embeds, self.grid, self.key, self.deepstack = embeds, grid, key, deepstack
 
 
 def first_token_ms(engine: LLMEngine, image: Image, key: str, question: str) -> float:
     t0 = time.perf_counter()
-    stream = engine.generate(image.embeds, image.grid, key, question, 1)
+    stream = engine.generate(image.embeds, image.grid, key, question, 1, deepstack=image.deepstack)
     first = None
     for event in stream:
         if first is None:
@@ -196,7 +210,8 @@ def first_token_ms(engine: LLMEngine, image: Image, key: str, question: str) -> 
 
 def ms_per_token(engine: LLMEngine, image: Image, tokens: int) -> float:
     stamps = []
-    for event in engine.generate(image.embeds, image.grid, image.key, QUESTIONS[0], tokens + 1):
+    for event in engine.generate(image.embeds, image.grid, image.key, QUESTIONS[0], tokens + 1,
+                                 deepstack=image.deepstack):
         if isinstance(event, Delta) and event.token_id is not None:
             stamps.append(time.perf_counter())
     return (stamps[-1] - stamps[0]) * 1e3 / (len(stamps) - 1)
@@ -208,7 +223,8 @@ def concurrent(engine: LLMEngine, items: list[tuple[Image, str, str]], max_token
     async def one(image: Image, key: str, question: str) -> tuple[float, float, int]:
         first = None
         final = None
-        async for event in engine.generate(image.embeds, image.grid, key, question, max_tokens):
+        async for event in engine.generate(image.embeds, image.grid, key, question, max_tokens,
+                                           deepstack=image.deepstack):
             if first is None:
                 first = time.perf_counter()
             if isinstance(event, Finish):
@@ -440,7 +456,17 @@ def main() -> None:
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     guard = partial(guarded, budget=args.budget_s)
     torch.manual_seed(0)
+    record_env(device, smoke)
+    if device.type == "cuda":
+        record("copy_bandwidth_tb_s", copy_bandwidth_tb_s(device))
 
+    tmp = Path(tempfile.mkdtemp(prefix="llm_bench_"))
+    bench_2b(tmp, device, dtype, smoke, guard, want)  # the 7B model runs in its middle
+    (out / "llm_bench.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+    summary(RESULTS)
+
+
+def record_env(device: torch.device, smoke: bool) -> None:
     RESULTS["env"] = {"device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor(),
                       "torch": torch.__version__, "python": platform.python_version(),
                       "date": time.strftime("%Y-%m-%d"), "argv": sys.argv[1:], "smoke": smoke,
@@ -453,24 +479,23 @@ def main() -> None:
     except ImportError:
         pass
     log(json.dumps(RESULTS["env"]))
-    if device.type == "cuda":  # the bandwidth ceiling: a 2 GiB device-to-device copy, bytes read + written
-        a = torch.randn(2**30, device=device, dtype=torch.bfloat16)
-        b = torch.empty_like(a)
-        for _ in range(2):
-            b.copy_(a)
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(10):
-            b.copy_(a)
-        sync()
-        record("copy_bandwidth_tb_s", round(2 * a.numel() * 2 * 10 / (time.perf_counter() - t0) / 1e12, 3))
-        del a, b
-        torch.cuda.empty_cache()
 
-    tmp = Path(tempfile.mkdtemp(prefix="llm_bench_"))
-    bench_2b(tmp, device, dtype, smoke, guard, want)  # the 7B model runs in its middle
-    (out / "llm_bench.json").write_text(json.dumps(RESULTS, indent=1, default=str))
-    summary(RESULTS)
+
+def copy_bandwidth_tb_s(device: torch.device) -> float:
+    """The bandwidth ceiling: a 2 GiB device-to-device copy, bytes read + written, TB/s."""
+    a = torch.randn(2**30, device=device, dtype=torch.bfloat16)
+    b = torch.empty_like(a)
+    for _ in range(2):
+        b.copy_(a)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        b.copy_(a)
+    sync()
+    rate = 2 * a.numel() * 2 * 10 / (time.perf_counter() - t0) / 1e12
+    del a, b
+    torch.cuda.empty_cache()
+    return round(rate, 3)
 
 
 def bench_2b(tmp: Path, device: torch.device, dtype: torch.dtype, smoke: bool, guard: Callable[..., Any],

@@ -1,13 +1,14 @@
 """Where a decode step spends its device time, kernel by kernel, replayed from its CUDA graph (GPU).
 
 The engine's decode step (fused kernels, Triton decode attention) on the Qwen2-VL-2B language
-model with random bf16 weights, captured by ``DecodeRunner`` at each ``--batch`` with every row
+model (or ``--model``, one of ``llm_families.MODELS``) with random bf16 weights, captured by ``DecodeRunner`` at each ``--batch`` with every row
 at cache position ``--context``. For each batch it prints the median ms per step of back-to-back
 replays (CUDA events, tokens copied to the host as the engine does), the kernels of the replayed
 graph by device time per step, their sum, and the difference: the time the GPU spends between
 kernels (launch latency inside the graph, ramp-up and tail of each kernel).
 
     python bench/llm_decode_profile.py --batch 1,32 --out $OUT/decode_profile.json
+    python bench/llm_decode_profile.py --model qwen3_vl_2b --batch 1
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import llm_bench  # noqa: E402  (bench/ is on sys.path when this script runs)
+from llm_families import MODELS, text_config  # noqa: E402
 from llm_prefill_profile import TEXT_2B  # noqa: E402
 
 from service.llm.cuda_graphs import DecodeRunner  # noqa: E402
@@ -74,6 +76,7 @@ def profile_batch(lm: torch.nn.Module, batch: int, context: int, max_len: int, s
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="qwen2_vl_2b", choices=["qwen2_vl_2b", *MODELS])
     ap.add_argument("--batch", default="1,32", help="comma-separated batch sizes")
     ap.add_argument("--context", type=int, default=300)
     ap.add_argument("--max-len", type=int, default=1024)
@@ -103,9 +106,9 @@ def main() -> None:
     if args.splits is not None:  # a sweep: the engine never passes it, so set the function's default
         from service.llm import gpu_ops
         gpu_ops.decode_attention.__defaults__ = (args.splits,)
-    cfg = TextConfig.from_dict(TEXT_2B)
+    cfg = TextConfig.from_dict(TEXT_2B) if args.model == "qwen2_vl_2b" else text_config(args.model)
     lm = random_model(cfg, device=torch.device("cuda"), dtype=torch.bfloat16)
-    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "splits": args.splits, "gate_up": args.gate_up, "down": args.down,
+    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "model": args.model, "splits": args.splits, "gate_up": args.gate_up, "down": args.down,
               "runs": [profile_batch(lm, int(b), args.context, args.max_len, args.steps, args.top)
                        for b in args.batch.split(",")]}
     print(json.dumps(result, indent=1))

@@ -103,10 +103,10 @@ def test_fused_qwen3_steps_match_the_plain_steps(qwen3: Path, attention: str, dt
     tol = 5e-3 if dtype == torch.float16 else 3e-2  # bf16 keeps 8 bits: 8x fp16's rounding
     assert rel_err(outs[1], outs[0]) < tol
     assert rel_err(caches[1][:, :, 1, :, :t], caches[0][:, :, 1, :, :t]) < tol
-    # without the DeepStack features the fused prefix differs: the test sees them
+    # without the DeepStack features the fused prefix differs (by ~0.5 in fp32): the test sees them
     scratch = caches[1].clone()
     prefill_fused(model, scratch, r.embeds[:, :p], pos[..., :p], slots, 0)
-    assert rel_err(scratch[:, :, 1, :, :p], caches[0][:, :, 1, :, :p]) > 10 * tol
+    assert rel_err(scratch[:, :, 1, :, :p], caches[0][:, :, 1, :, :p]) > 0.2
     tokens = torch.tensor([5, 6, 7], device=DEVICE)
     at = torch.tensor([3, t, 9], device=DEVICE)
     for _ in range(3):
@@ -241,12 +241,13 @@ def test_engine_with_bucketed_prefills_answers_qwen3_like_hf(qwen3: Path) -> Non
 
 def test_engine_on_the_fused_path_answers_qwen3_like_the_plain_path(qwen3: Path) -> None:
     """The engine's GPU path on Qwen3-VL (fused kernels, Triton decode attention, bucketed prefills
-    with DeepStack; graphs on CUDA) against the plain path in the same dtype."""
+    with DeepStack; graphs on CUDA) against the plain path, both in fp16 (bf16's rounding flips the
+    near ties of this tiny model; the kernels' bf16 is tested above)."""
     hf = oracle(qwen3)
     feats = [hf.features(random_image(seed, *size)) for seed, size, _ in SPECS]
     answers = {}
     for fused in (False, True):
-        engine = LLMEngine(qwen3, device=DEVICE, dtype=DTYPES[-1], max_batch_slots=3, max_seq_len=256, fused=fused,
+        engine = LLMEngine(qwen3, device=DEVICE, dtype=torch.float16, max_batch_slots=3, max_seq_len=256, fused=fused,
                            attention="triton" if fused else "sdpa", prefill_graphs=fused)
         try:
             assert engine.fused == fused
