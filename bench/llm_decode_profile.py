@@ -87,6 +87,8 @@ def main() -> None:
                     help="BLOCK_N,BLOCK_K,stages,warps of the fused gate/up kernel, or 'off' (cuBLAS + silu_mul)")
     ap.add_argument("--down", default=None,
                     help="parts,BLOCK_N,BLOCK_K,stages,warps of the split-K down projection")
+    ap.add_argument("--o-parts", action="store_true",
+                    help="the o projection split along K into the post-attention norm (model.SPLIT_O_PROJ)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.down is not None:  # a sweep, as for --splits
@@ -103,12 +105,15 @@ def main() -> None:
         else:
             bn, bk, st, nw = (int(v) for v in args.gate_up.split(","))
             gpu_ops.gate_up_silu.__kwdefaults__ = {"block_n": bn, "block_k": bk, "num_stages": st, "num_warps": nw}
+    if args.o_parts:
+        from service.llm import model
+        model.SPLIT_O_PROJ = True
     if args.splits is not None:  # a sweep: the engine never passes it, so set the function's default
         from service.llm import gpu_ops
         gpu_ops.decode_attention.__defaults__ = (args.splits,)
     cfg = TextConfig.from_dict(TEXT_2B) if args.model == "qwen2_vl_2b" else text_config(args.model)
     lm = random_model(cfg, device=torch.device("cuda"), dtype=torch.bfloat16)
-    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "model": args.model, "splits": args.splits, "gate_up": args.gate_up, "down": args.down,
+    result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "model": args.model, "o_parts": args.o_parts, "splits": args.splits, "gate_up": args.gate_up, "down": args.down,
               "runs": [profile_batch(lm, int(b), args.context, args.max_len, args.steps, args.top)
                        for b in args.batch.split(",")]}
     print(json.dumps(result, indent=1))

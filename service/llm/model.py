@@ -359,6 +359,13 @@ def fused_supported(device: torch.device | str, dtype: torch.dtype) -> bool:
     return True
 
 
+# Few rows (a decode step): the o projection too as fp32 partial sums along K that the post-attention
+# residual-add + RMSNorm kernel adds up, as the down projection always is there, instead of cuBLAS.
+# Off until measured on the GPU (bench/llm_decode_profile.py --o-parts); a module setting so that a
+# profile can flip it before the graphs are recorded.
+SPLIT_O_PROJ = False
+
+
 def _norm_weights(model: Qwen2LM) -> list[torch.Tensor]:
     """The RMSNorm weight applied after each residual add: post-attention, then the next input norm."""
     layers = model.layers
@@ -390,7 +397,11 @@ def _fused_layers(model: Qwen2LM, h: torch.Tensor, attend: Callable[[int, torch.
     _, x = ops.rms_norm(h, model.layers[0].input_layernorm.weight, eps)
     for i, block in enumerate(model.layers):
         qkv = F.linear(x, block.qkv_proj.weight, block.qkv_proj.bias)  # bias None for Qwen3
-        h, x = ops.rms_norm(F.linear(attend(i, qkv), block.o_proj.weight), norms[2 * i], eps, residual=h)
+        attn = attend(i, qkv)  # [N, H * D]
+        if few and SPLIT_O_PROJ:
+            h, x = ops.rms_norm_of_parts(ops.linear_parts(attn, block.o_proj.weight), norms[2 * i], eps, residual=h)
+        else:
+            h, x = ops.rms_norm(F.linear(attn, block.o_proj.weight), norms[2 * i], eps, residual=h)
         add = deepstack[i] if deepstack is not None and i < len(deepstack) else None
         if few:  # the MLP's weights read by our kernels: SwiGLU in the first, the residual norm after the second
             parts = ops.linear_parts(ops.gate_up_silu(x, block.gate_up_proj.weight), block.down_proj.weight)

@@ -18,6 +18,7 @@ if not torch.cuda.is_available():  # before any @triton.jit is defined
 triton = pytest.importorskip("triton")
 
 from service.checkpoint import open_checkpoint  # noqa: E402
+from service.llm import model as model_module  # noqa: E402
 from service.llm.cuda_graphs import PrefillRow, PrefillRunner  # noqa: E402
 from service.llm.engine import LLMEngine  # noqa: E402
 from service.llm.model import (  # noqa: E402
@@ -85,10 +86,14 @@ def _prompts(path: Path, model: Qwen2LM, specs: list[tuple[int, tuple[int, int],
 
 @torch.no_grad()
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("attention", ["triton", "sdpa"] if DEVICE == "cuda" else ["triton"])
-def test_fused_qwen3_steps_match_the_plain_steps(qwen3: Path, attention: str, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize(("attention", "split_o"), [("triton", False), ("triton", True)]
+                         + ([("sdpa", False)] if DEVICE == "cuda" else []))
+def test_fused_qwen3_steps_match_the_plain_steps(qwen3: Path, attention: str, split_o: bool, dtype: torch.dtype,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     """Prefix with DeepStack (causal), the question after it (masked), then decode steps: the fused
-    steps against the plain ones, on the checkpoint's head size of 24 and interleaved M-RoPE."""
+    steps against the plain ones, on the checkpoint's head size of 24 and interleaved M-RoPE;
+    ``split_o``: the decode steps' o projection split along K into the norm after it."""
+    monkeypatch.setattr(model_module, "SPLIT_O_PROJ", split_o)
     model = load_model(qwen3, device=DEVICE, dtype=dtype)
     assert model.cfg.qk_norm and model.cfg.head_dim == 24 and model.cfg.mrope_interleaved
     (r,) = _prompts(qwen3, model, [(0, (150, 100), "What is in the picture?")])
