@@ -7,25 +7,18 @@
 #   3. bench/llm_families.py: Qwen2.5-VL-3B, Qwen3-VL-2B (with HF generate beside it), Qwen3-VL-8B.
 # Logs and JSON go to $OUT; the benchmark's table comes last.
 #
-# The engine imports service.errors (fastapi) and the harness service.store (redis-py): the device
-# image has neither, so carry the wheels the HTTP benchmarks carry (.whl/: fastapi, starlette,
-# pydantic, pydantic-core, annotated-types, typing-inspection, redis, ...); they are installed here.
+# Needs torch, Triton, transformers and pytest only (the device image has them): the engine, the
+# tests it runs and the harness (bench/llm_harness.py) import neither the HTTP stack nor redis-py,
+# so nothing needs to be carried.
 #
-#     bash bench/gpu_llm_families.sh            (device tool: carry [".whl"])
+#     bash bench/gpu_llm_families.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/llm_families_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "installing .whl/ failed"; exit 2; }
-  export PYTHONPATH=$PWD:/tmp/site
-else
-  export PYTHONPATH=$PWD
-fi
-python3 -c "import fastapi, redis, pytest" 2>/dev/null \
-  || { echo "fastapi / redis-py / pytest missing: carry .whl/ (the wheels of bench/RESULTS.md's HTTP runs)"; exit 2; }
+export PYTHONPATH=$PWD
+python3 -c "import torch, triton, transformers, pytest" || { echo "torch, triton, transformers and pytest are needed"; exit 2; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 
 echo "== 1. GPU tests (tests/service/llm: test_fused, test_prefill_buckets, test_fused_qwen3)"

@@ -25,9 +25,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import llm_bench  # noqa: E402  (bench/ is on sys.path when this script runs)
+import llm_harness  # noqa: E402  (bench/ is on sys.path when this script runs)
 from llm_families import MODELS, text_config  # noqa: E402
-from llm_prefill_profile import TEXT_2B  # noqa: E402
 
 from service.llm.cuda_graphs import DecodeRunner  # noqa: E402
 from service.llm.model import TextConfig, decode_step_fused, random_model  # noqa: E402
@@ -46,18 +45,18 @@ def step_ms(runner: DecodeRunner, fn: partial, batch: int, steps: int) -> list[f
 
 def profile_batch(lm: torch.nn.Module, batch: int, context: int, max_len: int, steps: int, top: int) -> dict:
     fn = partial(decode_step_fused, attention="triton")
-    runner = llm_bench.decode_runner(lm, batch, max_len, graphs=True, window_buckets=False)
+    runner = llm_harness.decode_runner(lm, batch, max_len, graphs=True, window_buckets=False)
     out: dict = {"batch": batch, "context": context}
     with torch.inference_mode():
         # each round re-enters the slots at the same context, so every replay attends as far
         times: list[float] = []
         for _ in range(5):
-            llm_bench.enter_slots(runner, context)
+            llm_harness.enter_slots(runner, context)
             step_ms(runner, fn, batch, 3)  # capture and warm up
             times += step_ms(runner, fn, batch, steps)
         out["ms_per_step_median"] = round(statistics.median(times), 4)
         out["ms_per_step_p10_p90"] = [round(q, 4) for q in statistics.quantiles(times, n=10)[::8]]
-        llm_bench.enter_slots(runner, context)
+        llm_harness.enter_slots(runner, context)
         reps = 20
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
             step_ms(runner, fn, batch, reps)
@@ -111,7 +110,12 @@ def main() -> None:
     if args.splits is not None:  # a sweep: the engine never passes it, so set the function's default
         from service.llm import gpu_ops
         gpu_ops.decode_attention.__defaults__ = (args.splits,)
-    cfg = TextConfig.from_dict(TEXT_2B) if args.model == "qwen2_vl_2b" else text_config(args.model)
+    if args.model == "qwen2_vl_2b":
+        from llm_prefill_profile import TEXT_2B  # imports llm_bench: the HTTP stack and redis-py
+
+        cfg = TextConfig.from_dict(TEXT_2B)
+    else:
+        cfg = text_config(args.model)
     lm = random_model(cfg, device=torch.device("cuda"), dtype=torch.bfloat16)
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "model": args.model, "o_parts": args.o_parts, "splits": args.splits, "gate_up": args.gate_up, "down": args.down,
               "runs": [profile_batch(lm, int(b), args.context, args.max_len, args.steps, args.top)

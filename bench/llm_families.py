@@ -21,8 +21,8 @@ positions. Per model:
   same weights: ``generate``'s first token (it encodes the 448x448 image again) and ms/token, and
   greedy agreement with our engine (bf16 on random weights: near ties flip, so this is a record).
 
-The harness (timings, guards, the JSON file) is ``llm_bench``'s; results go to llm_families.json
-and a table is printed at the end.
+The harness (timings, guards, the JSON file) is ``llm_harness``, which needs neither the HTTP stack
+nor redis-py; results go to llm_families.json and a table is printed at the end.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.llm_bench import (  # noqa: E402
+from bench.llm_harness import (  # noqa: E402
     JSON_PATH,
     QUESTIONS,
     RESULTS,

@@ -1,11 +1,18 @@
-"""One error type for the whole service, rendered by one handler as the design's JSON body."""
+"""One error type for the whole service, rendered by one handler as the design's JSON body.
+
+FastAPI is imported where a response is made: the engine and the encoder raise ``ApiError`` and
+import without the HTTP stack (the GPU benchmarks run where it is not installed).
+"""
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
 
 class ApiError(Exception):
@@ -25,6 +32,8 @@ class ApiError(Exception):
         self.headers = headers or {}
 
     def response(self) -> JSONResponse:
+        from fastapi.responses import JSONResponse
+
         headers = dict(self.headers)
         if self.retry_after is not None:
             headers["Retry-After"] = str(max(1, round(self.retry_after)))
@@ -38,6 +47,9 @@ def unavailable(code: str, message: str, retry_after: float = 1.0) -> ApiError:
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
     async def on_api_error(_: Request, exc: ApiError) -> JSONResponse:
         return exc.response()
 
