@@ -120,7 +120,9 @@ def test_decode_attention_rotates_writes_the_cache_and_attends(heads: int, kv_he
     from service.llm.model import _rotate
 
     b, length = 4, 150
-    qkv = (3 * torch.randn(b, (heads + 2 * kv_heads) * d, device=DEVICE)).to(dtype)
+    # larger q/k where the norm scales them back; unnormed, x3 makes the softmax so sharp that bf16's
+    # rounding of the probabilities alone is over the bound (H200: 2.2-5e-3)
+    qkv = ((3 if norm else 1) * torch.randn(b, (heads + 2 * kv_heads) * d, device=DEVICE)).to(dtype)
     angle = 10 * torch.randn(b, d, device=DEVICE)
     cos, sin = angle.cos().to(dtype), angle.sin().to(dtype)
     k_cache = torch.randn(b + 1, kv_heads, length, d, dtype=dtype, device=DEVICE)
