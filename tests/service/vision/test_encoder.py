@@ -213,3 +213,23 @@ def test_launch_does_not_wait_for_the_device(tiny_checkpoint, image_bytes):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(len(enc.finish(one)) == len(b) for one, b in zip(launched, plan, strict=True))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("family", FAMILY_NAMES)
+def test_gpu_encoder_of_every_family(family, family_checkpoint, image_bytes):
+    """On CUDA every family's tower runs fused (kernels.patch) and, for batches of one grid, from CUDA
+    graphs; the features ([K, n, D], DeepStack included) match the CPU fp32 encoder within bf16."""
+    path = family_checkpoint(family, seed=0)
+    gpu = VisionEncoder(path, device="cuda", dtype=torch.bfloat16)
+    cpu = VisionEncoder(path, device="cpu", dtype=torch.float32)
+    assert gpu.patched and gpu.graphs is not None
+    images = [image_bytes(w, h, seed=70 + i) for i, (w, h) in enumerate([(112, 112), (112, 112), (150, 110)])]
+    graphed = gpu.forward([gpu.preprocess(d) for d in images[:2]])  # one grid: a graph replay
+    eager = gpu.forward([gpu.preprocess(d) for d in images])  # mixed grids: the fused forward
+    for data, got in zip(images, eager, strict=True):
+        (want,) = cpu.forward([cpu.preprocess(data)])
+        assert got.shape == want.shape == (1 + cpu.deepstack_layers, *want.shape[1:])
+        assert float((got.float() - want).norm() / want.norm()) < 2e-2
+    for got, again in zip(graphed, eager, strict=False):
+        torch.testing.assert_close(got.float(), again.float(), rtol=2e-2, atol=2e-2)
