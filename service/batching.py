@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
-from service.errors import ApiError, unavailable
+from service.errors import ApiError, internal_error, unavailable
 
 log = logging.getLogger(__name__)
 
@@ -113,10 +113,11 @@ class BatchQueue(Generic[T, R]):
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout=self.timeout_s)
         except TimeoutError:
-            future.cancel()  # the loop skips cancelled jobs; a running batch just drops this result
             raise unavailable(
                 "timeout", f"the {self.name} did not finish within {self.timeout_s:g} s; retry shortly", 2.0
             ) from None
+        finally:  # timed out, or the caller was cancelled (its own deadline, say)
+            future.cancel()  # the loop skips cancelled jobs; a running batch just drops this result
 
     async def _next_batch(self) -> list[_Job[T, R]]:
         first = self._carry or await self._queue.get()
@@ -212,7 +213,7 @@ class BatchQueue(Generic[T, R]):
             err = exc
         else:
             log.error("%s batch of %d failed", self.name, len(batch), exc_info=exc)
-            err = ApiError(500, "internal_error", f"the {self.name} failed: {type(exc).__name__}: {exc}")
+            err = internal_error(f"the {self.name}")
         for job in batch:
             if not job.future.done():
                 job.future.set_exception(err)

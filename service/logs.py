@@ -16,6 +16,19 @@ from typing import Any
 
 request_id_var: ContextVar[str | None] = ContextVar("splitvl_request_id", default=None)
 
+# Characters that end a line or rewrite a terminal: C0 and C1 controls, DEL and the Unicode line and
+# paragraph separators. A request path (``%0A`` decodes to a newline) or a header may carry any of them.
+_CONTROLS = [*range(0x20), 0x7F, *range(0x80, 0xA0), 0x2028, 0x2029]
+_TEXT_ESCAPES = {c: f"\\x{c:02x}" if c < 0x100 else f"\\u{c:04x}" for c in _CONTROLS}
+# JSON escapes C0 itself; these are the ones json.dumps(ensure_ascii=False) leaves raw
+_JSON_ESCAPES = {c: f"\\u{c:04x}" for c in _CONTROLS if c >= 0x7F}
+
+
+def escape(text: str) -> str:
+    """``text`` on one line: every control or line-breaking character as a ``\\xNN`` / ``\\uNNNN`` escape."""
+    return text.translate(_TEXT_ESCAPES)
+
+
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {
     "message", "asctime", "taskName", "color_message"}  # color_message: uvicorn's ANSI copy of the message
 
@@ -61,7 +74,7 @@ class JsonFormatter(logging.Formatter):
                 out[key] = value
         if record.exc_info:
             out["exc_info"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str, ensure_ascii=False)
+        return json.dumps(out, default=str, ensure_ascii=False).translate(_JSON_ESCAPES)
 
 
 class TextFormatter(logging.Formatter):
@@ -69,10 +82,15 @@ class TextFormatter(logging.Formatter):
         pid = "[%(process)d]" if show_pid else ""
         super().__init__(f"%(asctime)s %(levelname)s %(name)s{pid}: %(message)s")
 
-    def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        """One line whatever the message holds: what a client sent (a path, a header) cannot forge another."""
+        line = escape(super().formatMessage(record))
         rid = getattr(record, "request_id", None)
-        return f"{line} [request_id={rid}]" if rid and record.name != "splitvl.access" else line
+        return f"{line} [request_id={escape(rid)}]" if rid and record.name != "splitvl.access" else line
+
+    def formatException(self, ei) -> str:  # type: ignore[no-untyped-def]
+        # a traceback spans lines: each is indented, so none (an exception's message) passes for a log line
+        return "\n".join("  " + escape(line) for line in super().formatException(ei).splitlines())
 
 
 def configure_logging(level: str = "info", fmt: str = "text", *, show_pid: bool = False) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 import math
 import os
 import time
@@ -39,9 +40,12 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import ClusterDownError, ClusterError, RedisClusterException, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.errors import ApiError, unavailable
 from service.fingerprint import REGISTRY
+
+log = logging.getLogger(__name__)
 
 PREFIX = "splitvl"
 T = TypeVar("T")
@@ -256,6 +260,31 @@ async def open_client(url: str, timeout_s: float) -> Client:
         raise
 
 
+_last_logged = 0.0  # monotonic time of the last Redis failure written to the log
+
+
+def store_unavailable(exc: BaseException) -> ApiError:
+    """The 503 for a failed Redis call. Its message says what happened, never where: redis-py's text
+    names the server's address, which is for our log (a line every 10 s at most while it lasts),
+    not for clients."""
+    global _last_logged
+    if time.monotonic() - _last_logged >= 10.0:
+        _last_logged = time.monotonic()
+        log.warning("feature store (Redis) call failed: %s: %s", type(exc).__name__, exc)
+    if isinstance(exc, (RedisTimeoutError, TimeoutError)):
+        what = "did not answer in time"
+    elif isinstance(exc, ResponseError):
+        # the server's error class (OOM, READONLY, LOADING, ...): its first word, without the rest,
+        # which may name other nodes (a cluster's MOVED)
+        kind = str(exc).split(" ", 1)[0]
+        what = f"refused the command ({kind})" if kind.isalpha() and kind.isupper() else "refused the command"
+    elif isinstance(exc, (RedisConnectionError, OSError)):
+        what = "is unreachable"
+    else:
+        what = "failed"
+    return unavailable("redis_unavailable", f"the feature store (Redis) {what}; retry shortly", 2.0)
+
+
 class FeatureStore:
     """Async access to the feature store. Every Redis failure becomes a 503 with ``Retry-After``."""
 
@@ -323,7 +352,7 @@ class FeatureStore:
                 await asyncio.sleep(wait_s)
             return await op(client)
         except REDIS_FAILURES as exc:
-            raise unavailable("redis_unavailable", f"the feature store (Redis) is unreachable: {exc}", 2.0) from exc
+            raise store_unavailable(exc) from exc
 
     async def put(self, record: ImageRecord, *, model_key: str | None = None, release_lock: bool = False) -> None:
         """Store the record in one round trip, there also registering its fingerprint under ``model_key``

@@ -19,14 +19,14 @@ import binascii
 import hashlib
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.errors import ApiError
+from service.ids import is_image_id
 
 IMAGE_REF = "splitvl://images/"
-_IMAGE_ID = re.compile(r"^[0-9a-f]{64}$")
 _DATA_URL = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?((?:;[\w.+-]+=[\w.+-]+)*);base64,", re.IGNORECASE)
 
 
@@ -59,7 +59,9 @@ class StreamOptions(BaseModel):
 
 class ChatRequest(BaseModel):
     """Parameters OpenAI defines that would change the answer but are not served are refused (400);
-    others (``user``, ``metadata``, ``store``, ...) are accepted and ignored."""
+    others (``user``, ``metadata``, ``store``, ...) are accepted and ignored. Every number is held to
+    its range here (422), before anything reads it: the ranges of OpenAI's API, ``seed`` that of
+    the 64-bit generator it seeds."""
 
     model_config = ConfigDict(extra="allow", protected_namespaces=())
 
@@ -69,16 +71,16 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1, description="wins over max_tokens")
     temperature: float | None = Field(None, ge=0.0, le=2.0, description="default 1 as OpenAI's; 0 is greedy")
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = Field(None, ge=0)
+    seed: int | None = Field(None, ge=0, le=2**64 - 1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int | None = Field(None, ge=1)
+    n: int | None = Field(None, ge=1, le=128)
     stop: str | list[str] | None = None
     logprobs: bool | None = None
-    top_logprobs: int | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, Annotated[float, Field(ge=-100.0, le=100.0)]] | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     functions: list[Any] | None = None
@@ -149,7 +151,7 @@ def parse_messages(messages: list[Message], max_bytes: int) -> tuple[ImageInput,
 
 
 def check_image_id(image_id: str) -> str:
-    if not _IMAGE_ID.match(image_id):
+    if not is_image_id(image_id):
         raise ApiError(400, "invalid_image_id",
                        "an image id is 64 lowercase hex characters (the sha256 POST /v1/images returned)")
     return image_id

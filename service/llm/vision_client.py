@@ -3,6 +3,7 @@ worker (``serve all``), or a remote one at ``settings.vision_url`` (a vision wor
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -12,13 +13,16 @@ from fastapi import Request
 from service import tracing
 from service.errors import ApiError, unavailable
 
+log = logging.getLogger(__name__)
+
 # Headers passed on to the vision worker: its API keys are usually the same, and the request id
 # ties both workers' log lines together.
 _FORWARDED = ("authorization", "x-request-id")
 
 
 class RemoteVision:
-    """``POST /v1/images`` on a remote vision worker, with timeouts; failures become our errors."""
+    """``POST /v1/images`` on a remote vision worker, with timeouts; failures become our errors. Their
+    messages do not name the worker's address (an internal one, for our log only)."""
 
     def __init__(self, url: str, *, timeout_s: float, transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.url = url.rstrip("/")
@@ -36,26 +40,29 @@ class RemoteVision:
                 tracing.inject(headers)  # the vision worker's spans join this request's trace
                 r = await self.http.post("/v1/images", content=data, headers=headers)
         except httpx.TimeoutException:
-            raise unavailable("vision_timeout", f"the vision worker at {self.url} did not answer in time", 2.0) from None
+            log.warning("vision worker at %s did not answer in time", self.url)
+            raise unavailable("vision_timeout", "the vision worker did not answer in time; retry shortly", 2.0) from None
         except httpx.HTTPError as exc:
-            raise unavailable("vision_unavailable",
-                              f"no vision worker reachable at {self.url} to encode the image ({exc})", 2.0) from None
+            log.warning("vision worker at %s unreachable: %s: %s", self.url, type(exc).__name__, exc)
+            raise unavailable("vision_unavailable", "no vision worker is reachable to encode the image; retry "
+                              "shortly, or upload it to POST /v1/images first", 2.0) from None
         if r.status_code == 200:
             try:
                 meta = r.json()
             except ValueError:
                 meta = None
             if not isinstance(meta, dict):  # e.g. a gateway's HTML page: their fault, not the caller's
-                raise unavailable("vision_unavailable", f"the vision worker at {self.url} answered 200 without "
-                                  "the image's JSON metadata", 5.0)
+                log.warning("vision worker at %s answered 200 without JSON metadata", self.url)
+                raise unavailable("vision_unavailable", "the vision worker answered without the image's metadata",
+                                  5.0)
             return meta
         code, message = _error_of(r)
         if r.status_code in (400, 413, 415, 422):  # the image itself is bad: the caller's mistake
             raise ApiError(r.status_code, code, message)
         if r.status_code == 503:
             raise unavailable(code, f"vision worker: {message}", _retry_after(r))
-        raise unavailable("vision_unavailable", f"the vision worker at {self.url} answered {r.status_code} "
-                          f"({code}: {message})", 5.0)
+        log.warning("vision worker at %s answered %d (%s: %s)", self.url, r.status_code, code, message)
+        raise unavailable("vision_unavailable", f"the vision worker answered {r.status_code} ({code})", 5.0)
 
 
 def _retry_after(r: httpx.Response, default: float = 2.0) -> float:
@@ -71,8 +78,8 @@ def _error_of(r: httpx.Response) -> tuple[str, str]:
     try:
         err = r.json()["error"]
         return str(err["code"]), str(err["message"])
-    except (ValueError, KeyError, TypeError):
-        return "http_error", r.text[:200]
+    except (ValueError, KeyError, TypeError):  # not our JSON (a gateway's page): its text stays out of our messages
+        return "http_error", f"the vision worker answered {r.status_code} without a JSON error"
 
 
 async def encode_image(request: Request, data: bytes) -> str:
