@@ -116,12 +116,12 @@ def redis_store(record: ImageRecord) -> Iterator[FeatureStore]:
 def serving(engine: LLMEngine, ckpt: Path, store: Any, device_type: str, fingerprint: str) -> Iterator[int]:
     """The LLM routes over ``engine`` and ``store`` under uvicorn in a thread; yields the port."""
     import uvicorn
-    from fastapi import Depends, FastAPI
+    from fastapi import FastAPI
 
-    from service.app import require_api_key
     from service.config import Settings
     from service.errors import install_error_handlers
-    from service.llm.routes import router
+    from service.guard import RequestGuard
+    from service.llm.routes import body_limits, router
     from service.llm.worker import LLMWorker
     from service.metrics import Metrics, RequestMetricsMiddleware
 
@@ -129,9 +129,10 @@ def serving(engine: LLMEngine, ckpt: Path, store: Any, device_type: str, fingerp
     app = FastAPI()
     install_error_handlers(app)
     metrics = Metrics()
+    app.add_middleware(RequestGuard, api_keys=settings.api_keys, limits=body_limits(settings))
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.state.settings = settings
-    app.include_router(router, dependencies=[Depends(require_api_key)])
+    app.include_router(router)
     app.state.llm = LLMWorker(settings, store, metrics, engine=engine, fingerprint=fingerprint)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))

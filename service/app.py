@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import inspect
 import logging
 import os
@@ -13,35 +12,19 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import get_args
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from service import tracing
 from service.checkpoint import Checkpoint, open_checkpoint
 from service.config import ROLE_ENV, Role, Settings
-from service.errors import ApiError, install_error_handlers
+from service.errors import install_error_handlers
+from service.guard import BodyLimit, RequestGuard
 from service.logs import configure_logging
 from service.metrics import Metrics, RequestMetricsMiddleware
 from service.store import FeatureStore
 
 log = logging.getLogger(__name__)
-
-
-async def require_api_key(request: Request) -> None:
-    """Bearer auth when keys are configured, compared in constant time. Async although it never
-    awaits: FastAPI would run a sync dependency in its thread pool, one hop per request."""
-    keys: list[str] = request.app.state.settings.api_keys
-    if not keys:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    given = token.strip().encode() if scheme.lower() == "bearer" else b""
-    ok = False
-    for key in keys:  # no early exit: the time taken does not tell which key nearly matched
-        ok |= hmac.compare_digest(given, key.encode())
-    if not ok:
-        raise ApiError(401, "unauthorized", "send a valid API key as 'Authorization: Bearer <key>'",
-                       headers={"WWW-Authenticate": 'Bearer realm="splitvl"'})
 
 
 def loaded_line(settings: Settings, role: Role, checkpoint: Checkpoint | None, seconds: float) -> str:
@@ -84,7 +67,8 @@ def create_app(settings: Settings, role: Role, *, workers: dict | None = None,
                 await vision.start()
                 started.append(vision)
                 app.state.vision = vision
-                metrics.on_scrape(lambda: metrics.queue_depth.labels("vision").set(vision.batcher.depth))
+                metrics.on_scrape(lambda: metrics.queue_depth.labels("vision").set(
+                    vision.batcher.depth + vision.decoder.depth))
             if role in ("llm", "all"):
                 from service.llm.worker import LLMWorker
 
@@ -120,26 +104,23 @@ def create_app(settings: Settings, role: Role, *, workers: dict | None = None,
             await store.close()
             metrics.close()
 
-    # with API keys, the schema is behind the key like every endpoint but /healthz (and the docs
-    # pages, which could not fetch it, are off)
-    public_docs = {} if not settings.api_keys else {"openapi_url": None, "docs_url": None, "redoc_url": None}
+    # with API keys, the schema is behind the key like every path but /healthz (RequestGuard), and
+    # the docs pages, which could not fetch it, are off
+    no_docs = {"docs_url": None, "redoc_url": None} if settings.api_keys else {}
     # our own request spans (service.tracing), on any FastAPI: its built-in ones (>= 0.165) would nest twice
     native = {"telemetry": {"tracing": False}} if "telemetry" in inspect.signature(FastAPI).parameters else {}
-    app = FastAPI(title="splitvl", version="0.1.0", lifespan=lifespan, **public_docs, **native,
+    app = FastAPI(title="splitvl", version="0.1.0", lifespan=lifespan, **no_docs, **native,
                   description="Encode an image once, cache its features in Redis, answer many questions.")
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.ready = False
     install_error_handlers(app)
-    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
-    if tracing.setup(f"splitvl-{role}"):  # OTEL_* variables: off by default
-        app.add_middleware(tracing.TracingMiddleware)
 
     @app.get("/healthz", tags=["ops"])
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", tags=["ops"], dependencies=[Depends(require_api_key)])
+    @app.get("/readyz", tags=["ops"])
     async def readyz(request: Request) -> JSONResponse:
         state = request.app.state
         redis_ok = state.ready and await state.store.ping()
@@ -152,29 +133,28 @@ def create_app(settings: Settings, role: Role, *, workers: dict | None = None,
             return JSONResponse({**body, "error": error}, status_code=503, headers={"Retry-After": "2"})
         return JSONResponse(body)
 
-    if settings.api_keys:
-        @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(require_api_key)])
-        async def openapi_schema() -> JSONResponse:
-            return JSONResponse(app.openapi())
-
-    @app.get("/metrics", tags=["ops"], dependencies=[Depends(require_api_key)])
+    @app.get("/metrics", tags=["ops"])
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
+    limits: dict[str, BodyLimit] = {}  # path -> what its body may be; other paths take none
     if role in ("vision", "all"):
-        from service.vision.routes import router as vision_router
+        from service.vision import routes as vision_routes
 
-        app.include_router(vision_router, dependencies=[Depends(require_api_key)])
+        app.include_router(vision_routes.router)
+        limits |= vision_routes.body_limits(settings)
     if role in ("llm", "all"):
-        from service.llm.openai_routes import router as openai_router
-        from service.llm.routes import router as llm_router
+        from service.llm import openai_routes
+        from service.llm import routes as llm_routes
 
-        app.include_router(llm_router, dependencies=[Depends(require_api_key)])
-        # an image travels base64 in the JSON body: bound the body by the upload limit (+ a third, + JSON)
-        limit = {"max_body_size": settings.max_upload_bytes * 4 // 3 + 1024 * 1024}
-        if "max_body_size" not in inspect.signature(app.include_router).parameters:  # FastAPI < 0.165
-            limit = {}
-        app.include_router(openai_router, dependencies=[Depends(require_api_key)], **limit)
+        app.include_router(llm_routes.router)
+        app.include_router(openai_routes.router)
+        limits |= llm_routes.body_limits(settings) | openai_routes.body_limits(settings)
+    # added first, so it runs inside the metrics middleware: refused requests are counted and logged too
+    app.add_middleware(RequestGuard, api_keys=settings.api_keys, limits=limits)
+    app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
+    if tracing.setup(f"splitvl-{role}"):  # OTEL_* variables: off by default
+        app.add_middleware(tracing.TracingMiddleware)
     return app
 
 

@@ -15,7 +15,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from service.config import Settings
 from service.errors import ApiError, unavailable
+from service.guard import BodyLimit
 from service.llm.generation import Delta, Finish, Generation
 from service.llm.openai_schema import ChatRequest, ImageInput, check_parameters, parse_messages
 from service.llm.routes import LLM, sse
@@ -24,7 +26,16 @@ from service.llm.worker import LLMWorker
 
 router = APIRouter(tags=["openai"])
 
+PATH = "/v1/chat/completions"
 _RETRY_AFTER_ENCODE = ("image_not_found", "fingerprint_mismatch")
+
+
+def body_limits(settings: Settings) -> dict[str, BodyLimit]:
+    """What ``service.guard`` lets through while the body is read: an image travels base64 in a data
+    URL (a third more than its bytes), plus the rest of the JSON."""
+    n = settings.max_upload_bytes
+    return {PATH: BodyLimit(n * 4 // 3 + 1024 * 1024, "payload_too_large",
+                            f"a chat request with one image of up to {n} bytes")}
 
 
 async def start_generation(request: Request, llm: LLMWorker, image: ImageInput, question: str,
@@ -90,7 +101,7 @@ async def stream_chunks(llm: LLMWorker, generation: Generation, head: dict[str, 
     yield sse("[DONE]")
 
 
-@router.post("/v1/chat/completions",
+@router.post(PATH,
              responses={200: {"content": {"text/event-stream": {}},
                               "description": "chat.completion JSON, or chat.completion.chunk events when stream"}})
 async def chat_completions(body: ChatRequest, request: Request, llm: LLM) -> Any:

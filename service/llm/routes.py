@@ -10,7 +10,10 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
+from service.config import Settings
 from service.errors import ApiError
+from service.guard import BodyLimit
+from service.ids import IMAGE_ID_PATTERN
 from service.llm.generation import Delta, Finish, Generation
 from service.llm.worker import LLMWorker
 
@@ -22,11 +25,24 @@ async def get_llm(request: Request) -> LLMWorker:  # async: FastAPI runs a sync 
 LLM = Annotated[LLMWorker, Depends(get_llm)]
 
 
+PATH = "/v1/questions"
+MAX_QUESTION_CHARS = 65536
+# a question's JSON body: the question as \\uXXXX escapes (12 bytes a character outside the BMP, a
+# surrogate pair), and the other fields
+QUESTION_BODY_BYTES = 12 * MAX_QUESTION_CHARS + 64 * 1024
+
+
+def body_limits(settings: Settings) -> dict[str, BodyLimit]:
+    """What ``service.guard`` lets through to these routes while they read the body."""
+    return {PATH: BodyLimit(QUESTION_BODY_BYTES, "payload_too_large",
+                          f"a JSON question of at most {MAX_QUESTION_CHARS} characters")}
+
+
 class QuestionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    image_id: str = Field(pattern=r"^[0-9a-f]{64}$", description="the id POST /v1/images returned")
-    question: str = Field(min_length=1, max_length=65536)
+    image_id: str = Field(pattern=IMAGE_ID_PATTERN, description="the id POST /v1/images returned")
+    question: str = Field(min_length=1, max_length=MAX_QUESTION_CHARS)
     max_tokens: int | None = Field(None, ge=1, description="at most the server's max_new_tokens; "
                                    "default 128 or that limit if lower")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 is greedy")
@@ -73,7 +89,7 @@ async def stream_answer(llm: LLMWorker, image_id: str, generation: Generation) -
 router = APIRouter(tags=["questions"])
 
 
-@router.post("/v1/questions", response_model=Answer,
+@router.post(PATH, response_model=Answer,
              responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream"}})
 async def ask(body: QuestionRequest, llm: LLM) -> Any:
     max_tokens = body.max_tokens if body.max_tokens is not None else min(128, llm.settings.max_new_tokens)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any
 
 import torch
@@ -10,13 +9,16 @@ from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.responses import JSONResponse
 from safetensors.torch import save as save_safetensors
 from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.config import Settings
 from service.errors import ApiError
+from service.guard import BodyLimit, BodyRefused
+from service.ids import is_image_id
 from service.store import ImageRecord
 from service.vision.worker import Timings, VisionWorker
 
 ImageId = Annotated[str, Path(description="hex sha256 of the uploaded bytes")]
-_IMAGE_ID = re.compile(r"^[0-9a-f]{64}$")
 
 
 async def get_vision(request: Request) -> VisionWorker:  # async: a sync one would hop to a thread
@@ -27,7 +29,7 @@ Vision = Annotated[VisionWorker, Depends(get_vision)]
 
 
 def check_id(image_id: str) -> str:
-    if not _IMAGE_ID.match(image_id):
+    if not is_image_id(image_id):
         raise ApiError(422, "invalid_image_id", "image_id must be 64 lowercase hex characters (the sha256 of the image bytes)")
     return image_id
 
@@ -51,15 +53,30 @@ def metadata_headers(meta: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+# multipart framing around the file (boundaries, part headers): the body may be this much over the
+# image limit, and the file in it is held to the limit exactly
+MULTIPART_SLACK = 64 * 1024
+_HOW = "send the image as multipart/form-data field 'file' or as a raw body with an image/* content type"
+
+
+def body_limits(settings: Settings) -> dict[str, BodyLimit]:
+    """What ``service.guard`` lets through to these routes while they read the body."""
+    n = settings.max_upload_bytes
+    return {router.prefix: BodyLimit(n + MULTIPART_SLACK, "image_too_large", f"an image of up to {n} bytes")}
+
+
 async def read_upload(request: Request, max_bytes: int) -> bytes:
-    """The image from multipart field ``file`` or from a raw ``image/*`` body, refusing oversize early."""
-    declared = request.headers.get("content-length")
-    # multipart framing adds a little; allow it, the decoded file is checked again below
-    if declared and declared.isdigit() and int(declared) > max_bytes + 64 * 1024:
-        raise ApiError(413, "image_too_large", f"the request body is {declared} bytes; the image limit is {max_bytes}")
+    """The image from multipart field ``file`` or from a raw ``image/*`` body (the body's size is
+    bounded while it is read, by ``service.guard``; the image's here)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
-        form = await request.form(max_files=1, max_fields=8)
+        try:
+            form = await request.form(max_files=1, max_fields=8)
+        except BodyRefused:
+            raise
+        except StarletteHTTPException as exc:
+            raise ApiError(400, "invalid_multipart", f"the multipart body could not be parsed ({exc.detail}): "
+                           f"{_HOW}") from None
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise ApiError(422, "missing_file", "the multipart body has no file field named 'file'")
@@ -73,10 +90,7 @@ async def read_upload(request: Request, max_bytes: int) -> bytes:
             chunks.append(chunk)
         data = b"".join(chunks)
     else:
-        raise ApiError(
-            415, "unsupported_media_type",
-            f"send the image as multipart/form-data field 'file' or as a raw body with an image/* content type, not {content_type or 'no content type'}",
-        )
+        raise ApiError(415, "unsupported_media_type", f"{_HOW}, not {content_type or 'no content type'}")
     if len(data) > max_bytes:
         raise ApiError(413, "image_too_large", f"the image is over the limit of {max_bytes} bytes")
     return data
