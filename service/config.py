@@ -80,6 +80,10 @@ class Settings(BaseSettings):
                                     "completion's inline image)", ge=1, le=2**31)
     max_image_pixels: int = setting(50_000_000, "largest decoded width x height (decompression bombs are refused "
                                     "from the header)", roles=VISION, ge=1, le=2**31)
+    max_decode_work: int = setting(
+        1_000_000_000, "decoding work per image in pixel-passes: width x height times a progressive JPEG's scans "
+        "(1 for other formats); files that decode far slower than their size suggests get 422 image_too_complex",
+        roles=VISION, ge=1, le=2**50)
     max_batch_patches: int = setting(16384, "patches per vision forward (bounds activation memory)", roles=VISION,
                                      ge=1, le=2**24)
     max_batch_wait_ms: float = setting(5.0, "how long the first upload of a batch waits for company",

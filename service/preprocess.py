@@ -30,6 +30,7 @@ import PIL.Image
 import PIL.ImageOps
 import torch
 
+from service import decode_cost
 from service.errors import ApiError
 from service.pil_resize import FILTERS, check_uint8_chw, pil_pass_order, resize_tensor
 
@@ -155,6 +156,7 @@ class ImageLimits:
     max_pixels: int = 50_000_000  # decoded width*height before resize; also guards decompression bombs
     max_aspect_ratio: float = HF_MAX_ASPECT_RATIO  # HF's smart_resize refuses > 200 too
     formats: tuple[str, ...] = field(default=SUPPORTED_FORMATS)
+    max_decode_work: int = 1_000_000_000  # width x height x passes (a progressive JPEG's scans): decode_cost
 
     def __post_init__(self) -> None:
         if not 1.0 <= self.max_aspect_ratio <= HF_MAX_ASPECT_RATIO:
@@ -164,6 +166,8 @@ class ImageLimits:
             )
         if self.max_bytes <= 0 or self.max_pixels <= 0:
             raise ValueError("max_bytes and max_pixels must be positive")
+        if self.max_decode_work <= 0:
+            raise ValueError("max_decode_work must be positive")
 
 
 # --------------------------------------------------------------------------------------------
@@ -173,12 +177,22 @@ class ImageLimits:
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, KeyError, struct.error, zlib.error)
 
 
-def decode_image(data: bytes, limits: ImageLimits) -> PIL.Image.Image:
+def decode_image(data: bytes | PIL.Image.Image, limits: ImageLimits) -> PIL.Image.Image:
     """Decode an upload to an RGB image the way HF's ``load_image`` + processor would see it.
 
-    Size, pixel count and aspect ratio are checked on the header before pixels are decoded.
-    Raises :class:`ApiError` with a 4xx status for anything the caller must fix.
+    ``data`` is the upload's bytes, or what :func:`open_image` made of them (header checked, nothing
+    decoded yet). Raises :class:`ApiError` with a 4xx status for anything the caller must fix.
     """
+    image = data if isinstance(data, PIL.Image.Image) else open_image(data, limits)[0]
+    image = _load_oriented(image)
+    _check_shape(image.width, image.height, limits)  # a decoder may grow the canvas (GIF frames)
+    return _to_rgb(image)
+
+
+def open_image(data: bytes, limits: ImageLimits) -> tuple[PIL.Image.Image, int]:
+    """The upload's header, checked before any pixel is decoded: size, pixel count, aspect ratio and
+    decoding work (:mod:`service.decode_cost`, whose structure walk runs before Pillow parses a byte).
+    Returns the unloaded image and its decoding work in pixel-passes."""
     if not data:
         raise ApiError(400, "empty_image", f"The request has no image data: send the image bytes ({_formats(limits)}).")
     if len(data) > limits.max_bytes:
@@ -187,11 +201,10 @@ def decode_image(data: bytes, limits: ImageLimits) -> PIL.Image.Image:
             f"The image is {len(data)} bytes; the limit is {limits.max_bytes} bytes. "
             "Send a smaller or more compressed file.",
         )
+    passes = decode_cost.passes(data)
     image = _open(data, limits)
     _check_shape(image.width, image.height, limits)  # the header's size: nothing decoded yet
-    image = _load_oriented(image)
-    _check_shape(image.width, image.height, limits)  # a decoder may grow the canvas (GIF frames)
-    return _to_rgb(image)
+    return image, decode_cost.check_work(image.width, image.height, passes, limits.max_decode_work)
 
 
 def _formats(limits: ImageLimits) -> str:

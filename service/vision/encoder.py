@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import PIL.Image
 import torch
 
 if TYPE_CHECKING:
@@ -122,10 +123,11 @@ class VisionEncoder:
         self._lock = threading.Lock()
 
     # -- model contract -------------------------------------------------------------------------
-    def preprocess(self, data: bytes, limits: ImageLimits | None = None) -> Patches:
+    def preprocess(self, data: bytes | PIL.Image.Image, limits: ImageLimits | None = None) -> Patches:
         """Decode and patchify one upload (runs on a CPU thread). On a GPU only the decode: the
         forward resizes and patchifies (``Patches.decoded_only``).
 
+        ``data``: the upload's bytes, or the image ``preprocess.open_image`` opened from them.
         ``limits`` (the calling worker's settings) override the encoder's own."""
         image = decode_image(data, limits or self.limits)
         cfg = self.preprocess_config

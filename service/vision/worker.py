@@ -7,8 +7,8 @@ import contextlib
 import hashlib
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 
+import PIL.Image
 import torch
 
 from service import tracing
@@ -17,8 +17,9 @@ from service.checkpoint import Checkpoint
 from service.config import Settings
 from service.errors import ApiError, unavailable
 from service.metrics import Metrics
-from service.preprocess import ImageLimits
+from service.preprocess import ImageLimits, open_image
 from service.store import FeatureStore, ImageRecord
+from service.vision.decode_pool import HEAVY_WORK, DecodePool
 from service.vision.encoder import Patches, VisionEncoder
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,8 @@ class VisionWorker:
         self.store = store
         self.metrics = metrics
         # this worker's limits, also when the encoder was handed in (serve all, tests)
-        self.limits = ImageLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels)
+        self.limits = ImageLimits(max_bytes=settings.max_upload_bytes, max_pixels=settings.max_image_pixels,
+                                  max_decode_work=settings.max_decode_work)
         self.encoder = encoder or VisionEncoder(
             checkpoint or settings.model,
             device=settings.resolved_device(),
@@ -81,7 +83,7 @@ class VisionWorker:
             name="vision encoder",
             on_batch=self._observe_batch,
         )
-        self._preprocess_pool = ThreadPoolExecutor(settings.preprocess_threads, thread_name_prefix="preprocess")
+        self.decoder = DecodePool(settings.preprocess_threads, settings.max_queue)
         self._inflight: dict[str, asyncio.Future[ImageRecord]] = {}
 
     def _observe_batch(self, jobs: int, patches: int) -> None:
@@ -99,7 +101,7 @@ class VisionWorker:
 
     async def stop(self) -> None:
         await self.batcher.stop()
-        self._preprocess_pool.shutdown(wait=False, cancel_futures=True)
+        self.decoder.shutdown()
 
     async def _stored(self, image_id: str, *, with_embeds: bool = True, load: bool = True) -> ImageRecord | None:
         """The stored record, checked against this tower; one that does not fit it is dropped (409)."""
@@ -135,8 +137,18 @@ class VisionWorker:
         """The stored record for these bytes, computing it at most once; True when it was cached.
         ``timings`` collects how long each phase took (the route sends them as ``Server-Timing``).
         With ``load=False`` (the caller answers with metadata only) a record found stored is checked
-        in full but its embeds may be a meta tensor; a computed or shared one always has them."""
-        timings = timings if timings is not None else Timings()
+        in full but its embeds may be a meta tensor; a computed or shared one always has them.
+        All of it within ``request_timeout_s`` (503 after): waits for a decoding thread, a batch, a
+        lock or Redis included."""
+        timeout = self.settings.request_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                return await self._encode(data, timings if timings is not None else Timings(), load)
+        except TimeoutError:
+            raise unavailable("timeout", f"the image was not encoded within {timeout:g} s; retry shortly",
+                              2.0) from None
+
+    async def _encode(self, data: bytes, timings: Timings, load: bool) -> tuple[ImageRecord, bool]:
         if not data:
             raise ApiError(400, "empty_image", "the request carried no image bytes: send the image as multipart field 'file' or as the raw body")
         if len(data) > self.settings.max_upload_bytes:
@@ -193,9 +205,8 @@ class VisionWorker:
         renew = asyncio.create_task(self._renew_lock(image_id, lease)) if held else None
         stored = False
         try:
-            loop = asyncio.get_running_loop()
-            patches = await loop.run_in_executor(self._preprocess_pool, self.encoder.preprocess, data, self.limits)
-            timings.mark("preprocess")  # decode + patchify, waits for a free preprocessing thread included
+            patches = await self._preprocess(data)
+            timings.mark("preprocess")  # decode + patchify, waits for a free decoding thread included
             features = await self.batcher.submit(patches)  # [K, tokens, D]
             timings.mark("encode")  # the batch window, the queue and the forward
             record = ImageRecord.from_features(image_id, self.fingerprint, self.model_name, patches.grid_thw, features)
@@ -210,6 +221,21 @@ class VisionWorker:
                 renew.cancel()
                 if not stored:
                     await self.store.unlock(self.fingerprint, image_id)
+
+    async def _preprocess(self, data: bytes) -> Patches:
+        """Decode and patchify on the decoding threads; a heavy decode in the pool's heavy lane."""
+        out = await self.decoder.run(self._open_and_preprocess_light, data)
+        if isinstance(out, Patches):
+            return out
+        return await self.decoder.run(self.encoder.preprocess, out, self.limits, heavy=True)
+
+    def _open_and_preprocess_light(self, data: bytes) -> Patches | PIL.Image.Image:
+        """On a decoding thread: the header (checked), then the patches unless the decode is heavy;
+        then the opened image, for the heavy lane."""
+        image, work = open_image(data, self.limits)
+        if work > HEAVY_WORK:
+            return image
+        return self.encoder.preprocess(image, self.limits)
 
     async def _renew_lock(self, image_id: str, lease: float) -> None:
         while True:

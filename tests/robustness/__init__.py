@@ -128,6 +128,57 @@ def cmyk_jpeg(width: int, height: int) -> bytes:
     return encode(noise(width, height, seed=9, mode="CMYK"), "JPEG")
 
 
+# -- images that cost far more to decode than their size suggests ----------------------------------
+
+
+def progressive_jpeg(width: int, height: int, extra_scans: int = 0, seed: int | None = None) -> bytes:
+    """A progressive JPEG of a flat image (of noise with ``seed``), its last scan (an AC refinement of
+    a few bytes when flat) repeated ``extra_scans`` more times: each copy is one more pass over every
+    block of the image, ~0.6 ns a pixel, for its few bytes (libjpeg only warns)."""
+    image = noise(width, height, seed) if seed is not None else Image.new("RGB", (width, height), (120, 90, 60))
+    data = encode(image, "JPEG", progressive=True, quality=90)
+    last, end = data.rindex(b"\xff\xda"), data.rindex(b"\xff\xd9")
+    return data[:end] + data[last:end] * extra_scans + data[end:]
+
+
+def jpeg_with_segments(count: int) -> bytes:
+    """A small JPEG with ``count`` empty comment segments before its frame: Pillow parses each in Python."""
+    data = encode(noise(32, 32, seed=3), "JPEG")
+    return data[:2] + b"\xff\xfe\x00\x02" * count + data[2:]
+
+
+def jpeg_with_junk(count: int) -> bytes:
+    """A small JPEG with ``count`` junk bytes after its first segment: Pillow skips them one at a time."""
+    data = encode(noise(32, 32, seed=4), "JPEG")
+    after_app0 = 4 + struct.unpack_from(">H", data, 4)[0]
+    return data[:after_app0] + b"\x00" * count + data[after_app0:]
+
+
+def png_with_chunks(count: int, width: int = 32, height: int = 32) -> bytes:
+    """A PNG with ``count`` empty private chunks after its header: Pillow reads each in Python."""
+    data = encode(noise(width, height, seed=5), "PNG")
+    return data[:33] + _png_chunk(b"prVt", b"") * count + data[33:]
+
+
+def gif_with_subblocks(count: int, stray: int = 0) -> bytes:
+    """A GIF with a comment of ``count`` one-byte sub-blocks (and ``stray`` stray bytes) before its
+    frame: Pillow reads each in Python."""
+    data = encode(noise(32, 32, seed=6).convert("P"), "GIF")
+    start = 13 + (3 << ((data[10] & 7) + 1) if data[10] & 0x80 else 0)
+    return data[:start] + b"\x00" * stray + b"\x21\xfe" + b"\x01c" * count + b"\x00" + data[start:]
+
+
+def bmp_rle8(width: int, height: int) -> bytes:
+    """An 8-bit RLE-compressed BMP of horizontal stripes (Pillow decodes RLE in Python)."""
+    rows = b"".join(b"".join(bytes([min(255, width - x), y % 256]) for x in range(0, width, 255)) + b"\x00\x00"
+                    for y in range(height))
+    body = rows + b"\x00\x01"
+    palette = b"".join(bytes([i, i, i, 0]) for i in range(256))
+    offset = 14 + 40 + len(palette)
+    info = struct.pack("<IiiHHIIiiII", 40, width, height, 1, 8, 1, len(body), 2835, 2835, 256, 0)
+    return b"BM" + struct.pack("<IHHI", offset + len(body), 0, 0, offset) + info + palette + body
+
+
 # -- HTTP checks -----------------------------------------------------------------------------------
 
 
