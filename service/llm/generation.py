@@ -95,6 +95,12 @@ class Generation:
     def cancel(self) -> None:
         self.cancelled = True
 
+    def abandon(self, error: BaseException) -> None:
+        """Cancel, and have the consumer waiting for the next event (say in ``final``) raise ``error``
+        now rather than at its timeout: the engine frees the slot and sends nothing more."""
+        self.cancel()
+        self._put(error)
+
     def _put(self, event: Event | BaseException) -> None:
         if self.first_event_ns is None:
             self.first_event_ns = time.time_ns()

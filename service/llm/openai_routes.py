@@ -123,5 +123,5 @@ async def chat_completions(body: ChatRequest, request: Request, llm: LLM) -> Any
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(stream_chunks(llm, generation, head, include_usage), media_type="text/event-stream",
                                  headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    finish = await llm.answer(generation)
+    finish = await llm.answer(generation, request.receive)
     return JSONResponse(completion_body(cid, created, model, image.image_id, fingerprint, finish), headers=headers)

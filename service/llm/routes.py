@@ -91,12 +91,12 @@ router = APIRouter(tags=["questions"])
 
 @router.post(PATH, response_model=Answer,
              responses={200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when stream"}})
-async def ask(body: QuestionRequest, llm: LLM) -> Any:
+async def ask(body: QuestionRequest, request: Request, llm: LLM) -> Any:
     max_tokens = body.max_tokens if body.max_tokens is not None else min(128, llm.settings.max_new_tokens)
     generation = await llm.ask(body.image_id, body.question, max_tokens=max_tokens,
                                temperature=body.temperature, top_p=body.top_p, seed=body.seed, stream=body.stream)
     if body.stream:
         return StreamingResponse(stream_answer(llm, body.image_id, generation), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-    finish = await llm.answer(generation)
+    finish = await llm.answer(generation, request.receive)
     return answer_body(body.image_id, finish)

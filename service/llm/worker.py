@@ -7,6 +7,7 @@ import logging
 from collections.abc import AsyncIterator, Sequence
 
 import torch
+from starlette.types import Receive
 
 from service import tracing
 from service.checkpoint import Checkpoint, open_checkpoint
@@ -156,9 +157,15 @@ class LLMWorker:
         return unavailable("timeout", f"the answer took longer than {self.settings.request_timeout_s:g} s; "
                            "retry with a smaller max_tokens or later", 2.0)
 
-    async def answer(self, generation: Generation) -> Finish:
+    async def answer(self, generation: Generation, receive: Receive | None = None) -> Finish:
         """The final event only: one timeout for the whole answer, and the event loop is woken once,
-        not once per token."""
+        not once per token. With the request's ``receive`` (its body already read), a client that
+        disconnects abandons the generation at once: its slot and the tokens it would still have
+        decoded go to other questions (a streamed answer is cancelled by its response instead)."""
+        watch = None if receive is None else asyncio.ensure_future(_disconnected(receive))
+        if watch is not None:
+            watch.add_done_callback(lambda w: w.cancelled() or generation.abandon(ApiError(
+                499, "client_closed_request", "the client closed the connection before the answer was complete")))
         # awaited in the request's own task: wait_for would run it in a new task, one more hop
         # through the event loop at the start and one at the end
         try:  # final() cancels the generation when it is left early
@@ -168,3 +175,12 @@ class LLMWorker:
             return finish
         except TimeoutError:
             raise self._timeout() from None
+        finally:
+            if watch is not None:
+                watch.cancel()
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns when the client has gone (the server's ``http.disconnect``); the body was read before."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
