@@ -89,6 +89,14 @@ class _CacheRunner:
         self.device = kv.device
         self.use_graphs = use_graphs and self.device.type == "cuda"
 
+    def scrub(self, slot: int, end: int) -> None:
+        """Zero what a request left in ``slot``: cache positions ``[0, end)`` and the last one, where
+        the padding rows of a padded prefill write (``PrefillRunner._host_meta``). Attention reads
+        a whole window, the batch's, masked positions included, and a masked NaN still poisons it
+        (0 x NaN); zeroed, a slot carries nothing from one request into the next."""
+        self.kv[:, :, slot, :, :end].zero_()
+        self.kv[:, :, slot, :, -1].zero_()
+
 
 class DecodeRunner(_CacheRunner):
     """Device-side decode state for ``slots`` cache slots and the per-bucket step functions.
@@ -130,7 +138,10 @@ class DecodeRunner(_CacheRunner):
         self._write(slice(None), slots, [tokens, cache_pos, rope_pos, [1] * len(slots)])
 
     def clear_slot(self, slot: int) -> None:
-        self.state[ACTIVE, slot] = 0
+        """The slot leaves the batch. Its whole state is reset, not only ACTIVE: every step still runs
+        the rows of idle slots, and a reset one writes only cache position 0, which the slot's next
+        request overwrites first."""
+        self.state[:, slot] = 0
 
     def set_tokens(self, slots: Sequence[int], tokens: Sequence[int]) -> None:
         """Overwrite the next input token of some slots (sampled rather than greedy)."""

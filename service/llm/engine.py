@@ -57,7 +57,7 @@ from pathlib import Path
 import torch
 
 from service.checkpoint import Checkpoint, open_checkpoint
-from service.errors import ApiError, unavailable
+from service.errors import ApiError, internal_error, unavailable
 from service.llm.cuda_graphs import DecodeFn, DecodeRunner, PrefillFn, PrefillRow, PrefillRunner, Step
 from service.llm.generation import Delta, Finish, Generation, batched_wakeups
 from service.llm.model import (
@@ -141,6 +141,7 @@ class _Request:
     prefix: _Prefix | None = None  # pinned at submission when the caller sent no embeddings
     slot: int = -1
     cache_len: int = 0  # tokens whose KV is in the slot (or will be, once launched steps ran)
+    written: int = 0  # its prefills wrote cache positions [0, written) of the slot, padding included
     tokens: list[int] = field(default_factory=list)  # generated so far
     text: list[str] = field(default_factory=list)
 
@@ -403,16 +404,31 @@ class LLMEngine:
                 work()
             except Exception as exc:  # noqa: BLE001 - the consumers get the error; the engine carries on
                 log.exception("LLM engine step failed")
+                error = exc if isinstance(exc, ApiError) else internal_error("the LLM engine")
                 for request in requests:  # told first: releasing touches the device, which may fail again
-                    request.stream._put(exc)
+                    request.stream._put(error)
                 for request in requests:
                     self._release(request)
+
+    def _each(self, requests: Sequence[_Request], pick: Callable[[int, _Request], int]) -> list[tuple[_Request, int]]:
+        """Each request's next token, ``pick(i, request)``. A request whose own token fails (sampling
+        from scores that are not finite, say) gets the error and leaves; the others go on."""
+        picked = []
+        for i, request in enumerate(requests):
+            try:
+                picked.append((request, pick(i, request)))
+            except Exception:  # noqa: BLE001 - this request's failure, not its batch's
+                log.exception("LLM engine: one question's next token failed")
+                request.stream._put(internal_error("this question's answer"))
+                self._release(request)
+        return picked
 
     def _release(self, request: _Request) -> None:
         with self._cond:
             if self._active.get(request.slot) is request:
                 del self._active[request.slot]
                 self.runner.clear_slot(request.slot)
+                self.runner.scrub(request.slot, min(self.max_seq_len, max(request.written, request.cache_len)))
 
     def _drop_cancelled(self) -> None:
         for request in list(self._active.values()):
@@ -436,11 +452,14 @@ class LLMEngine:
                 holds = lo >= 0 and lo + n <= end - start  # the row holds the image (and its DeepStack features)
                 prefill_rows.append(PrefillRow(r.prompt.ids[start:end], r.positions[:, start:end], r.slot, start,
                                                (lo, r.embeds) if holds else None, r.deepstack if holds else None))
+            padded = self.prefiller.shape(prefill_rows, logits=logits).tokens
+            self._wrote(rows, padded)
             out, greedy = self.prefiller.run(self.prefill_at_fn, prefill_rows, logits=logits)
             self.counters["prefill_tokens"] += sum(end - start for _, start, end in rows)
             return None if out is None or greedy is None else (out, greedy)
         # rows padded at the end to the longest
         length = max(end - start for _, start, end in rows)
+        self._wrote(rows, length)
         ids = [r.prompt.ids[start:end] + [0] * (length - end + start) for r, start, end in rows]
         x = self.model.embed(torch.tensor(ids, device=self.device))  # [N, T, hidden]
         deepstack = None  # [L, N, T, hidden]: zero but at the image positions of rows that hold the image
@@ -467,6 +486,12 @@ class LLMEngine:
         last = torch.tensor([end - start - 1 for _, start, end in rows], device=self.device)
         out = self.model.logits(hidden[torch.arange(len(rows), device=self.device), last])  # [N, vocab]
         return out, torch.argmax(out, dim=-1)
+
+    @staticmethod
+    def _wrote(rows: list[tuple[_Request, int, int]], padded: int) -> None:
+        """A prefill of ``rows``, each padded to ``padded`` tokens, writes ``[start, start + padded)``."""
+        for r, start, _ in rows:
+            r.written = max(r.written, start + padded)
 
     def _start(self, requests: list[_Request]) -> None:
         """Admit requests: image prefixes (reused, or computed once per image in one batch), then
@@ -508,14 +533,14 @@ class LLMEngine:
         assert first is not None
         logits, greedy_tokens = first  # [N, vocab], [N]
         greedy = greedy_tokens.tolist()
-        tokens = [greedy[i] if r.temperature <= 0 else sample_token(logits[i], r.temperature, r.top_p, r.generator)
-                  for i, r in enumerate(requests)]
-        for r in requests:
+        picked = self._each(requests, lambda i, r: greedy[i] if r.temperature <= 0 else sample_token(
+            logits[i], r.temperature, r.top_p, r.generator))
+        for r, _ in picked:
             r.cache_len = len(r.prompt.ids)
         # all slots in one copy, before _emit: a request that ends at its first token clears its slot
-        self.runner.set_slots([r.slot for r in requests], tokens, [r.cache_len for r in requests],
-                              [r.cache_len + r.rope_delta for r in requests])
-        for r, token in zip(requests, tokens, strict=True):
+        self.runner.set_slots([r.slot for r, _ in picked], [token for _, token in picked],
+                              [r.cache_len for r, _ in picked], [r.cache_len + r.rope_delta for r, _ in picked])
+        for r, token in picked:
             self._emit(r, token)
 
     # -- decode ----------------------------------------------------------------------------------
@@ -553,18 +578,21 @@ class LLMEngine:
 
     def _process(self, launched: _Launched) -> None:
         greedy = launched.step.tokens()
-        sampled_slots, sampled = [], []
-        for slot, request in launched.rows.items():
-            if self._active.get(slot) is not request or request.stream.cancelled:
-                continue  # finished (or left) while this step was on its way
-            token = greedy[slot]
-            if request.temperature > 0:
-                token = sample_token(launched.step.logits[slot], request.temperature, request.top_p,
-                                     request.generator)
-                sampled_slots.append(slot)
-                sampled.append(token)
+        # those that finished (or left) while this step was on its way are skipped
+        rows = [(slot, request) for slot, request in launched.rows.items()
+                if self._active.get(slot) is request and not request.stream.cancelled]
+
+        def pick(i: int, request: _Request) -> int:
+            slot = rows[i][0]
+            if request.temperature <= 0:
+                return greedy[slot]
+            return sample_token(launched.step.logits[slot], request.temperature, request.top_p, request.generator)
+
+        picked = self._each([request for _, request in rows], pick)
+        sampled = [(request.slot, token) for request, token in picked if request.temperature > 0]
+        for request, token in picked:
             self._emit(request, token)
-        self.runner.set_tokens(sampled_slots, sampled)
+        self.runner.set_tokens([slot for slot, _ in sampled], [token for _, token in sampled])
 
     def _emit(self, request: _Request, token: int) -> None:
         request.tokens.append(token)

@@ -372,6 +372,19 @@ def _grid_disagrees(r: redis.Redis, key: str) -> None:
     r.hset(key, "grid_thw", json.dumps([t, h, w + 2]))
 
 
+def _non_finite(value: float) -> Callable[[redis.Redis, str], None]:
+    """One element of the embeddings set to ``value``, the checksum updated: only a finiteness check tells."""
+    def damage(r: redis.Redis, key: str) -> None:
+        dtype = getattr(torch, r.hget(key, "dtype").decode())
+        embeds = bytearray(r.hget(key, "embeds"))
+        bad = torch.tensor([value], dtype=dtype).view(torch.uint8).numpy().tobytes()
+        middle = len(embeds) // 2 // len(bad) * len(bad)
+        embeds[middle : middle + len(bad)] = bad
+        r.hset(key, mapping={"embeds": bytes(embeds), "checksum": checksum(bytes(embeds))})
+
+    return damage
+
+
 CORRUPTIONS: dict[str, Callable[[redis.Redis, str], object]] = {
     "flipped byte": _flip_byte,
     "truncated, checksum fixed": _truncate_consistently,
@@ -386,11 +399,15 @@ CORRUPTIONS: dict[str, Callable[[redis.Redis, str], object]] = {
     "hidden size of another model": _wrong_hidden_size,
     "checksum missing": lambda r, k: r.hdel(k, "checksum"),
     "model missing": lambda r, k: r.hdel(k, "model"),
+    "model with a line break": lambda r, k: r.hset(k, "model", "tiny\r\nX-Injected: 1"),
     "embeds missing": lambda r, k: r.hdel(k, "embeds"),
     "not a hash": _replace_with_string,
+    "a NaN, checksum fixed": _non_finite(float("nan")),
+    "an infinity, checksum fixed": _non_finite(float("-inf")),
 }
 # what the metadata route reads: it does not fetch the bytes, so byte-level damage shows only with them
-BYTES_ONLY = {"flipped byte", "checksum missing", "embeds missing", "truncated, checksum fixed"}
+BYTES_ONLY = {"flipped byte", "checksum missing", "embeds missing", "truncated, checksum fixed", "a NaN, checksum fixed",
+              "an infinity, checksum fixed"}
 
 
 @pytest.mark.parametrize("name", list(CORRUPTIONS), ids=list(CORRUPTIONS))

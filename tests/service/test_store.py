@@ -9,7 +9,7 @@ import redis
 import torch
 
 from service.errors import ApiError
-from service.store import FeatureStore, ImageRecord, checksum, lock_key, record_key
+from service.store import FeatureStore, ImageRecord, all_finite, checksum, lock_key, record_key
 
 ID = "ab" * 32
 
@@ -64,6 +64,43 @@ async def test_corrupt_bytes_are_refused_and_dropped(redis_url):
     assert err.value.status == 409 and err.value.code == "corrupt_features"
     assert not r.exists(record_key("fp1", ID))
     await store.close()
+
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+async def test_features_that_are_not_finite_are_refused(redis_url, dtype, value):
+    """Neither stored nor served, whoever wrote them: a NaN poisons every question on the image."""
+    store = FeatureStore(redis_url)
+    r = redis.Redis.from_url(redis_url)
+    key = record_key("fp1", ID)
+    bad = record(dtype)
+    bad.embeds[2, 7] = value
+    with pytest.raises(ApiError) as err:
+        await store.put(bad)
+    assert err.value.status == 409 and err.value.code == "corrupt_features" and not r.exists(key)
+    raw = bad.embeds.view(torch.uint8).numpy().tobytes()
+    for load in (True, False):  # written by another hand, its checksum with it
+        await store.put(record(dtype))
+        r.hset(key, mapping={"embeds": raw, "checksum": checksum(raw)})
+        with pytest.raises(ApiError) as err:
+            await store.get("fp1", ID, load=load)
+        assert err.value.code == "corrupt_features" and "NaN" in err.value.message and not r.exists(key)
+    r.close()
+    await store.close()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_finite_value_is_finite(dtype):
+    info = torch.finfo(dtype)
+    edges = torch.tensor([info.max, -info.max, info.tiny, info.smallest_normal / 4, 0.0, -0.0, 1.0], dtype=dtype)
+    assert all_finite(edges.view(torch.uint8).numpy().tobytes(), dtype)
+    assert all_finite(b"", dtype)
+    for value in (float("nan"), float("inf"), float("-inf")):
+        assert not all_finite(torch.cat([edges, torch.tensor([value], dtype=dtype)]).view(torch.uint8).numpy().tobytes(),
+                              dtype)
 
 
 @pytest.mark.parametrize("damage", ["flipped byte", "truncated, checksum fixed"])

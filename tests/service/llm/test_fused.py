@@ -213,10 +213,10 @@ def test_runner_state_advances_only_active_slots() -> None:
     assert calls[0][2:] == ([4, 0, 8], [12, 0, 120], [10, 0, 63])
     assert calls[1][2:] == ([5, 1, 9], [13, 0, 121], [11, 0, 63])
     runner.set_tokens([2], [3])
-    runner.clear_slot(0)
+    runner.clear_slot(0)  # its whole state is reset: an idle row writes cache position 0 only
     runner.launch(fake_decode, 3, 100)
-    assert calls[2][2:] == ([6, 2, 3], [14, 0, 122], [12, 0, 99])
-    assert runner.state[1].tolist() == [12, 0, 102]
+    assert calls[2][2:] == ([0, 2, 3], [0, 0, 122], [0, 0, 99])
+    assert runner.state[1].tolist() == [0, 0, 102]
 
 
 def test_engine_on_the_fused_path_answers_like_the_plain_path(tiny_checkpoint: Path) -> None:
