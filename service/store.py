@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import re
 import time
 import zlib
 from collections.abc import Awaitable, Callable
@@ -65,27 +66,38 @@ def parse_dtype(name: str) -> torch.dtype:
         raise ValueError(f"unsupported dtype {name!r}; use one of {sorted(_DTYPES)}") from None
 
 
+# The longest lease a compute lock is ever taken or renewed for (workers take min(this, their
+# request timeout)): a lock key with a longer TTL, or none, was not set by a live worker.
+MAX_LOCK_LEASE_S = 3.0
+
 # An image's compute lock (KEYS[1]), unless its record (KEYS[2], optional) is stored: -1 when it is
 # (no lock taken), else 1 taken, 0 held by another. Atomic, so no worker stores the record between
 # the check and the lock, and a lock is never taken only to be dropped again. The lock's value is
 # the taker's token (ARGV[1]; lease ARGV[2] ms): the connection's one retry re-sends the same token,
 # so an attempt whose reply was lost after it took the lock finds its own token and has it, where a
 # bare SET NX would answer "held by another" and the worker would wait a lease on its own lock.
+# Junk at the lock key never blocks an image for good: a key of another type is not a lock (it is
+# replaced), and one without a TTL, or with a TTL longer than any lease (ARGV[3] ms), gets that
+# lease: it expires then unless its holder, alive, renews it.
 # The record is not read here: a stored record's fields come from HMGET (``get``), since a Lua
 # script that returned them would copy the ~1 MB of embeddings in Redis twice more per hit.
 _TAKE_LOCK = """
 if KEYS[2] and redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'string' and kind ~= 'none' then redis.call('DEL', KEYS[1]) end
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
 if redis.call('GET', KEYS[1]) == ARGV[1] then
   redis.call('PEXPIRE', KEYS[1], ARGV[2])
   return 1
 end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl == -1 or ttl > tonumber(ARGV[3]) then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
 return 0
 """
 # Extend (ARGV[2] ms) or, without ARGV[2], delete the lock only while it holds our token (ARGV[1]):
 # a worker whose lease ran out must not extend or free the lock another worker has taken since.
 _OWN_LOCK = """
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if redis.call('TYPE', KEYS[1])['ok'] ~= 'string' or redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if ARGV[2] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return redis.call('DEL', KEYS[1])
 """
@@ -96,7 +108,9 @@ return redis.call('DEL', KEYS[1])
 # every queued command on a thread and event loop of its own, which blocks ours and deadlocks once it
 # must re-read the slot map (a failover); a script is atomic too and follows MOVED and ASK as any
 # command does. It costs Redis one more copy of the embeddings than MULTI, so one server keeps MULTI.
+# Whatever held the record's key goes first (a damaged record's other fields, junk of another type).
 _PUT = """
+redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], unpack(ARGV, 3))
 redis.call('SET', KEYS[2], ARGV[2])
 if KEYS[3] then redis.call('DEL', KEYS[3]) end
@@ -107,6 +121,23 @@ if ttl > 0 then
 end
 return 1
 """
+
+# What a fingerprint may look like (``service.fingerprint`` writes hex). Read back from the id index or
+# the registry, anything else (bytes that are not text, a megabyte, control characters) is junk,
+# taken as absent.
+_FINGERPRINT = re.compile(r"[\w.-]{1,64}", re.ASCII)
+
+
+def fingerprint_of(raw: bytes | None) -> str | None:
+    """The fingerprint stored in ``raw``, or None when there is none or it is not one."""
+    text = raw.decode("ascii", "replace") if isinstance(raw, bytes) else None
+    return text if text is not None and _FINGERPRINT.fullmatch(text) else None
+
+
+def is_wrongtype(exc: BaseException) -> bool:
+    """Redis' answer to a command on a key of another type: junk where our key belongs."""
+    return isinstance(exc, ResponseError) and str(exc).startswith("WRONGTYPE")
+
 
 # CRC-32 guards the stored bytes against damage and truncation, which is all a checksum here can do:
 # any unkeyed digest is recomputed by whoever can write to Redis. zlib's runs at ~5 GB/s where blake2b
@@ -401,26 +432,39 @@ class FeatureStore:
 
         def transaction(r: aioredis.Redis) -> Awaitable[list[Any]]:
             pipe = r.pipeline(transaction=True)
+            pipe.delete(key)  # whatever was there: a damaged record's other fields, junk of another type
             pipe.hset(key, mapping=mapping)
-            if model_key is not None:
-                pipe.hset(REGISTRY, model_key, record.fingerprint)
             if release_lock:  # a plain DEL: the record it guards is stored in the same transaction
                 pipe.delete(lock)
             pipe.set(latest, record.fingerprint)
             if self.ttl_s:
                 pipe.expire(key, self.ttl_s)
                 pipe.expire(latest, self.ttl_s)
-            return pipe.execute()
+            if model_key is not None:  # last: the answer looked at below
+                pipe.hset(REGISTRY, model_key, record.fingerprint)
+            # every command runs (a transaction does not stop at an error); each answer is looked at
+            return pipe.execute(raise_on_error=False)
 
-        async def script(r: RedisCluster) -> None:
+        async def script(r: RedisCluster) -> list[Any]:
             keys = [key, latest, lock] if release_lock else [key, latest]
             fields = [item for pair in mapping.items() for item in pair]
             writes = [self._put(keys=keys, args=[self.ttl_s or 0, record.fingerprint, *fields])]
             if model_key is not None:  # the registry lives in another slot, likely on another node
                 writes.append(r.hset(REGISTRY, model_key, record.fingerprint))
-            await asyncio.gather(*writes)
+            done = await asyncio.gather(*writes, return_exceptions=True)
+            for result in done[:1]:  # the record's write: raised, for _call to retry a redirection
+                if isinstance(result, BaseException):
+                    raise result
+            return done
 
-        await self._call(lambda r: script(r) if isinstance(r, RedisCluster) else transaction(r))
+        results = await self._call(lambda r: script(r) if isinstance(r, RedisCluster) else transaction(r))
+        for i, result in enumerate(results):
+            if not isinstance(result, BaseException):
+                continue
+            if model_key is not None and i == len(results) - 1 and is_wrongtype(result):
+                await self.register_model(model_key, record.fingerprint)  # replaces the junk there
+            else:
+                raise store_unavailable(result) from result
 
     async def get(self, fingerprint: str, image_id: str, *, with_embeds: bool = True,
                   load: bool = True) -> ImageRecord | None:
@@ -491,28 +535,43 @@ class FeatureStore:
         removed = await self._call(lambda r: r.delete(record_key(fingerprint, image_id)))
         return bool(removed)
 
+    async def _read_or_none(self, op: Callable[[Client], Awaitable[T]]) -> T | None:
+        """A read of one of our keys where junk of another type is taken as nothing stored."""
+        try:
+            return await self._call(op)
+        except ApiError as exc:
+            if is_wrongtype(exc.__cause__):
+                return None
+            raise
+
     async def other_fingerprint(self, fingerprint: str, image_id: str) -> str | None:
         """The fingerprint this image was last stored under, when that is not ours and still present."""
-        other = await self._call(lambda r: r.get(latest_key(image_id)))
-        if other is None:
+        other = fingerprint_of(await self._read_or_none(lambda r: r.get(latest_key(image_id))))
+        if other is None or other == fingerprint or not await self.exists(other, image_id):
             return None
-        other_fp = other.decode()
-        if other_fp == fingerprint or not await self.exists(other_fp, image_id):
-            return None
-        return other_fp
+        return other
 
     async def register_model(self, model_key: str, fingerprint: str) -> None:
-        await self._call(lambda r: r.hset(REGISTRY, model_key, fingerprint))
+        try:
+            await self._call(lambda r: r.hset(REGISTRY, model_key, fingerprint))
+        except ApiError as exc:
+            if not is_wrongtype(exc.__cause__):
+                raise
+            # junk of another type where the registry belongs: it held no registration, the hash replaces it
+            log.warning("the model registry %s held a value of another type; replaced", REGISTRY)
+            await self._call(lambda r: r.delete(REGISTRY))
+            await self._call(lambda r: r.hset(REGISTRY, model_key, fingerprint))
 
     async def registered_fingerprint(self, model_key: str) -> str | None:
-        value = await self._call(lambda r: r.hget(REGISTRY, model_key))
-        return value.decode() if value is not None else None
+        return fingerprint_of(await self._read_or_none(lambda r: r.hget(REGISTRY, model_key)))
 
     async def _take(self, fingerprint: str, image_id: str, ttl_s: float, *, unless_stored: bool) -> int:
         lock = lock_key(fingerprint, image_id)
         token = os.urandom(8).hex()
         keys = [lock, record_key(fingerprint, image_id)] if unless_stored else [lock]
-        taken = int(await self._call(lambda _: self._take_lock(keys=keys, args=[token, int(ttl_s * 1000)])))
+        lease_ms = int(min(ttl_s, MAX_LOCK_LEASE_S) * 1000)
+        taken = int(await self._call(lambda _: self._take_lock(keys=keys, args=[token, lease_ms,
+                                                                               int(MAX_LOCK_LEASE_S * 1000)])))
         if taken == 1:
             self._tokens[lock] = token
         return taken
@@ -533,7 +592,8 @@ class FeatureStore:
         lock = lock_key(fingerprint, image_id)
         token = self._tokens.get(lock)
         if token is not None:
-            await self._call(lambda _: self._own_lock(keys=[lock], args=[token, int(ttl_s * 1000)]))
+            lease_ms = int(min(ttl_s, MAX_LOCK_LEASE_S) * 1000)
+            await self._call(lambda _: self._own_lock(keys=[lock], args=[token, lease_ms]))
 
     async def unlock(self, fingerprint: str, image_id: str) -> None:
         """Free a lock this store holds; one another worker took after our lease ran out stays."""

@@ -51,6 +51,7 @@ class LLMWorker:
         # Known at once when a vision worker shares this process; else learned from the registry
         # that vision workers of this checkpoint write (this worker never reads visual weights).
         self._fingerprint = fingerprint
+        self._from_registry = fingerprint is None
 
     async def start(self) -> None:
         try:
@@ -71,6 +72,14 @@ class LLMWorker:
         fingerprint = await self.fingerprint()
         with tracing.span("feature fetch", embeddings=with_embeds):
             record = await self.store.get(fingerprint, image_id, with_embeds=with_embeds) if fingerprint else None
+            if record is None and fingerprint is not None and self._from_registry:
+                # the registry may name another fingerprint by now (vision workers of a new version, or it
+                # held junk when we read it): on a miss, look once more
+                fresh = await self.store.registered_fingerprint(self.model_key)
+                if fresh is not None and fresh != fingerprint:
+                    log.info("model fingerprint %s -> %s (from the registry)", fingerprint, fresh)
+                    self._fingerprint = fingerprint = fresh
+                    record = await self.store.get(fingerprint, image_id, with_embeds=with_embeds)
         if record is not None:
             self.metrics.cache.labels("features", "hit").inc()
             return record

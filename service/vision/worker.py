@@ -18,15 +18,12 @@ from service.config import Settings
 from service.errors import ApiError, unavailable
 from service.metrics import Metrics
 from service.preprocess import ImageLimits, open_image
-from service.store import FeatureStore, ImageRecord
+from service.store import MAX_LOCK_LEASE_S, FeatureStore, ImageRecord
 from service.vision.decode_pool import HEAVY_WORK, DecodePool
 from service.vision.encoder import Patches, VisionEncoder
 
 log = logging.getLogger(__name__)
 
-
-# how long another worker waits on the lock of a worker that died computing the same image
-LOCK_LEASE_S = 3.0
 
 
 class Timings:
@@ -185,7 +182,7 @@ class VisionWorker:
         """The record and whether another worker computed it (we waited on its lock)."""
         timeout = self.settings.request_timeout_s
         # a short lease, renewed while we compute: a worker that dies holding it delays others by one lease
-        lease = min(LOCK_LEASE_S, timeout)
+        lease = min(MAX_LOCK_LEASE_S, timeout)
         held = await self.store.lock_unless_stored(self.fingerprint, image_id, ttl_s=lease)
         timings.mark("lock")
         if held is None:

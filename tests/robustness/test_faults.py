@@ -241,7 +241,7 @@ async def test_worker_killed_mid_batch(doomed, make_app, redis_url, live_server)
 
 async def test_live_workers_lock_outlasts_its_lease(make_app, redis_url, live_server):
     """The lease is short (a dead worker frees the image soon) but renewed: a slow live worker still computes once."""
-    from service.vision.worker import LOCK_LEASE_S
+    from service.store import MAX_LOCK_LEASE_S as LOCK_LEASE_S
 
     slow_s = LOCK_LEASE_S + 1.5
     with live_server(make_app("vision", redis_url=redis_url)) as a, \
