@@ -179,6 +179,27 @@ def bmp_rle8(width: int, height: int) -> bytes:
     return b"BM" + struct.pack("<IHHI", offset + len(body), 0, 0, offset) + info + palette + body
 
 
+# -- junk in Redis ---------------------------------------------------------------------------------
+
+
+def junk(r, key: str, kind: str) -> None:  # noqa: ANN001 - a redis.Redis
+    """Replace ``key`` with junk of ``kind``: another type (hash, list, zset), bytes that are not
+    UTF-8, or a megabyte of text."""
+    r.delete(key)
+    if kind == "hash":
+        r.hset(key, "junk", "1")
+    elif kind == "list":
+        r.rpush(key, "junk")
+    elif kind == "zset":
+        r.zadd(key, {"junk": 1})
+    elif kind == "not utf-8":
+        r.set(key, b"\xff\xfe\x00\x80")
+    elif kind == "a megabyte":
+        r.set(key, b"f" * 1_000_000)
+    else:
+        raise ValueError(kind)
+
+
 # -- HTTP checks -----------------------------------------------------------------------------------
 
 

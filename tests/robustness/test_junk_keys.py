@@ -17,7 +17,7 @@ from service.checkpoint import open_checkpoint
 from service.fingerprint import REGISTRY, model_key
 from service.store import MAX_LOCK_LEASE_S, latest_key, lock_key
 
-from . import assert_error, png, upload
+from . import assert_error, junk, png, upload
 
 
 @dataclass
@@ -42,20 +42,6 @@ def split(make_app, redis_url, live_server) -> Iterator[Split]:
             httpx.Client(base_url=v.url, timeout=30) as vision, httpx.Client(base_url=llm.url, timeout=30) as ask:
         yield Split(vision, ask, r, vision.get("/readyz").json()["fingerprint"])
     r.close()
-
-
-def junk(r: redis.Redis, key: str, kind: str) -> None:
-    r.delete(key)
-    if kind == "hash":
-        r.hset(key, "junk", "1")
-    elif kind == "list":
-        r.rpush(key, "junk")
-    elif kind == "not utf-8":
-        r.set(key, b"\xff\xfe\x00\x80")
-    elif kind == "a megabyte":
-        r.set(key, b"f" * 1_000_000)
-    else:
-        raise ValueError(kind)
 
 
 @pytest.mark.parametrize("kind", ["hash", "list", "not utf-8", "a megabyte"])

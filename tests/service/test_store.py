@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import pytest
 import redis
@@ -20,6 +21,7 @@ from service.store import (
     lock_key,
     record_key,
 )
+from tests.robustness import junk
 
 ID = "ab" * 32
 
@@ -414,98 +416,76 @@ async def test_large_embeddings_are_checksummed_off_the_loop_and_read_back(redis
 
 # -- junk at the keys the store reads: 404/409, never a 500, never a 503 or a lock that lasts ---------
 
-JUNK_VALUES = [b"\xff\xfe\xfd", b"x" * 1_000_000, b"fp\r\n1", b""]
 
-
-def put_junk(r: redis.Redis, key: str, kind: str) -> None:
-    r.delete(key)
-    if kind == "hash":
-        r.hset(key, "a", "b")
-    elif kind == "list":
-        r.rpush(key, "a")
-    elif kind == "zset":
-        r.zadd(key, {"a": 1})
-    else:
-        r.set(key, kind.encode() if kind != "bytes" else b"\xff\xfe")
-
-
-@pytest.mark.parametrize("kind", ["hash", "list", "zset", "bytes"])
-async def test_junk_in_the_id_index_is_no_other_model(redis_url, kind):
-    store = FeatureStore(redis_url)
-    r = redis.Redis.from_url(redis_url)
-    put_junk(r, latest_key(ID), kind)
-    assert await store.other_fingerprint("fp1", ID) is None
-    await store.put(record())  # and a store replaces it
-    assert await store.other_fingerprint("fp2", ID) == "fp1"
+@pytest.fixture
+async def both(redis_url) -> AsyncIterator[tuple[FeatureStore, redis.Redis]]:
+    store, r = FeatureStore(redis_url), redis.Redis.from_url(redis_url)
+    yield store, r
     r.close()
     await store.close()
 
 
-@pytest.mark.parametrize("value", JUNK_VALUES)
-async def test_junk_values_are_no_fingerprint(redis_url, value):
-    store = FeatureStore(redis_url)
-    r = redis.Redis.from_url(redis_url)
+@pytest.mark.parametrize("kind", ["hash", "list", "zset", "not utf-8", "a megabyte"])
+async def test_junk_in_the_id_index_is_no_other_model(both, kind):
+    store, r = both
+    junk(r, latest_key(ID), kind)
+    assert await store.other_fingerprint("fp1", ID) is None
+    await store.put(record())  # and a store replaces it
+    assert await store.other_fingerprint("fp2", ID) == "fp1"
+
+
+@pytest.mark.parametrize("value", [b"\xff\xfe\xfd", b"x" * 1_000_000, b"fp\r\n1", b""])
+async def test_junk_values_are_no_fingerprint(both, value):
+    store, r = both
     r.set(latest_key(ID), value)
     r.hset(REGISTRY, "model-key", value)
     assert await store.other_fingerprint("fp1", ID) is None
     assert await store.registered_fingerprint("model-key") is None
-    r.close()
-    await store.close()
 
 
-@pytest.mark.parametrize("kind", ["string", "list"])
-async def test_junk_where_the_registry_belongs_is_replaced(redis_url, kind):
-    store = FeatureStore(redis_url)
-    r = redis.Redis.from_url(redis_url)
-    put_junk(r, REGISTRY, kind)
+@pytest.mark.parametrize("kind", ["not utf-8", "list"])
+async def test_junk_where_the_registry_belongs_is_replaced(both, kind):
+    store, r = both
+    junk(r, REGISTRY, kind)
     assert await store.registered_fingerprint("model-key") is None  # not a 503
     await store.put(record(), model_key="model-key")  # the record, and the registration, are stored
     assert await store.registered_fingerprint("model-key") == "fp1"
     assert (await store.get("fp1", ID)) is not None
-    put_junk(r, REGISTRY, kind)
+    junk(r, REGISTRY, kind)
     await store.register_model("model-key", "fp2")
     assert await store.registered_fingerprint("model-key") == "fp2"
-    r.close()
-    await store.close()
 
 
 @pytest.mark.parametrize("kind", ["hash", "list"])
-async def test_junk_where_a_record_belongs_is_replaced_by_a_put(redis_url, kind):
-    store = FeatureStore(redis_url)
-    r = redis.Redis.from_url(redis_url)
-    put_junk(r, record_key("fp1", ID), kind)  # a hash with a field no record has, or a list
+async def test_junk_where_a_record_belongs_is_replaced_by_a_put(both, kind):
+    store, r = both
+    junk(r, record_key("fp1", ID), kind)  # a hash with a field no record has, or a list
     await store.put(record())
-    assert (await store.get("fp1", ID)) is not None and not r.hexists(record_key("fp1", ID), "a")
-    r.close()
-    await store.close()
+    assert (await store.get("fp1", ID)) is not None and not r.hexists(record_key("fp1", ID), "junk")
 
 
 @pytest.mark.parametrize("kind", ["hash", "list", "zset"])
-async def test_a_lock_key_of_another_type_is_no_lock(redis_url, kind):
-    store = FeatureStore(redis_url)
-    r = redis.Redis.from_url(redis_url)
+async def test_a_lock_key_of_another_type_is_no_lock(both, kind):
+    store, r = both
     lock = lock_key("fp1", ID)
-    put_junk(r, lock, kind)
+    junk(r, lock, kind)
     assert await store.lock("fp1", ID, ttl_s=2)
     await store.extend_lock("fp1", ID, ttl_s=2)
     await store.unlock("fp1", ID)
     assert not r.exists(lock)
-    put_junk(r, lock, kind)  # and one that turned into junk while we held it
+    junk(r, lock, kind)  # and one that turned into junk while we held it
     assert await store.lock_unless_stored("fp1", ID, ttl_s=2)
-    put_junk(r, lock, kind)
+    junk(r, lock, kind)
     await store.extend_lock("fp1", ID, ttl_s=2)  # neither fails nor touches it
     await store.unlock("fp1", ID)
     assert r.type(lock) == kind.encode()
-    r.close()
-    await store.close()
 
 
 @pytest.mark.parametrize("ttl_ms", [None, 3_600_000])
-async def test_a_lock_without_a_lease_expires_within_one(redis_url, ttl_ms):
+async def test_a_lock_without_a_lease_expires_within_one(both, ttl_ms):
     """A lock key no live worker set (no TTL, or an hour's) blocked an image's uploads for good: it
     gets one lease, and is taken once that ran out."""
-    store = FeatureStore(redis_url)
-    r = redis.Redis.from_url(redis_url)
+    store, r = both
     lock = lock_key("fp1", ID)
     r.set(lock, "someone", px=ttl_ms)
     started = asyncio.get_running_loop().time()
@@ -514,5 +494,3 @@ async def test_a_lock_without_a_lease_expires_within_one(redis_url, ttl_ms):
     assert await store.wait_for("fp1", ID, timeout_s=10) is None  # the lock went, no record came
     assert await store.lock("fp1", ID, ttl_s=1)
     assert asyncio.get_running_loop().time() - started < MAX_LOCK_LEASE_S + 1
-    r.close()
-    await store.close()
