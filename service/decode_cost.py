@@ -8,7 +8,7 @@ Two kinds of decoding work can grow far beyond what a file's size suggests:
 * Steps of Pillow's own parsers, in Python, which hold the GIL and so slow every request of the
   process, not only this one: one per JPEG marker segment (and per junk byte) before the first
   scan, one per PNG chunk, one per GIF extension sub-block before the first frame, one per pixel
-  of an RLE-compressed BMP (its decoder is Python).
+  of an RLE-compressed BMP (its decoder is Python), one per EXIF entry (``check_exif``).
 
 ``passes(data)`` walks the structure the way Pillow will, counting those steps, and refuses a file
 that would take more of them than a bounded budget (its own walk stops there too); it returns the
@@ -148,6 +148,19 @@ def _bmp(data: bytes, steps: _Steps) -> None:
     width, height, _, _, compression = struct.unpack_from("<iiHHI", data, 18)
     if compression in (1, 2):
         steps.take((abs(width) * abs(height) + len(data)) / CHEAP_PER_STEP)
+
+
+# A JPEG's EXIF fits one 64 KiB segment; PNG and WebP could carry megabytes, which the EXIF
+# orientation step parses in Python (65,535 entries: ~0.1 s)
+MAX_EXIF_BYTES = 65535
+
+
+def check_exif(exif: bytes | None) -> None:
+    """``image_too_complex`` for EXIF metadata over a JPEG's limit (checked after the decode, when a
+    PNG's trailing chunks are in too, before the orientation step reads it)."""
+    if exif is not None and len(exif) > MAX_EXIF_BYTES:
+        raise too_complex(f"The image's EXIF metadata is {len(exif)} bytes; the limit is {MAX_EXIF_BYTES} "
+                          "(a JPEG's). Strip it, or keep only the orientation.")
 
 
 def check_work(width: int, height: int, passes: int, max_work: int) -> int:

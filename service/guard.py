@@ -9,12 +9,15 @@ has read and parsed the body they come with (a 1.5 GB JSON body was parsed befor
   413 at once; otherwise the body is counted as the app reads it, whatever its framing (chunked
   included), and the read that crosses the limit raises the 413 (``BodyRefused``, which FastAPI and
   Starlette's multipart parser pass on as it is).
+* Body time: the whole body must have arrived ``body_timeout_s`` after the request began, or the
+  read that waits past it raises 408 (a body trickled a byte at a time held its request forever).
 * A response that starts before the request's body was read to its end (401, 413, an early error)
   closes the connection: the server would otherwise go on reading, and dropping, the rest of it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -78,10 +81,12 @@ def declared_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
 
 
 class RequestGuard:
-    def __init__(self, app: ASGIApp, *, api_keys: Iterable[str], limits: Mapping[str, BodyLimit]) -> None:
+    def __init__(self, app: ASGIApp, *, api_keys: Iterable[str], limits: Mapping[str, BodyLimit],
+                 body_timeout_s: float) -> None:
         self.app = app
         self.keys = [key.encode() for key in api_keys]
         self.limits = dict(limits)
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -107,10 +112,18 @@ class RequestGuard:
             await limit.error().response()(scope, receive, send_closing)
             return
         received = 0
+        deadline = asyncio.get_running_loop().time() + self.body_timeout_s
 
         async def receive_bounded() -> Message:
             nonlocal received, unread
-            message = await receive()
+            if not unread:  # the body is in: what comes now is the disconnect, whenever it does
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise ApiError(408, "body_timeout", f"the request body did not arrive within {self.body_timeout_s:g} s "
+                               f"of the request; send it faster (or a smaller one)") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit.max_bytes:

@@ -266,6 +266,7 @@ def _load_oriented(image: PIL.Image.Image) -> PIL.Image.Image:
             f"The {fmt} data could not be decoded ({exc}): the file is truncated or corrupt. "
             "Re-encode it and upload it again.",
         ) from None
+    decode_cost.check_exif(image.info.get("exif"))  # what exif_transpose parses in Python
     try:
         return PIL.ImageOps.exif_transpose(image)
     except _DECODE_ERRORS as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import torch
 from fastapi import APIRouter, Depends, Path, Request, Response
@@ -45,11 +46,17 @@ def embeddings_file(record: ImageRecord) -> bytes:
     )
 
 
+# what a header value keeps as it is: printable ASCII; anything else (a model path in another script)
+# is percent-encoded as UTF-8, where Starlette's latin-1 encoding of the headers would fail
+_HEADER_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+
+
 def metadata_headers(meta: dict[str, Any]) -> dict[str, str]:
     out = {}
     for key, value in meta.items():
         name = "X-Splitvl-" + "-".join(p.capitalize() for p in key.split("_"))
-        out[name] = ",".join(str(v) for v in value) if isinstance(value, list) else str(value).lower() if isinstance(value, bool) else str(value)
+        text = ",".join(str(v) for v in value) if isinstance(value, list) else str(value).lower() if isinstance(value, bool) else str(value)
+        out[name] = quote(text, safe=_HEADER_SAFE)
     return out
 
 

@@ -143,3 +143,35 @@ def test_bodies_within_their_limits_pass(live):
         assert_error(r, 422, "question_too_long")
         r = client.post("/v1/questions", json={"image_id": image_id, "question": "hi", "max_tokens": 1})
         assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize("path,content_type", [("/v1/questions", "application/json"),
+                                               ("/v1/images", "image/png")])
+def test_a_trickled_body_is_cut_at_the_timeout(make_app, redis_url, live_server, path, content_type):
+    """A body sent a few bytes at a time held its request (and its place in the server) forever."""
+    timeout = 1.0
+    with live_server(make_app("all", redis_url=redis_url, request_timeout_s=timeout)) as server:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=20)
+        started = time.monotonic()
+        sock.sendall(head("POST", path, content_type, length=1000))
+        stop = threading.Event()
+
+        def trickle() -> None:  # a byte every 50 ms: the deadline does not move with it
+            while not stop.wait(0.05):
+                try:
+                    sock.sendall(b" ")
+                except OSError:
+                    return
+
+        threading.Thread(target=trickle, daemon=True).start()
+        data = b""
+        while b"\r\n\r\n" not in data:
+            piece = sock.recv(65536)
+            if not piece:
+                break
+            data += piece
+        elapsed = time.monotonic() - started
+        stop.set()
+        sock.close()
+    assert data.startswith(b"HTTP/1.1 408") and b"connection: close" in data.lower(), data[:300]
+    assert timeout <= elapsed < timeout + 2.0

@@ -334,6 +334,18 @@ def test_real_lru_eviction(make_app, redis_server, tmp_path, live_server):
         own.stop()
 
 
+def test_a_model_name_in_another_script_reaches_the_headers_encoded(served):
+    """A record's model name goes into X-Splitvl-Model: one Starlette cannot encode (not latin-1) was a 500."""
+    client, r = served
+    data, image_id, key = stored(client, 5)
+    r.hset(key, "model", "模型 ü%")
+    got = client.post("/v1/images", content=data, headers={"Content-Type": "image/png",
+                                                           "Accept": "application/octet-stream"})
+    assert got.status_code == 200, got.text
+    assert got.headers["x-splitvl-model"] == "%E6%A8%A1%E5%9E%8B %C3%BC%25"
+    assert client.get(f"/v1/images/{image_id}").json()["model"] == "模型 ü%"
+
+
 def test_entry_of_another_model_is_refused(served):
     client, r = served
     data, image_id, key = stored(client, 2)

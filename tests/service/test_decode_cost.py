@@ -4,6 +4,7 @@ structure, before Pillow parses them; ordinary files of every format pass untouc
 from __future__ import annotations
 
 import io
+import struct
 import time
 
 import PIL.Image
@@ -84,6 +85,18 @@ def test_rle_bitmaps_are_held_to_what_pillow_decodes_in_python():
     assert decode_image(bmp_rle8(200, 100), ImageLimits()).size == (200, 100)
     err = refused(bmp_rle8(2000, 2000))
     assert "RLE" in err.message
+
+
+def test_exif_is_held_to_a_jpegs_limit():
+    """An EXIF orientation step parses the metadata in Python: a PNG or WebP could carry megabytes of it."""
+    entries = 8000  # 12 bytes each: ~96 KB, over the 64 KiB a JPEG segment holds
+    tiff = (b"II*\x00" + struct.pack("<IH", 8, entries)
+            + b"".join(struct.pack("<HHII", 1000 + i, 3, 1, 1) for i in range(entries)) + b"\x00" * 4)
+    for fmt in ("PNG", "WEBP"):
+        big = encode(noise(32, 32, seed=3), fmt, exif=tiff)
+        assert "EXIF" in refused(big).message
+        small = encode(noise(32, 32, seed=3), fmt, exif=tiff[:8] + struct.pack("<H", 1) + tiff[10:22] + b"\x00" * 4)
+        assert decode_image(small, ImageLimits()).size == (32, 32)
 
 
 def test_a_large_ordinary_png_passes():
