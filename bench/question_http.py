@@ -130,7 +130,7 @@ def serving(engine: LLMEngine, ckpt: Path, store: Any, device_type: str, fingerp
     install_error_handlers(app)
     metrics = Metrics()
     app.add_middleware(RequestGuard, api_keys=settings.api_keys, limits=body_limits(settings),
-                       body_timeout_s=settings.request_timeout_s)
+                       body_timeout_s=settings.body_timeout_s)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     app.state.settings = settings
     app.include_router(router)

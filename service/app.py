@@ -152,7 +152,7 @@ def create_app(settings: Settings, role: Role, *, workers: dict | None = None,
         limits |= llm_routes.body_limits(settings) | openai_routes.body_limits(settings)
     # added first, so it runs inside the metrics middleware: refused requests are counted and logged too
     app.add_middleware(RequestGuard, api_keys=settings.api_keys, limits=limits,
-                       body_timeout_s=settings.request_timeout_s)
+                       body_timeout_s=settings.body_timeout_s)
     app.add_middleware(RequestMetricsMiddleware, metrics=metrics)
     if tracing.setup(f"splitvl-{role}"):  # OTEL_* variables: off by default
         app.add_middleware(tracing.TracingMiddleware)

@@ -94,6 +94,8 @@ class Settings(BaseSettings):
     max_queue: int = setting(256, "jobs waiting per worker before 503 overloaded", ge=1, le=1_000_000)
     request_timeout_s: float = setting(60.0, "a request still queued or running after this many seconds gets a "
                                        "503", gt=0, le=86400)
+    body_timeout_s: float = setting(60.0, "a request's whole body must arrive within this many seconds of its "
+                                    "start (408 after)", gt=0, le=86400)
     preprocess_threads: int = setting(4, "threads decoding and resizing uploads", roles=VISION, ge=1, le=256)
 
     # LLM worker

@@ -123,7 +123,7 @@ class RequestGuard:
                     message = await receive()
             except TimeoutError:
                 raise ApiError(408, "body_timeout", f"the request body did not arrive within {self.body_timeout_s:g} s "
-                               f"of the request; send it faster (or a smaller one)") from None
+                               "of the request (body_timeout_s); send it faster, or a smaller one") from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit.max_bytes:

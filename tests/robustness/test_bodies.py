@@ -150,7 +150,7 @@ def test_bodies_within_their_limits_pass(live):
 def test_a_trickled_body_is_cut_at_the_timeout(make_app, redis_url, live_server, path, content_type):
     """A body sent a few bytes at a time held its request (and its place in the server) forever."""
     timeout = 1.0
-    with live_server(make_app("all", redis_url=redis_url, request_timeout_s=timeout)) as server:
+    with live_server(make_app("all", redis_url=redis_url, body_timeout_s=timeout)) as server:
         sock = socket.create_connection(("127.0.0.1", server.port), timeout=20)
         started = time.monotonic()
         sock.sendall(head("POST", path, content_type, length=1000))
