@@ -20,9 +20,11 @@ import torch
 from redis.crc import key_slot
 from safetensors.torch import load as load_safetensors
 
-from service.store import FeatureStore, ImageRecord, latest_key, lock_key, record_key
+from service.errors import ApiError
+from service.fingerprint import REGISTRY
+from service.store import MAX_LOCK_LEASE_S, FeatureStore, ImageRecord, latest_key, lock_key, record_key
 
-from . import Outcome, png
+from . import Outcome, junk, png
 from .redis_cluster import RedisClusterProcesses, wait_until
 
 
@@ -75,6 +77,36 @@ async def test_store_on_a_cluster_keeps_an_image_in_one_slot(cluster):
     assert 0 < r.ttl(record_key("fp", ids[0])) <= 100 and 0 < r.ttl(latest_key(ids[0])) <= 100
     assert not r.exists(lock_key("fp", ids[0]))
     r.close()
+
+
+async def test_junk_on_a_cluster_is_read_and_replaced_as_on_one_redis(cluster):
+    """The cluster's write path (a script, and the registry written beside it) meets junk as the
+    single server's transaction does: replaced, never a 503 that lasts or a lock that never ends."""
+    store = FeatureStore(cluster.url(cluster.ports[0]))
+    r = redis.RedisCluster(host="127.0.0.1", port=cluster.ports[0])
+    image_id = "cd" * 32
+    try:
+        assert await store.ping() and store.cluster
+        junk(r, REGISTRY, "list")
+        junk(r, latest_key(image_id), "hash")
+        junk(r, record_key("fp", image_id), "list")
+        junk(r, lock_key("fp", image_id), "zset")
+        assert await store.registered_fingerprint("mk") is None
+        assert await store.other_fingerprint("fp2", image_id) is None
+        assert await store.lock_unless_stored("fp", image_id, ttl_s=1) is None  # the junk record "exists" ...
+        with pytest.raises(ApiError) as err:  # ... and is refused and dropped when read
+            await store.get("fp", image_id)
+        assert err.value.code == "corrupt_features" and not r.exists(record_key("fp", image_id))
+        assert await store.lock("fp", image_id, ttl_s=1)  # a lock key of another type is no lock
+        await store.put(ImageRecord(image_id, "fp", "tiny", (1, 2, 2), torch.randn(1, 8)), model_key="mk",
+                        release_lock=True)
+        assert (await store.get("fp", image_id)) is not None and await store.registered_fingerprint("mk") == "fp"
+        r.set(lock_key("fp2", image_id), "no one", px=None)  # no TTL: one lease, then it is gone
+        assert not await store.lock("fp2", image_id, ttl_s=1)
+        assert 0 < r.pttl(lock_key("fp2", image_id)) <= MAX_LOCK_LEASE_S * 1000
+    finally:
+        r.close()
+        await store.close()
 
 
 def test_split_workers_on_a_cluster_answer_as_on_one_redis(make_app, redis_url, cluster, split_workers,

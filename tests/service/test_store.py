@@ -162,6 +162,29 @@ async def test_deepstack_features_live_in_the_image_record(redis_url):
     await store.close()
 
 
+async def test_a_deepstack_that_is_not_finite_is_refused(redis_url):
+    """Every feature tensor of a record is held to the same check, the DeepStack ones too."""
+    store = FeatureStore(redis_url)
+    r = redis.Redis.from_url(redis_url)
+    bad = deepstack_record()
+    bad.deepstack[1, 2, 3] = float("nan")
+    with pytest.raises(ApiError) as err:
+        await store.put(bad)
+    assert err.value.code == "corrupt_features" and not r.exists(record_key("fp3", ID))
+    await store.put(deepstack_record())
+    key = record_key("fp3", ID)
+    raw = bad.deepstack.view(torch.uint8).numpy().tobytes()
+    r.hset(key, mapping={"deepstack": raw, "checksum": checksum(r.hget(key, "embeds"), raw)})
+    for load in (False, True):
+        with pytest.raises(ApiError) as err:
+            await store.get("fp3", ID, load=load)
+        assert err.value.code == "corrupt_features" and not r.exists(key)
+        await store.put(deepstack_record())
+        r.hset(key, mapping={"deepstack": raw, "checksum": checksum(r.hget(key, "embeds"), raw)})
+    r.close()
+    await store.close()
+
+
 @pytest.mark.parametrize("damage", ["flipped DeepStack byte", "DeepStack missing", "one layer short",
                                     "layer count changed"])
 async def test_one_checksum_covers_embeddings_and_deepstack(redis_url, damage):
