@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import re
+import threading
 import time
 import zlib
 from collections.abc import Awaitable, Callable
@@ -213,15 +214,30 @@ _EXPONENT_BITS: dict[torch.dtype, tuple[type[np.unsignedinteger], int]] = {
     torch.float32: (np.uint32, 0x7F800000), torch.bfloat16: (np.uint16, 0x7F80), torch.float16: (np.uint16, 0x7C00)}
 
 
+# all_finite works through the bytes in steps of this many elements, into a buffer each thread keeps:
+# a temporary the size of the features (~786 KB) per call cost ~60 us of page faults in the server
+_FINITE_STEP = 1 << 16
+_scratch = threading.local()
+
+
 def all_finite(data: bytes | memoryview, dtype: torch.dtype) -> bool:
     """Whether no element of ``data`` (raw ``dtype`` values) is NaN or infinite: none has its exponent
     bits all ones. On the bytes, so that one check serves a tensor's memory and what Redis returned,
-    copying neither (a 2B image's 786 KB of bf16: ~50 us). Every feature tensor of a record is held
+    copying neither (a 2B image's 786 KB of bf16: ~30 us). Every feature tensor of a record is held
     to it when stored and when loaded: a NaN spreads through the attention of every question on the
     image, and a sampled one fails."""
     uint, exponent = _EXPONENT_BITS[dtype]
     bits = np.frombuffer(data, uint)  # [numel] no copy
-    return bits.size == 0 or int((bits & uint(exponent)).max()) < exponent
+    scratch = getattr(_scratch, uint.__name__, None)
+    if scratch is None:
+        scratch = np.empty(_FINITE_STEP, uint)
+        setattr(_scratch, uint.__name__, scratch)
+    for start in range(0, bits.size, _FINITE_STEP):
+        part = bits[start : start + _FINITE_STEP]
+        exponents = np.bitwise_and(part, exponent, out=scratch[: part.size])
+        if int(exponents.max()) >= exponent:
+            return False
+    return True
 
 
 def _bytes_of(t: torch.Tensor) -> memoryview:
