@@ -95,6 +95,41 @@ class Checkpoint:
         """Canonical tensor name -> the file holding it (the weight index, read once)."""
         return _key_locations(self.path)
 
+    def vision_config_dict(self) -> dict:
+        """config.json's ``vision_config`` as written (what the fingerprint hashes)."""
+        vision = dict(self.config.get("vision_config") or {})
+        if not vision:
+            raise CheckpointError("config.json has no vision_config: not a vision-language checkpoint")
+        return vision
+
+    def check(self, *, visual: bool, language: bool) -> None:
+        """What loading the visual or language half will need, checked cheaply now (configs parsed,
+        files present; no tensor read), so a broken checkpoint is one line before anything starts."""
+        family = self.family
+        try:
+            if visual:
+                self.vision_config_dict()
+                family.vision_config(self.config)
+                family.preprocess_config(self.preprocessor)
+            if language:
+                family.text_config(self.config)
+        except CheckpointError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - HF's config classes raise many kinds: all mean "not this model"
+            raise CheckpointError(f"{self.path / 'config.json'} does not describe a {family.name} model: "
+                                  f"{type(exc).__name__}: {exc}".splitlines()[0]) from None
+        if language and not (self.path / "tokenizer.json").is_file():
+            raise CheckpointError(f"{self.path / 'tokenizer.json'} is missing (the LLM worker needs it)")
+        for wanted, part in ((is_visual, "visual"), (is_language, "language")):
+            if (part == "visual" and not visual) or (part == "language" and not language):
+                continue
+            files = {f for key, f in self.locations.items() if wanted(key)}
+            if not files:
+                raise CheckpointError(f"{self.path} holds no {part} tensors")
+            missing = sorted(f.name for f in files if not f.is_file())
+            if missing:
+                raise CheckpointError(f"shard {missing[0]} is missing from {self.path} but holds {part} tensors")
+
     def read_tensors(self, wanted: Callable[[str], bool], *, strip_prefix: str = "",
                      progress: bool | None = None) -> dict[str, torch.Tensor]:
         return read_tensors(self.path, wanted, strip_prefix=strip_prefix, progress=progress,
@@ -117,6 +152,8 @@ def open_checkpoint(model: str | Path | Checkpoint) -> Checkpoint:
         preprocessor = load_optional_json(path, "preprocessor_config.json")
     except (OSError, ValueError) as exc:  # unreadable or not JSON
         raise CheckpointError(f"{path}: cannot read its config ({exc})") from exc
+    if not isinstance(config, dict) or not isinstance(preprocessor, dict | None):
+        raise CheckpointError(f"{path}: config.json and preprocessor_config.json must each hold a JSON object")
     family = family_of(config)
     if family is None:
         kind = config.get("model_type") or (config.get("architectures") or ["no model_type"])[0]

@@ -88,7 +88,11 @@ def describe_error(error: dict, given: dict, role: str) -> str:
                 f"{Settings.model_fields[field].description}")
     if field in given:
         value = given[field]
-        source = f"{flag_of(field)} {value if not isinstance(value, list) else ' '.join(map(repr, value))}"
+        if isinstance(value, list):
+            shown = " ".join(map(repr, value))
+        else:  # a value with a newline or a control character is shown quoted: the message stays one line
+            shown = value if str(value).isprintable() else repr(value)
+        source = f"{flag_of(field)} {shown}"
     else:
         source = f"{env_name(field)}={os.environ.get(env_name(field), '')!r}"
     return f"{source}: {message}"
@@ -122,12 +126,15 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     return settings
 
 
-def open_model(model: str) -> Checkpoint:
-    """The checkpoint, opened as loading opens it (the app gets this one), before anything heavy."""
+def open_model(model: str, role: Role) -> Checkpoint:
+    """The checkpoint, opened as loading opens it (the app gets this one) and checked for what the
+    role's workers will read (``Checkpoint.check``), before anything heavy."""
     from service.checkpoint import CheckpointError, open_checkpoint
 
     try:
-        return open_checkpoint(model)
+        checkpoint = open_checkpoint(model)
+        checkpoint.check(visual=role != "llm", language=role != "vision")
+        return checkpoint
     except CheckpointError as exc:
         raise UsageError(f"--model {model}: {exc}") from None
 
@@ -138,7 +145,13 @@ def open_model(model: str) -> Checkpoint:
 
 def _serve(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
-    checkpoint = open_model(settings.model)
+    checkpoint = open_model(settings.model, args.role)
+    from service import tracing
+
+    try:  # OTEL_* asking for an exporter that is not installed: one line now, not a traceback later
+        tracing.setup(f"splitvl-{args.role}")
+    except RuntimeError as exc:
+        raise UsageError(str(exc)) from None
     if settings.redis_url is None:
         from service.embedded_redis import redis_binary
 

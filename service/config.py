@@ -136,6 +136,14 @@ class Settings(BaseSettings):
                 raise ValueError("API keys must be non-empty printable ASCII without surrounding spaces")
         return v
 
+    @field_validator("served_model_name")
+    @classmethod
+    def _served_model_name(cls, v: str | None) -> str | None:
+        # it is stored with every record and sent in headers: a name a read would refuse is refused here
+        if v is not None and (v != v.strip() or not v.isprintable()):
+            raise ValueError("the served model name must be printable text without surrounding spaces")
+        return v
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _log_level(cls, v: object) -> object:

@@ -426,6 +426,8 @@ class FeatureStore:
         parts, digest = _serialize(record) if nbytes <= _INLINE_BYTES else await asyncio.to_thread(_serialize, record)
         if record.deepstack is not None and tuple(record.deepstack.shape[1:]) != tuple(record.embeds.shape):
             raise ValueError(f"deepstack {list(record.deepstack.shape)} does not fit embeds {list(record.embeds.shape)}")
+        if not record.model.isprintable():  # get refuses such a record: it would be stored only to be dropped
+            raise ValueError(f"model name {record.model!r} is not printable text")
         if not all(all_finite(part, record.embeds.dtype) for part in parts):
             raise ApiError(409, "corrupt_features", f"encoding image {record.image_id} gave features that are not "
                            "finite (NaN or infinite values); they were not stored")

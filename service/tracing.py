@@ -34,8 +34,11 @@ def requested(env: Mapping[str, str] = os.environ) -> bool:
 
 def _exporter(name: str) -> Any:
     if name == "otlp":
-        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        except ImportError:
+            raise RuntimeError("OTEL_* ask for OTLP traces, but the OTLP exporter is not installed: "
+                               "pip install 'splitvl[otel]', or set OTEL_TRACES_EXPORTER=console or none") from None
         return OTLPSpanExporter()  # endpoint, headers, timeout: from OTEL_EXPORTER_OTLP_*
     if name == "console":
         from opentelemetry.sdk.trace.export import ConsoleSpanExporter

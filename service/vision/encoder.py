@@ -20,7 +20,7 @@ import torch
 if TYPE_CHECKING:
     from kernels.graphs import VisionGraphs
 
-from service.checkpoint import Checkpoint, CheckpointError, check_state_dict, is_visual, open_checkpoint
+from service.checkpoint import Checkpoint, check_state_dict, is_visual, open_checkpoint
 from service.fingerprint import model_fingerprint, model_key, weights_digest
 from service.preprocess import (
     ImageLimits,
@@ -56,13 +56,6 @@ class Patches:
         return t * h * w
 
 
-def vision_config_dict(config: dict) -> dict:
-    vision = dict(config.get("vision_config") or {})
-    if not vision:
-        raise CheckpointError("config.json has no vision_config: not a vision-language checkpoint")
-    return vision
-
-
 @dataclass(frozen=True)
 class Launched:
     """A forward queued on the device (``VisionEncoder.launch``); ``finish`` waits for it."""
@@ -86,7 +79,7 @@ class VisionEncoder:
         self.device = torch.device(device)
         self.dtype = dtype
         self.limits = limits or ImageLimits()
-        self.vision_config = vision_config_dict(checkpoint.config)
+        self.vision_config = checkpoint.vision_config_dict()
         self.preprocess_config = family.preprocess_config(checkpoint.preprocessor)
 
         config = family.vision_config(checkpoint.config)

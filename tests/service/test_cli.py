@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -145,6 +147,19 @@ def nothing_heavy_starts(monkeypatch):
             monkeypatch.delenv(key)
 
 
+def _without_vision_config(path: Path) -> None:
+    config = json.loads((path / "config.json").read_text())
+    del config["vision_config"]
+    (path / "config.json").write_text(json.dumps(config))
+
+
+BROKEN = {
+    "listconfig": lambda p: (p / "config.json").write_text("[1, 2]"),
+    "notokenizer": lambda p: (p / "tokenizer.json").unlink(),
+    "noweights": lambda p: (p / "model.safetensors").unlink(),
+    "novision": _without_vision_config,
+}
+
 MISTAKES = {
     "model-missing-dir": (["serve", "all", "--model", "./does-not-exist"], {}, "'./does-not-exist' does not exist"),
     "model-not-cached": (["serve", "all", "--model", "no-such-org/no-such-model"], {}, "splitvl never downloads"),
@@ -160,6 +175,15 @@ MISTAKES = {
     "other-role's-flag": (["serve", "vision", "--model", "{tiny}", "--redis-url", "redis://h:1/0",
                            "--max-new-tokens", "5"], {}, "--max-new-tokens does not apply to `serve vision`"),
     "llm-without-redis": (["serve", "llm", "--model", "{tiny}"], {}, "--redis-url (or SPLITVL_REDIS_URL) is required"),
+    "served-model-name-with-a-newline": (["serve", "all", "--model", "{tiny}", "--served-model-name", "qwen\n"], {},
+                                         "must be printable text"),
+    "config-not-an-object": (["serve", "all", "--model", "{listconfig}"], {}, "must each hold a JSON object"),
+    "llm-without-tokenizer": (["serve", "llm", "--model", "{notokenizer}", "--redis-url", "redis://h:1/0"], {},
+                              "tokenizer.json is missing"),
+    "no-weights": (["serve", "vision", "--model", "{noweights}", "--redis-url", "redis://h:1/0"], {},
+                   "holds neither model.safetensors.index.json nor model.safetensors"),
+    "not-this-family's-config": (["serve", "vision", "--model", "{novision}", "--redis-url", "redis://h:1/0"], {},
+                                 "config.json has no vision_config"),
     "make-tiny-onto-a-file": (["make-tiny", "{file}"], {}, "is a file"),
     "make-tiny-into-a-checkpoint": (["make-tiny", "{tiny}"], {}, "is not empty"),
 }
@@ -175,6 +199,11 @@ def test_a_mistake_is_one_line_before_anything_starts(case, tiny_checkpoint, tmp
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     names = {"tiny": str(tiny_checkpoint), "empty": str(tmp_path / "empty"), "file": str(tmp_path / "file")}
+    for name, damage in BROKEN.items():  # copies of the checkpoint, each broken one way
+        copy = tmp_path / name
+        shutil.copytree(tiny_checkpoint, copy)
+        damage(copy)
+        names[name] = str(copy)
     assert main([arg.format(**names) for arg in argv]) == 2
     out = capsys.readouterr()
     assert out.out == ""
