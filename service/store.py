@@ -338,9 +338,10 @@ def store_unavailable(exc: BaseException) -> ApiError:
     if isinstance(exc, (RedisTimeoutError, TimeoutError)):
         what = "did not answer in time"
     elif isinstance(exc, ResponseError):
-        # the server's error class (OOM, READONLY, LOADING, ...): its first word, without the rest,
-        # which may name other nodes (a cluster's MOVED)
-        kind = str(exc).split(" ", 1)[0]
+        # the server's error class (OOM, READONLY, LOADING, ...), without the rest, which may name other
+        # nodes (a cluster's MOVED): redis-py keeps the class it strips from the errors it knows
+        # (OutOfMemoryError, ReadOnlyError, ...) as status_code; an unknown one's text starts with it
+        kind = getattr(exc, "status_code", None) or str(exc).split(" ", 1)[0]
         what = f"refused the command ({kind})" if kind.isalpha() and kind.isupper() else "refused the command"
     elif isinstance(exc, (RedisConnectionError, OSError)):
         what = "is unreachable"

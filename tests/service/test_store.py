@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 import redis
@@ -207,6 +208,26 @@ async def test_one_checksum_covers_embeddings_and_deepstack(redis_url, damage):
     with pytest.raises(ApiError) as err:
         await store.get("fp3", ID)
     assert err.value.status == 409 and err.value.code == "corrupt_features" and not r.exists(key)
+    r.close()
+    await store.close()
+
+
+@contextlib.contextmanager
+def out_of_memory(r: redis.Redis) -> Iterator[None]:
+    """Redis refuses every write (OOM) meanwhile: the test server's policy is noeviction."""
+    r.config_set("maxmemory", 1)
+    try:
+        yield
+    finally:
+        r.config_set("maxmemory", 0)
+
+
+async def test_a_write_redis_refuses_is_503_naming_why(redis_url):
+    store, r = FeatureStore(redis_url), redis.Redis.from_url(redis_url)
+    with out_of_memory(r), pytest.raises(ApiError) as err:
+        await store.put(record())
+    assert err.value.status == 503 and err.value.code == "redis_unavailable"
+    assert "refused the command (OOM)" in err.value.message and "maxmemory" not in err.value.message
     r.close()
     await store.close()
 
