@@ -422,13 +422,13 @@ class FeatureStore:
     async def put(self, record: ImageRecord, *, model_key: str | None = None, release_lock: bool = False) -> None:
         """Store the record in one round trip, there also registering its fingerprint under ``model_key``
         and releasing this image's compute lock when asked."""
-        # large embeddings: copied and checksummed on a thread, not the event loop (zlib releases the GIL)
-        nbytes = record.embeds.nbytes + (0 if record.deepstack is None else record.deepstack.nbytes)
-        parts, digest = _serialize(record) if nbytes <= _INLINE_BYTES else await asyncio.to_thread(_serialize, record)
         if record.deepstack is not None and tuple(record.deepstack.shape[1:]) != tuple(record.embeds.shape):
             raise ValueError(f"deepstack {list(record.deepstack.shape)} does not fit embeds {list(record.embeds.shape)}")
         if not record.model.isprintable():  # get refuses such a record: it would be stored only to be dropped
             raise ValueError(f"model name {record.model!r} is not printable text")
+        # large embeddings: copied and checksummed on a thread, not the event loop (zlib releases the GIL)
+        nbytes = record.embeds.nbytes + (0 if record.deepstack is None else record.deepstack.nbytes)
+        parts, digest = _serialize(record) if nbytes <= _INLINE_BYTES else await asyncio.to_thread(_serialize, record)
         if not all(all_finite(part, record.embeds.dtype) for part in parts):
             raise ApiError(409, "corrupt_features", f"encoding image {record.image_id} gave features that are not "
                            "finite (NaN or infinite values); they were not stored")
@@ -446,8 +446,6 @@ class FeatureStore:
         key = record_key(record.fingerprint, record.image_id)
         latest = latest_key(record.image_id)
         lock = lock_key(record.fingerprint, record.image_id)
-        if release_lock:
-            self._tokens.pop(lock, None)
 
         def transaction(r: aioredis.Redis) -> Awaitable[list[Any]]:
             pipe = r.pipeline(transaction=True)
@@ -477,6 +475,8 @@ class FeatureStore:
             return done
 
         results = await self._call(lambda r: script(r) if isinstance(r, RedisCluster) else transaction(r))
+        if release_lock:  # freed with the record; until it is stored, the caller's unlock frees it
+            self._tokens.pop(lock, None)
         for i, result in enumerate(results):
             if not isinstance(result, BaseException):
                 continue

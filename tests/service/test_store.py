@@ -349,6 +349,19 @@ async def test_only_the_holder_extends_or_frees_a_lock(redis_url):
     await theirs.close()
 
 
+async def test_a_put_that_failed_leaves_its_lock_to_unlock(both):
+    """A put that would also free the lock, refused by Redis: the worker's unlock frees the lock at
+    once, not a lease later (uploads of the same image on other workers wait on it meanwhile)."""
+    store, r = both
+    assert await store.lock_unless_stored("fp1", ID, ttl_s=MAX_LOCK_LEASE_S)
+    with out_of_memory(r), pytest.raises(ApiError) as err:
+        await store.put(record(), release_lock=True)
+    assert err.value.status == 503
+    assert not r.exists(record_key("fp1", ID)) and r.exists(lock_key("fp1", ID))
+    await store.unlock("fp1", ID)
+    assert not r.exists(lock_key("fp1", ID))
+
+
 async def test_lock_unless_stored(redis_url):
     store = FeatureStore(redis_url)
     rec = record(fingerprint="fp9")
