@@ -25,7 +25,6 @@ from service.vision.encoder import Patches, VisionEncoder
 log = logging.getLogger(__name__)
 
 
-
 class Timings:
     """Durations of a request's phases, in order: ``mark(name)`` ends the phase that began at the
     previous mark (or at creation)."""
@@ -192,13 +191,11 @@ class VisionWorker:
                 return record, True
             held = await self.store.lock(self.fingerprint, image_id, ttl_s=lease)  # damaged or gone meanwhile
         if not held:
-            started = time.monotonic()
+            # another worker computes it: wait for its record, within encode's deadline; when that worker
+            # gave up or died (the lock went, no record came), compute it here
             record = await self.store.wait_for(self.fingerprint, image_id, timeout_s=timeout)
             if record is not None:
                 return record, True
-            if time.monotonic() - started >= timeout:  # still computing elsewhere: don't start a second wait
-                raise unavailable("timeout", f"the image was still being encoded by another worker after "
-                                  f"{timeout:g} s; retry shortly", 2.0)
         renew = asyncio.create_task(self._renew_lock(image_id, lease)) if held else None
         stored = False
         try:
@@ -207,8 +204,6 @@ class VisionWorker:
             features = await self.batcher.submit(patches)  # [K, tokens, D]
             timings.mark("encode")  # the batch window, the queue and the forward
             record = ImageRecord.from_features(image_id, self.fingerprint, self.model_name, patches.grid_thw, features)
-            if renew is not None:
-                renew.cancel()
             await self.store.put(record, model_key=self.encoder.model_key, release_lock=held)
             timings.mark("store")
             stored = True
