@@ -496,7 +496,7 @@ class FeatureStore:
         try:
             values = await self._call(lambda r: r.hmget(key, fields))
         except ApiError as exc:
-            if not str(exc.__cause__).startswith("WRONGTYPE"):
+            if not is_wrongtype(exc.__cause__):
                 raise
             raise await self._drop_corrupt(key, image_id, "not a hash") from exc  # not ours to serve
         got = dict(zip(fields, values, strict=True))
