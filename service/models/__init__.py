@@ -9,25 +9,31 @@ from __future__ import annotations
 
 import functools
 import importlib
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from service.models.qwen2_vl import Qwen2VL as Family  # every family derives from it
 
-# model_type -> "module:class" under service.models
+# model_type -> its family's class, as "module:name"
 _MODULES = {
-    "qwen2_vl": "qwen2_vl:Qwen2VL",
-    "qwen2_5_vl": "qwen2_5_vl:Qwen2_5_VL",
-    "qwen3_vl": "qwen3_vl:Qwen3VL",
+    "qwen2_vl": "service.models.qwen2_vl:Qwen2VL",
+    "qwen2_5_vl": "service.models.qwen2_5_vl:Qwen2_5_VL",
+    "qwen3_vl": "service.models.qwen3_vl:Qwen3VL",
 }
 FAMILY_NAMES: tuple[str, ...] = tuple(_MODULES)
+
+
+def load(path: str) -> Any:
+    """What ``"module:name"`` names, imported now: a family's module and HF's model classes load on
+    first use (importing them costs seconds)."""
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 @functools.cache
 def family(model_type: str) -> Family:
     """The family of this ``model_type`` (one of ``FAMILY_NAMES``)."""
-    module, cls = _MODULES[model_type].split(":")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), cls)()
+    return load(_MODULES[model_type])()
 
 
 def supported() -> str:

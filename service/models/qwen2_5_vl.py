@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from torch import nn
-
 from service.models.qwen2_vl import Qwen2VL
 
 if TYPE_CHECKING:
@@ -24,23 +22,8 @@ class Qwen2_5_VL(Qwen2VL):  # noqa: N801 - the family's own spelling
     model_type = "qwen2_5_vl"
     name = "Qwen2.5-VL"
     architectures = ("Qwen2_5_VLForConditionalGeneration",)
-
-    def hf_config_class(self) -> type[PreTrainedConfig]:
-        from transformers import Qwen2_5_VLConfig
-
-        return Qwen2_5_VLConfig
-
-    def hf_model_class(self) -> type[nn.Module]:
-        from transformers import Qwen2_5_VLForConditionalGeneration
-
-        return Qwen2_5_VLForConditionalGeneration
-
-    def tower_class(self) -> type[nn.Module]:
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import (
-            Qwen2_5_VisionTransformerPretrainedModel,
-        )
-
-        return Qwen2_5_VisionTransformerPretrainedModel
+    hf_config = "transformers:Qwen2_5_VLConfig"
+    hf_tower = "transformers.models.qwen2_5_vl.modeling_qwen2_5_vl:Qwen2_5_VisionTransformerPretrainedModel"
 
     def out_hidden_size(self, vision_config: PreTrainedConfig) -> int:
         return int(vision_config.out_hidden_size)

@@ -29,6 +29,7 @@ from torch import nn
 
 from service.llm.model import TextConfig
 from service.llm.prompt import positions
+from service.models import load
 from service.preprocess import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PreprocessConfig
 
 if TYPE_CHECKING:
@@ -62,6 +63,9 @@ class Qwen2VL:
     model_type = "qwen2_vl"
     name = "Qwen2-VL"
     architectures: tuple[str, ...] = ("Qwen2VLForConditionalGeneration",)
+    # HF's config and vision tower classes, as "module:name" (imported on first use)
+    hf_config = "transformers:Qwen2VLConfig"
+    hf_tower = "transformers.models.qwen2_vl.modeling_qwen2_vl:Qwen2VisionTransformerPretrainedModel"
     chat_template = CHAT_TEMPLATE
     # the processor's defaults, where a checkpoint's preprocessor_config.json is silent
     preprocess_defaults = PreprocessConfig(patch_size=14, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
@@ -69,20 +73,15 @@ class Qwen2VL:
     # -- HF classes (the oracle, and the vision tower we build) ----------------------------------
 
     def hf_config_class(self) -> type[PreTrainedConfig]:
-        from transformers import Qwen2VLConfig
-
-        return Qwen2VLConfig
+        return load(self.hf_config)
 
     def hf_model_class(self) -> type[nn.Module]:
-        """``*ForConditionalGeneration``: what tests compare against and ``make-tiny`` saves."""
-        from transformers import Qwen2VLForConditionalGeneration
-
-        return Qwen2VLForConditionalGeneration
+        """``*ForConditionalGeneration`` (``architectures[0]``): what tests compare against and
+        ``make-tiny`` saves."""
+        return load(f"transformers:{self.architectures[0]}")
 
     def tower_class(self) -> type[nn.Module]:
-        from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VisionTransformerPretrainedModel
-
-        return Qwen2VisionTransformerPretrainedModel
+        return load(self.hf_tower)
 
     # -- vision ------------------------------------------------------------------------------------
 

@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import nn
 
 from service.llm.model import TextConfig
 from service.models.qwen2_vl import Qwen2VL
@@ -57,24 +56,11 @@ class Qwen3VL(Qwen2VL):
     model_type = "qwen3_vl"
     name = "Qwen3-VL"
     architectures = ("Qwen3VLForConditionalGeneration",)
+    hf_config = "transformers:Qwen3VLConfig"
+    hf_tower = "transformers.models.qwen3_vl.modeling_qwen3_vl:Qwen3VLVisionModel"
     chat_template = CHAT_TEMPLATE
     preprocess_defaults = PreprocessConfig(patch_size=16, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
                                            min_pixels=65536, max_pixels=16777216)
-
-    def hf_config_class(self) -> type[PreTrainedConfig]:
-        from transformers import Qwen3VLConfig
-
-        return Qwen3VLConfig
-
-    def hf_model_class(self) -> type[nn.Module]:
-        from transformers import Qwen3VLForConditionalGeneration
-
-        return Qwen3VLForConditionalGeneration
-
-    def tower_class(self) -> type[nn.Module]:
-        from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
-
-        return Qwen3VLVisionModel
 
     def out_hidden_size(self, vision_config: PreTrainedConfig) -> int:
         return int(vision_config.out_hidden_size)
