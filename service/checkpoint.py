@@ -120,8 +120,8 @@ class Checkpoint:
                                   f"{type(exc).__name__}: {exc}".splitlines()[0]) from None
         if language and not (self.path / "tokenizer.json").is_file():
             raise CheckpointError(f"{self.path / 'tokenizer.json'} is missing (the LLM worker needs it)")
-        for wanted, part in ((is_visual, "visual"), (is_language, "language")):
-            if (part == "visual" and not visual) or (part == "language" and not language):
+        for part, wanted, needed in (("visual", is_visual, visual), ("language", is_language, language)):
+            if not needed:
                 continue
             files = {f for key, f in self.locations.items() if wanted(key)}
             if not files:
