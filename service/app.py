@@ -10,14 +10,13 @@ import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import get_args
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 
 from service import tracing
 from service.checkpoint import Checkpoint, open_checkpoint
-from service.config import ROLE_ENV, Role, Settings
+from service.config import LLM, ROLE_ENV, ROLES, VISION, Role, Settings
 from service.errors import install_error_handlers
 from service.guard import BodyLimit, RequestGuard
 from service.logs import configure_logging
@@ -54,11 +53,11 @@ def create_app(settings: Settings, role: Role, *, workers: dict | None = None,
         try:
             loading = time.perf_counter()
             opened = checkpoint
-            needed = (role != "llm" and given.get("vision_encoder") is None) or (
-                role != "vision" and given.get("llm_engine") is None)
+            needed = (role in VISION and given.get("vision_encoder") is None) or (
+                role in LLM and given.get("llm_engine") is None)
             if opened is None and needed:  # once, for both workers
                 opened = await loop.run_in_executor(None, open_checkpoint, settings.model)
-            if role in ("vision", "all"):
+            if role in VISION:
                 from service.vision.worker import VisionWorker
 
                 encoder = given.get("vision_encoder")
@@ -69,7 +68,7 @@ def create_app(settings: Settings, role: Role, *, workers: dict | None = None,
                 app.state.vision = vision
                 metrics.on_scrape(lambda: metrics.queue_depth.labels("vision").set(
                     vision.batcher.depth + vision.decoder.depth))
-            if role in ("llm", "all"):
+            if role in LLM:
                 from service.llm.worker import LLMWorker
 
                 engine = given.get("llm_engine")
@@ -138,12 +137,12 @@ def create_app(settings: Settings, role: Role, *, workers: dict | None = None,
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     limits: dict[str, BodyLimit] = {}  # path -> what its body may be; other paths take none
-    if role in ("vision", "all"):
+    if role in VISION:
         from service.vision import routes as vision_routes
 
         app.include_router(vision_routes.router)
         limits |= vision_routes.body_limits(settings)
-    if role in ("llm", "all"):
+    if role in LLM:
         from service.llm import openai_routes
         from service.llm import routes as llm_routes
 
@@ -169,8 +168,8 @@ def create_app_from_env() -> FastAPI:
     with the process id.
     """
     role = os.environ.get(ROLE_ENV, "")
-    if role not in get_args(Role):
-        raise RuntimeError(f"{ROLE_ENV} must be one of {', '.join(get_args(Role))}, not {role!r}")
+    if role not in ROLES:
+        raise RuntimeError(f"{ROLE_ENV} must be one of {', '.join(ROLES)}, not {role!r}")
     settings = Settings()
     configure_logging(settings.log_level, settings.log_format, show_pid=True)
     return create_app(settings, role)

@@ -18,8 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from service.config import (
+    LLM,
     ROLE_ENV,
     ROLES,
+    VISION,
     Role,
     Settings,
     env_name,
@@ -133,7 +135,7 @@ def open_model(model: str, role: Role) -> Checkpoint:
 
     try:
         checkpoint = open_checkpoint(model)
-        checkpoint.check(visual=role != "llm", language=role != "vision")
+        checkpoint.check(visual=role in VISION, language=role in LLM)
         return checkpoint
     except CheckpointError as exc:
         raise UsageError(f"--model {model}: {exc}") from None

@@ -30,7 +30,6 @@ LLM: tuple[Role, ...] = ("llm", "all")
 ROLE_ENV = "SPLITVL_ROLE"
 ENV_PREFIX = "SPLITVL_"
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
-LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
 def setting(default: Any = ..., help: str = "", *, roles: tuple[Role, ...] = ROLES, flag: str | None = None,
