@@ -66,6 +66,11 @@ def test_manifests_deploy_the_split_service(overlay):
         assert env["SPLITVL_REDIS_URL"]["value"] == "redis://:$(REDIS_PASSWORD)@$(REDIS_ADDRESS)/0"
         assert container["envFrom"] == [{"configMapRef": {"name": config["metadata"]["name"]}}]
         assert services[f"splitvl-{role}"]["spec"]["selector"] == {"app.kubernetes.io/name": f"splitvl-{role}"}
+        # the pod runs as the image's own user (its home holds Triton's and torch's caches), not another uid
+        dockerfile = (ROOT / "docker" / f"{role}.Dockerfile").read_text()
+        uid = int(re.search(r"useradd .*--uid (\d+) splitvl", dockerfile).group(1))
+        assert re.search(r"^USER splitvl$", dockerfile, re.MULTILINE)
+        assert pod["securityContext"]["runAsUser"] == pod["securityContext"]["fsGroup"] == uid
     assert set(config["data"]) - {"REDIS_ADDRESS", "HF_HUB_OFFLINE", "HF_HOME"} <= fields
 
     # the gateway renders the compose template, mounted from a ConfigMap made of that very file
