@@ -1,5 +1,5 @@
-"""Local servers, for tests, benchmarks and anything that starts them: a free loopback TCP port, and
-waiting until a started server answers ``/readyz``."""
+"""Local servers, for tests, benchmarks and anything that starts them: a free loopback TCP port,
+waiting until a started server answers ``/readyz``, or until anything else holds."""
 
 from __future__ import annotations
 
@@ -34,4 +34,20 @@ def wait_until_ready(url: str, process: subprocess.Popen[bytes], timeout_s: floa
                 pass
         if time.monotonic() > deadline:
             raise RuntimeError(f"server not ready after {timeout_s:g} s:\n{log_tail()}")
+        time.sleep(poll_s)
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, *,
+               not_yet: tuple[type[Exception], ...] = (OSError,), poll_s: float = 0.05) -> None:
+    """Poll ``condition()`` until it holds; an error of ``not_yet`` (a server still starting) counts as
+    not yet. RuntimeError naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if condition():
+                return
+        except not_yet:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out after {timeout_s:g} s waiting for {what}")
         time.sleep(poll_s)

@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from service import ports
 from service.embedded_redis import redis_binary
 from service.ports import free_port, wait_until_ready
 
@@ -184,7 +185,8 @@ def topology(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) ->
                                   "-g", "daemon off;"], tmp, gateway_port)
         procs.append(gateway)
         wait_ready(workers["vision"] + workers["llm"], timeout_s=75)
-        wait_until(lambda: httpx.get(gateway.url + "/healthz", timeout=1).status_code == 200, 10)
+        wait_until(lambda: httpx.get(gateway.url + "/healthz", timeout=1).status_code == 200, 10,
+                   "the gateway's /healthz")
         yield Topology(gateway.url, workers["vision"], workers["llm"], procs)
     finally:
         for proc in reversed(procs):
@@ -197,21 +199,15 @@ def topology(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) ->
                 proc.popen.wait(timeout=5)
 
 
-def wait_until(condition, timeout_s: float) -> None:  # noqa: ANN001
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if condition():
-                return
-        except (httpx.HTTPError, OSError):
-            pass
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)
+def wait_until(condition, timeout_s: float, what: str) -> None:  # noqa: ANN001
+    """``service.ports.wait_until``, where a server that does not answer yet is not an error."""
+    ports.wait_until(condition, timeout_s, what, not_yet=(httpx.HTTPError, OSError), poll_s=0.1)
 
 
 def served_by(procs: list[Proc], request_id: str) -> list[str]:
     """Which of these workers logged a request with this id (their access lines are JSON)."""
-    wait_until(lambda: any(r["request_id"] == request_id for p in procs for r in p.access_lines()), 5)
+    wait_until(lambda: any(r["request_id"] == request_id for p in procs for r in p.access_lines()), 5,
+               f"an access line of request {request_id}")
     return [p.name for p in procs if any(r["request_id"] == request_id for r in p.access_lines())]
 
 

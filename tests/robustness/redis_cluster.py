@@ -10,12 +10,12 @@ import shutil
 import signal
 import socket
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import redis
 
+from service import ports
 from service.embedded_redis import redis_binary
 from service.ports import free_port
 
@@ -48,16 +48,8 @@ def _cluster_port() -> int:
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            if condition():
-                return
-        except (redis.RedisError, OSError):
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"timed out after {timeout_s:g} s waiting for {what}")
-        time.sleep(0.05)
+    """``service.ports.wait_until``, where a node that does not answer yet is not an error."""
+    ports.wait_until(condition, timeout_s, what, not_yet=(redis.RedisError, OSError))
 
 
 class RedisClusterProcesses:
