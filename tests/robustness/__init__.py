@@ -11,6 +11,7 @@ import signal
 import struct
 import subprocess
 import sys
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,18 @@ class Outcome:
     retry_after: str | None = None
     error: str | None = None
     message: str | None = None
+
+    @classmethod
+    def of(cls, kind: str, started: float, response: httpx.Response) -> Outcome:
+        """A request answered with ``response``: its status, and its error's code and message if any."""
+        error = response.json().get("error", {}) if response.status_code >= 400 else {}
+        return cls(kind, started, time.monotonic() - started, response.status_code, error.get("code"),
+                   response.headers.get("retry-after"), message=error.get("message"))
+
+    @classmethod
+    def failed(cls, kind: str, started: float, exc: Exception) -> Outcome:
+        """A request that got no response."""
+        return cls(kind, started, time.monotonic() - started, error=repr(exc))
 
 
 # -- images --------------------------------------------------------------------------------------

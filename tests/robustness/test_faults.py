@@ -51,11 +51,9 @@ class Load:
                 kind = "metadata"
                 r = await client.get(f"/v1/images/{rng.choice(self.ids)}")
         except httpx.HTTPError as exc:
-            self.outcomes.append(Outcome("?", start, time.monotonic() - start, error=repr(exc)))
+            self.outcomes.append(Outcome.failed("?", start, exc))
             return
-        error = r.json().get("error", {}) if r.status_code >= 400 else {}
-        self.outcomes.append(Outcome(kind, start, time.monotonic() - start, r.status_code, error.get("code"),
-                                     r.headers.get("retry-after"), message=error.get("message")))
+        self.outcomes.append(Outcome.of(kind, start, r))
 
     async def client_loop(self, seed: int, until: float) -> None:
         rng = random.Random(seed)

@@ -208,11 +208,9 @@ class SplitLoad:
                 kind = "metadata"
                 r = await client.get(f"{self.vision}/v1/images/{image_id}")
         except httpx.HTTPError as exc:
-            self.outcomes.append(Outcome(kind, start, time.monotonic() - start, error=repr(exc)))
+            self.outcomes.append(Outcome.failed(kind, start, exc))
             return
-        error = r.json().get("error", {}) if r.status_code >= 400 else {}
-        self.outcomes.append(Outcome(kind, start, time.monotonic() - start, r.status_code, error.get("code"),
-                                     r.headers.get("retry-after"), message=error.get("message")))
+        self.outcomes.append(Outcome.of(kind, start, r))
 
     async def run(self, clients: int, until: threading.Event, *, at_least_s: float) -> None:
         stop_after = time.monotonic() + at_least_s
