@@ -469,9 +469,8 @@ class FeatureStore:
             if model_key is not None:  # the registry lives in another slot, likely on another node
                 writes.append(r.hset(REGISTRY, model_key, record.fingerprint))
             done = await asyncio.gather(*writes, return_exceptions=True)
-            for result in done[:1]:  # the record's write: raised, for _call to retry a redirection
-                if isinstance(result, BaseException):
-                    raise result
+            if isinstance(done[0], BaseException):  # the record's write: raised, for _call to retry a redirection
+                raise done[0]
             return done
 
         results = await self._call(lambda r: script(r) if isinstance(r, RedisCluster) else transaction(r))
