@@ -144,16 +144,17 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
 
 
 class LiveServer:
-    """A FastAPI app served by a real uvicorn on a loopback port, in a background thread."""
+    """A FastAPI app served by a real uvicorn on a loopback port, in a background thread (``lifespan="off"``:
+    without starting the workers, for what answers before they load)."""
 
-    def __init__(self, app) -> None:  # noqa: ANN001
+    def __init__(self, app, *, lifespan: str = "on") -> None:  # noqa: ANN001
         import threading
 
         import uvicorn
 
         self.port = free_port()
         self.server = uvicorn.Server(
-            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on")
+            uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan=lifespan)
         )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

@@ -9,8 +9,6 @@ import re
 import shlex
 import subprocess
 import sys
-import threading
-import time
 import tomllib
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -111,37 +109,18 @@ def test_image_command_is_the_packages(dockerfile: Path, monkeypatch):
     assert args.command == "serve" and args.role == ROLE_OF[dockerfile.name]
 
 
-def serve_app_without_lifespan(role: str, port: int):  # noqa: ANN201
-    import uvicorn
-
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_image_healthcheck_probes_the_app(dockerfile: Path, live_server):
+    """The HEALTHCHECK command, run as the image runs it, passes against the app and fails without it."""
     from service.app import create_app
     from service.config import Settings
 
-    app = create_app(Settings(model="unused", redis_url="redis://127.0.0.1:1/0"), role)  # type: ignore[arg-type]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, lifespan="off", log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline
-        time.sleep(0.02)
-    return server, thread
-
-
-@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
-def test_image_healthcheck_probes_the_app(dockerfile: Path):
-    """The HEALTHCHECK command, run as the image runs it, passes against the app and fails without it."""
-    from service.ports import free_port
-
     line = re.search(r"^\s+CMD (python -c .+)$", dockerfile.read_text(), re.M)[1]
     line = shlex.quote(sys.executable) + line.removeprefix("python")  # the image's python: here, this one
-    port = free_port()
-    env = {**os.environ, "SPLITVL_PORT": str(port)}
+    app = create_app(Settings(model="unused", redis_url="redis://127.0.0.1:1/0"), ROLE_OF[dockerfile.name])
+    live = live_server(app, lifespan="off")  # its port is chosen, nothing listens on it yet
+    env = {**os.environ, "SPLITVL_PORT": str(live.port)}
     assert subprocess.run(line, shell=True, env=env, capture_output=True, timeout=30).returncode != 0
-    server, thread = serve_app_without_lifespan(ROLE_OF[dockerfile.name], port)
-    try:
+    with live:
         probe = subprocess.run(line, shell=True, env=env, capture_output=True, text=True, timeout=30)
         assert probe.returncode == 0, probe.stderr
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
