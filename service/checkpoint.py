@@ -132,8 +132,35 @@ class Checkpoint:
 
     def read_tensors(self, wanted: Callable[[str], bool], *, strip_prefix: str = "",
                      progress: bool | None = None) -> dict[str, torch.Tensor]:
-        return read_tensors(self.path, wanted, strip_prefix=strip_prefix, progress=progress,
-                            locations=self.locations)
+        """Read the tensors whose canonical key passes ``wanted``, opening only the files that hold them.
+
+        Returned keys are canonical with ``strip_prefix`` removed (``"visual."`` gives the keys of a
+        vision tower module's own ``state_dict``). ``progress``: see ``show_progress``.
+        """
+        from tqdm import tqdm
+
+        locations = {k: f for k, f in self.locations.items() if wanted(k)}
+        if not locations:
+            raise CheckpointError(f"{self.path} holds no tensors for this worker")
+        by_file: dict[Path, list[str]] = {}
+        for key, file in locations.items():
+            by_file.setdefault(file, []).append(key)
+        tensors: dict[str, torch.Tensor] = {}
+        bar = tqdm(total=len(locations), desc=f"loading {self.path.name}", unit="tensor", leave=False,
+                   disable=not show_progress(progress), file=sys.stderr)
+        for file, keys in by_file.items():
+            if not file.is_file():
+                raise CheckpointError(f"shard {file.name} is missing but holds {sorted(keys)[0]} (and {len(keys) - 1} more)")
+            with safe_open(file, framework="pt") as f:
+                stored = {canonical_key(k): k for k in f.keys()}  # noqa: SIM118
+                for key in keys:
+                    if key not in stored:
+                        raise CheckpointError(f"tensor {key} is listed in the index but absent from {file.name}")
+                    out = key[len(strip_prefix) :] if strip_prefix and key.startswith(strip_prefix) else key
+                    tensors[out] = f.get_tensor(stored[key])
+                    bar.update()
+        bar.close()
+        return tensors
 
 
 def open_checkpoint(model: str | Path | Checkpoint) -> Checkpoint:
@@ -200,42 +227,6 @@ def show_progress(progress: bool | None = None) -> bool:
     if env:
         return env not in ("0", "false", "no", "off")
     return sys.stderr.isatty()
-
-
-def read_tensors(
-    path: Path, wanted: Callable[[str], bool], *, strip_prefix: str = "", progress: bool | None = None,
-    locations: dict[str, Path] | None = None,
-) -> dict[str, torch.Tensor]:
-    """Read the tensors whose canonical key passes ``wanted``, opening only the files that hold them.
-
-    Returned keys are canonical with ``strip_prefix`` removed (``"visual."`` gives the keys of a
-    vision tower module's own ``state_dict``). ``progress``: see ``show_progress``; ``locations``: the
-    checkpoint's weight index, when already read (``Checkpoint.locations``).
-    """
-    from tqdm import tqdm
-
-    locations = {k: f for k, f in (locations or _key_locations(path)).items() if wanted(k)}
-    if not locations:
-        raise CheckpointError(f"{path} holds no tensors for this worker")
-    by_file: dict[Path, list[str]] = {}
-    for key, file in locations.items():
-        by_file.setdefault(file, []).append(key)
-    tensors: dict[str, torch.Tensor] = {}
-    bar = tqdm(total=len(locations), desc=f"loading {path.name}", unit="tensor", leave=False,
-               disable=not show_progress(progress), file=sys.stderr)
-    for file, keys in by_file.items():
-        if not file.is_file():
-            raise CheckpointError(f"shard {file.name} is missing but holds {sorted(keys)[0]} (and {len(keys) - 1} more)")
-        with safe_open(file, framework="pt") as f:
-            stored = {canonical_key(k): k for k in f.keys()}  # noqa: SIM118
-            for key in keys:
-                if key not in stored:
-                    raise CheckpointError(f"tensor {key} is listed in the index but absent from {file.name}")
-                out = key[len(strip_prefix) :] if strip_prefix and key.startswith(strip_prefix) else key
-                tensors[out] = f.get_tensor(stored[key])
-                bar.update()
-    bar.close()
-    return tensors
 
 
 def check_state_dict(module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str,

@@ -12,7 +12,7 @@ from service.checkpoint import (
     canonical_key,
     is_language,
     is_visual,
-    read_tensors,
+    open_checkpoint,
     resolve_model_path,
 )
 
@@ -35,7 +35,7 @@ def test_only_needed_shards_are_opened(sharded_checkpoint, monkeypatch, part, wa
         return real(path, *args, **kwargs)
 
     monkeypatch.setattr(checkpoint, "safe_open", spy)
-    tensors = read_tensors(sharded_checkpoint, wanted)
+    tensors = open_checkpoint(sharded_checkpoint).read_tensors(wanted)
     assert set(opened) == needed
     assert set(tensors) == {k for k in index if wanted(k)}
 
@@ -49,7 +49,7 @@ def test_missing_shard_is_named(sharded_checkpoint, tmp_path):
     victim = index["visual.merger.ln_q.weight"]
     (copy / victim).unlink()
     with pytest.raises(CheckpointError, match=victim):
-        read_tensors(copy, is_visual)
+        open_checkpoint(copy).read_tensors(is_visual)
 
 
 def test_resolve_unknown_model_is_clear(tmp_path):
@@ -61,10 +61,10 @@ def test_resolve_unknown_model_is_clear(tmp_path):
 
 def test_progress_bar_only_when_asked(tiny_checkpoint, capsys, monkeypatch):
     monkeypatch.delenv("SPLITVL_PROGRESS", raising=False)
-    read_tensors(tiny_checkpoint, is_visual)  # stderr is not a terminal here: no bar
+    open_checkpoint(tiny_checkpoint).read_tensors(is_visual)  # stderr is not a terminal here: no bar
     assert "loading" not in capsys.readouterr().err
-    read_tensors(tiny_checkpoint, is_visual, progress=True)
+    open_checkpoint(tiny_checkpoint).read_tensors(is_visual, progress=True)
     assert "loading" in capsys.readouterr().err
     monkeypatch.setenv("SPLITVL_PROGRESS", "1")
-    read_tensors(tiny_checkpoint, is_visual)
+    open_checkpoint(tiny_checkpoint).read_tensors(is_visual)
     assert "tensor" in capsys.readouterr().err
