@@ -6,6 +6,7 @@ matches before a final newline), and such an id breaks the response headers it i
 
 from __future__ import annotations
 
+import hashlib
 import re
 
 _HEX64 = "[0-9a-f]{64}"
@@ -16,3 +17,8 @@ IMAGE_ID_PATTERN = f"^{_HEX64}$"
 
 def is_image_id(text: str) -> bool:
     return _IMAGE_ID.fullmatch(text) is not None
+
+
+def image_id_of(data: bytes) -> str:
+    """The id of the image whose file is ``data``."""
+    return hashlib.sha256(data).hexdigest()

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import time
 
@@ -16,6 +15,7 @@ from service.batching import BatchQueue
 from service.checkpoint import Checkpoint
 from service.config import Settings
 from service.errors import ApiError, unavailable
+from service.ids import image_id_of
 from service.metrics import Metrics
 from service.preprocess import ImageLimits, open_image
 from service.store import MAX_LOCK_LEASE_S, FeatureStore, ImageRecord
@@ -43,10 +43,6 @@ class Timings:
     def header(self) -> str:
         """The ``Server-Timing`` header value (durations in ms)."""
         return ", ".join(f"{name};dur={seconds * 1000:.2f}" for name, seconds in self.phases)
-
-
-def image_id_of(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 class VisionWorker:
