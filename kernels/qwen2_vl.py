@@ -20,7 +20,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .tower import (
@@ -30,8 +29,8 @@ from .tower import (
     VisionMeta,
     build_meta,
     cached_meta,
+    fc_act_fc,
     fuse_class,
-    linear_bias_act,
 )
 
 
@@ -44,8 +43,7 @@ class FusedVisionMlp(nn.Module):
         self.mode = mode
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        f = linear_bias_act(y, self.fc1, self.act, self.mode)  # [S, 4C]
-        return F.linear(f, self.fc2.weight, self.fc2.bias)
+        return fc_act_fc(y, self.fc1, self.fc2, self.act, self.mode)  # [S, C]
 
 
 class FusedVisionBlock(nn.Module):

@@ -24,24 +24,11 @@ import dataclasses
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .qwen2_vl import FusedVisionBlock as Qwen2FusedVisionBlock
 from .qwen2_vl import patch_embed_and_blocks
-from .tower import VisionMeta, build_meta, cached_meta, fuse_class, linear_bias_act
-
-
-def fc_act_fc(y: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, act: str, mode: str,
-              out: torch.Tensor | None = None) -> torch.Tensor:
-    """``fc2(act(fc1(y)))`` with fc1's bias and the activation in one pass (``tower.linear_bias_act``);
-    ``out`` receives fc2's output (same GEMM + bias as ``F.linear``)."""
-    f = linear_bias_act(y, fc1, act, mode)
-    if out is None:
-        return F.linear(f, fc2.weight, fc2.bias)
-    if fc2.bias is None:
-        return torch.mm(f, fc2.weight.t(), out=out)
-    return torch.addmm(fc2.bias, f, fc2.weight.t(), out=out)
+from .tower import VisionMeta, build_meta, cached_meta, fc_act_fc, fuse_class, require_exact_gelu
 
 
 class FusedVisionMlp(nn.Module):
@@ -73,8 +60,7 @@ class FusedPatchMerger(nn.Module):
         super().__init__()
         from .layer_norm import TritonLayerNorm
 
-        if not isinstance(orig.act_fn, nn.GELU) or orig.act_fn.approximate != "none":
-            raise ValueError(f"merger activation must be exact nn.GELU, got {orig.act_fn!r}")
+        require_exact_gelu(orig.act_fn)
         self.hidden_size = orig.hidden_size  # 4C
         self.use_postshuffle_norm = orig.use_postshuffle_norm
         self.norm = TritonLayerNorm.from_torch(orig.norm)

@@ -110,6 +110,24 @@ def linear_bias_act(x: torch.Tensor, linear: nn.Linear, act: str, mode: str) -> 
     return bias_act(f, linear.bias, act, out=f)
 
 
+def fc_act_fc(y: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, act: str, mode: str,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """``fc2(act(fc1(y)))``, the vision MLPs and mergers: fc1's bias and the activation in one pass
+    (``linear_bias_act``); ``out`` receives fc2's output (the same GEMM + bias as ``F.linear``)."""
+    f = linear_bias_act(y, fc1, act, mode)
+    if out is None:
+        return F.linear(f, fc2.weight, fc2.bias)
+    if fc2.bias is None:
+        return torch.mm(f, fc2.weight.t(), out=out)
+    return torch.addmm(fc2.bias, f, fc2.weight.t(), out=out)
+
+
+def require_exact_gelu(act: nn.Module) -> None:
+    """The mergers' activation: our GELU kernels compute the exact (erf) one."""
+    if not isinstance(act, nn.GELU) or act.approximate != "none":
+        raise ValueError(f"merger activation must be exact nn.GELU, got {act!r}")
+
+
 class FusedVisionAttention(nn.Module):
     """qkv GEMM (+ rotary in its epilogue) -> packed attention -> proj GEMM.
 
@@ -171,9 +189,7 @@ class FusedPatchMerger(nn.Module):
 
     def __init__(self, orig: nn.Module, mlp: str, ln_q: nn.Module) -> None:
         super().__init__()
-        gelu = orig.mlp[1]
-        if not isinstance(gelu, nn.GELU) or gelu.approximate != "none":
-            raise ValueError(f"merger activation must be exact nn.GELU, got {gelu!r}")
+        require_exact_gelu(orig.mlp[1])
         self.hidden_size = orig.hidden_size
         self.ln_q = ln_q
         self.mlp = orig.mlp  # Sequential(Linear, GELU, Linear): keeps keys mlp.0.*, mlp.2.*
@@ -181,9 +197,7 @@ class FusedPatchMerger(nn.Module):
 
     def project(self, y: torch.Tensor) -> torch.Tensor:
         """y = ln_q(h) [S, C] -> [S / m^2, out_dim]."""
-        f = linear_bias_act(y.reshape(-1, self.hidden_size), self.mlp[0], "gelu", self.mode)
-        fc2 = self.mlp[2]
-        return F.linear(f, fc2.weight, fc2.bias)
+        return fc_act_fc(y.reshape(-1, self.hidden_size), self.mlp[0], self.mlp[2], "gelu", self.mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.project(self.ln_q(x))
