@@ -8,7 +8,7 @@ Per forward, for S patches of C = hidden_size (1152 in the released models, 16 h
 - the patch embedding: the Conv3d (patch 16, with bias) as one GEMM over the flattened patches;
   then one kernel adds the resampled position embedding (gathered from the live table) and applies
   block 0's ``norm1`` (``pos_embed.pos_embed_add_layer_norm``);
-- every block as Qwen2-VL's (``qwen2_vl.FusedVisionBlock``): ``qkv GEMM -> rotary -> attention ->
+- every block as Qwen2-VL's (``tower.FusedVisionBlock``): ``qkv GEMM -> rotary -> attention ->
   proj GEMM -> fused (residual add + norm2) -> linear_fc1 + bias + GELU(tanh) -> linear_fc2 ->
   fused (residual add + next norm1)``; the last block's second add is fused with the merger's norm;
 - DeepStack: after each block in ``deepstack_visual_indexes`` its output (viewed [S/4, 4C]) goes
@@ -26,8 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .qwen2_vl import FusedVisionBlock as Qwen2FusedVisionBlock
-from .qwen2_vl import patch_embed_and_blocks
+from .qwen2_vl import layer_norm_blocks
 from .tower import VisionMeta, build_meta, cached_meta, fc_act_fc, fuse_class, require_exact_gelu
 
 
@@ -43,12 +42,6 @@ class FusedVisionMlp(nn.Module):
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return fc_act_fc(y, self.linear_fc1, self.linear_fc2, self.act, self.mode)  # [S, C]
-
-
-class FusedVisionBlock(Qwen2FusedVisionBlock):
-    """Qwen2-VL's fused block (LayerNorms, attention, residual adds) with Qwen3-VL's MLP."""
-
-    mlp_class = FusedVisionMlp
 
 
 class FusedPatchMerger(nn.Module):
@@ -157,7 +150,7 @@ def patch_tower(tower: nn.Module, prefix: str, attention: str, mlp: str, rope_ge
     if resample != ("bilinear", True):
         raise ValueError(f"position-embedding resampling {resample} unsupported (bilinear, align_corners=True)")
     p = f"{prefix}." if prefix else ""
-    done = patch_embed_and_blocks(tower, p, attention, mlp, rope_gemm, FusedVisionBlock)
+    done = layer_norm_blocks(tower, p, attention, mlp, rope_gemm, FusedVisionMlp)
     done[f"{p}merger"] = f"{type(tower.merger).__name__} -> FusedPatchMerger"
     tower.merger = FusedPatchMerger(tower.merger, mlp)
     for j, m in enumerate(tower.deepstack_merger_list):

@@ -1,8 +1,9 @@
 """What every patched Qwen-VL tower shares: per-grid metadata, the patch embedding as a GEMM, the
-fused attention (qkv GEMM -> rotary -> packed attention -> proj GEMM), bias + activation GEMMs, and
-the per-grid metadata cache the fused forwards read.
+fused attention (qkv GEMM -> rotary -> packed attention -> proj GEMM), bias + activation GEMMs, the
+block (attention and MLP, each followed by its residual add fused with the next norm), and the
+per-grid metadata cache the fused forwards read.
 
-A family's module (``qwen2_vl.py``, ``qwen2_5_vl.py``, ...) builds its blocks from these pieces and
+A family's module (``qwen2_vl.py``, ``qwen2_5_vl.py``, ...) gives the block its norm and MLP and
 says only how its tower differs; the merger (norm -> GEMM -> GELU -> GEMM) is shared too, with the
 family's norm.
 """
@@ -182,6 +183,75 @@ class FusedVisionAttention(nn.Module):
         return F.linear(a, self.proj.weight, self.proj.bias)
 
 
+class FusedVisionBlock(nn.Module):
+    """One vision block of any family on our kernels; the same submodule names as HF's blocks.
+
+    ``norm`` makes the family's norm module (``TritonLayerNorm.from_torch``, ``TritonRMSNorm.from_module``)
+    from ``orig.norm1`` / ``orig.norm2``, adopting their parameters; its ``add`` is the residual add
+    fused with the norm. ``mlp``: the family's fused MLP, built from ``orig.mlp``.
+    """
+
+    def __init__(self, orig: nn.Module, norm: Callable[[nn.Module], nn.Module], mlp: nn.Module, attention: str,
+                 gemm: str, rope_gemm: bool = False) -> None:
+        super().__init__()
+        self.norm1 = norm(orig.norm1)
+        self.norm2 = norm(orig.norm2)
+        self.attn = FusedVisionAttention(orig.attn, attention, rope_gemm=rope_gemm, gemm=gemm)
+        self.mlp = mlp
+
+    def fused(
+        self, h: torch.Tensor, y: torch.Tensor, meta: VisionMeta, next_norm: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, norm1(h)) -> (h', next_norm(h')), updating the stream h [S, C] in place."""
+        a = self.attn(y, meta)
+        h, y = self.norm2.add(a, h, out_sum=h, out=a)
+        m = self.mlp(y)
+        return next_norm.add(m, h, out_sum=h, out=m)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        max_seqlen: int | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """HF's block signature (every family's), for a caller that drives the blocks with HF's own loop."""
+        from .rope_vision import rope_tables
+
+        if position_embeddings is None:
+            raise ValueError("FusedVisionBlock needs position_embeddings=(cos, sin)")
+        cos, sin = rope_tables(*position_embeddings, self.attn.head_dim)
+        cu = cu_seqlens.to(torch.int32)
+        lengths = (cu[1:] - cu[:-1]).tolist()
+        meta = VisionMeta(grid=(), lengths=lengths, cu_seqlens=cu, max_seqlen=max(lengths), cos=cos, sin=sin)
+        h = hidden_states
+        h, y = self.norm2.add(self.attn(self.norm1(h), meta), h)
+        return h + self.mlp(y)
+
+
+def hidden_act(tower: nn.Module) -> str:
+    """The blocks' MLP activation (``config.hidden_act``), refused here if we have no kernel for it."""
+    from .activations import act_code
+
+    act = tower.config.hidden_act
+    act_code(act)
+    return act
+
+
+def patch_embed_and_blocks(tower: nn.Module, p: str, make_block: Callable[[nn.Module], FusedVisionBlock],
+                           describe: Callable[[int], str]) -> dict[str, str]:
+    """Swap the patch embedding and every block (``make_block(HF's block)``) in place; ``p``: the
+    tower's qualified name plus a dot, or empty. Returns the ``patch`` report entries, each block's
+    with ``describe(index)``."""
+    done = {f"{p}patch_embed": f"{type(tower.patch_embed).__name__} -> LinearPatchEmbed"}
+    tower.patch_embed = LinearPatchEmbed(tower.patch_embed)
+    for i, blk in enumerate(tower.blocks):
+        done[f"{p}blocks.{i}"] = f"{type(blk).__name__} -> FusedVisionBlock({describe(i)})"
+        tower.blocks[i] = make_block(blk)
+    return done
+
+
 class FusedPatchMerger(nn.Module):
     """``ln_q`` (fused upstream with the last residual add) -> GEMM -> bias + exact GELU -> GEMM.
 
@@ -222,8 +292,6 @@ def _qkv_to_hf_order(module: nn.Module, state_dict: dict, prefix: str, local_met
 
 def _qkv_from_hf_order(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
     _reorder_qkv(module, state_dict, prefix, inverse=False)
-
-
 
 
 def cached_meta(tower: nn.Module, grid_thw: torch.Tensor | list, build: Callable[[tuple], Any]) -> Any:

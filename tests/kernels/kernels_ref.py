@@ -51,6 +51,26 @@ def patched_error(hf32: torch.nn.Module, grid_rows: list[list[int]], dtype: torc
         return got, rel(hf_low(x.to(dtype), grid_thw=grid.cuda()).pooler_output, want)
 
 
+def hf_loop_errors(hf: torch.nn.Module, x: torch.Tensor, grid: torch.Tensor) -> list[float]:
+    """rel L2 of each output (``pooler_output``, then any DeepStack features) of HF's own tower forward
+    run over a ``kernels.patch``-ed copy of ``hf`` (HF's loop and rotary tables driving our fused
+    blocks and mergers through their HF signatures) against ``hf`` itself; ``grid`` on x's device."""
+    import copy
+
+    import kernels
+
+    ours = copy.deepcopy(hf)
+    kernels.patch(ours)
+    with torch.no_grad():
+        want = hf(x, grid_thw=grid)
+        got = type(hf).forward(ours, x, grid_thw=grid)  # the unpatched class's forward
+
+    def outputs(out: object) -> list[torch.Tensor]:
+        return [out.pooler_output, *(getattr(out, "deepstack_features", None) or [])]
+
+    return [rel(g, w) for g, w in zip(outputs(got), outputs(want), strict=True)]
+
+
 def check_graphs_match_eager(tower: torch.nn.Module) -> None:
     """``VisionGraphs`` on a patched bf16 tower: replays equal eager forwards over new, evicted and
     repeated grids (one, three images), within an LRU of two."""

@@ -101,6 +101,13 @@ def test_patch_full_model_finds_visual(device: str) -> None:
     assert ref.rel(got, want) < 1e-5
 
 
+def test_fused_blocks_under_hfs_own_forward(device: str) -> None:
+    """The fused blocks keep HF's block signature: HF's own forward over the patched modules is HF's."""
+    grid = torch.tensor(GRID, device=device)
+    x = torch.randn(int(grid.prod(-1).sum()), 3 * 2 * 14 * 14, device=device)
+    assert max(ref.hf_loop_errors(_tower(_vision_config(32, 2), device), x, grid)) < 1e-5
+
+
 def test_patch_rejects_other_models() -> None:
     with pytest.raises(TypeError):
         kernels.patch(torch.nn.Linear(2, 2))

@@ -101,6 +101,14 @@ def test_packed_batch_equals_one_image_at_a_time(device: str) -> None:
     assert ref.rel(packed, torch.cat(alone)) < 1e-5  # (on a GPU the backends differ: ragged vs equal windows)
 
 
+def test_fused_blocks_under_hfs_own_forward(device: str) -> None:
+    """The fused blocks keep HF's block signature: HF's own forward (its window order, its per-window
+    cu_seqlens, its rotary tables) over the patched modules is HF's."""
+    grid = torch.tensor(GRID, device=device)
+    x = torch.randn(int(grid.prod(-1).sum()), PATCH_IN, device=device)
+    assert max(ref.hf_loop_errors(_tower(_config(), device), x, grid)) < 1e-5
+
+
 def test_patch_full_model_equals_get_image_features(device: str) -> None:
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 

@@ -128,6 +128,14 @@ def test_weights_loaded_after_patching(device: str) -> None:
         _assert_same(ours(x, grid_thw=grid), other(x, grid_thw=grid.to(device)), 1e-5)
 
 
+def test_fused_blocks_under_hfs_own_forward(device: str) -> None:
+    """The fused blocks and mergers keep HF's signatures: HF's own forward (its position resampling,
+    its DeepStack loop) over the patched modules is HF's, every output."""
+    x, grid = _inputs(GRID, device)
+    errs = ref.hf_loop_errors(_tower(_vision_config(32, 2), device), x, grid.to(device))
+    assert len(errs) == 4 and max(errs) < 1e-5
+
+
 def test_patch_full_model_finds_visual(device: str) -> None:
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
 
