@@ -78,19 +78,18 @@ class WindowedMeta:
     unit_rows: torch.Tensor  # [S / m^2] int64, device: the window-order row of each merged unit, image order
 
 
-def windowed_meta(grid: tuple[tuple[int, int, int], ...], merge: int, side: int, inv_freq: torch.Tensor,
-                  scaling: float = 1.0) -> WindowedMeta:
+def windowed_meta(grid: tuple[tuple[int, int, int], ...], merge: int, side: int, rotary: nn.Module) -> WindowedMeta:
     from ._utils import to_device_async
 
     units, lengths = window_order(grid, merge, side)
     m2 = merge * merge
     rows = (units[:, None] * m2 + torch.arange(m2)).reshape(-1)  # a unit's m^2 patches stay together
-    full = build_meta(grid, merge, inv_freq, scaling, order=rows)
-    cu, longest = segments(lengths, inv_freq.device)
+    full = build_meta(grid, merge, rotary, order=rows)
+    dev = rotary.inv_freq.device
+    cu, longest = segments(lengths, dev)
     # H200 (kernel_bench --only windows): on <= 64-token windows our kernel with the rotary in its loads
     # beats cuDNN (0.28 vs 0.52 ms, 32 x 448^2) and the pre-rotated Triton and FA2 paths (0.37, 0.33)
     window = dataclasses.replace(full, lengths=lengths, cu_seqlens=cu, max_seqlen=longest, auto="triton")
-    dev = inv_freq.device
     return WindowedMeta(full=full, window=window, patch_rows=to_device_async(rows, dev),
                         unit_rows=to_device_async(torch.argsort(units), dev))
 
@@ -123,11 +122,9 @@ def window_side(tower: nn.Module) -> int:
 
 def splitvl_meta(self: nn.Module, grid_thw: torch.Tensor | list) -> WindowedMeta:
     """Window order, both segmentations and the rotary tables for this grid (cached per grid)."""
-    rot = self.rotary_pos_emb
-    scaling = float(getattr(rot, "attention_scaling", 1.0))
     side = window_side(self)
-    return cached_meta(self, grid_thw,
-                       lambda grid: windowed_meta(grid, self.spatial_merge_size, side, rot.inv_freq, scaling))
+    merge, rotary = self.spatial_merge_size, self.rotary_pos_emb
+    return cached_meta(self, grid_thw, lambda grid: windowed_meta(grid, merge, side, rotary))
 
 
 def patch_tower(tower: nn.Module, prefix: str, attention: str, mlp: str, rope_gemm: bool) -> dict[str, str]:
@@ -144,8 +141,8 @@ def patch_tower(tower: nn.Module, prefix: str, attention: str, mlp: str, rope_ge
         return FusedVisionBlock(orig, TritonRMSNorm.from_module, TritonSwiGLUMLP.from_module(orig.mlp, mlp), attention,
                                 mlp, rope_gemm)
 
-    done = patch_embed_and_blocks(tower, p, block, lambda i: f"attention={attention}, mlp={mlp}, rope_gemm={rope_gemm}, "
-                                  f"{'full' if i in full else 'window'} attention")
+    done = patch_embed_and_blocks(tower, p, block, lambda i: (
+        f"attention={attention}, mlp={mlp}, rope_gemm={rope_gemm}, {'full' if i in full else 'window'} attention"))
     done[f"{p}merger"] = f"{type(tower.merger).__name__} -> FusedPatchMerger"
     tower.merger = FusedPatchMerger(tower.merger, mlp, TritonRMSNorm.from_module(tower.merger.ln_q))
     old = fuse_class(tower, fused_forward, splitvl_meta)

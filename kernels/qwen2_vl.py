@@ -68,9 +68,7 @@ def fused_forward(self: nn.Module, hidden_states: torch.Tensor, grid_thw: torch.
 
 def splitvl_meta(self: nn.Module, grid_thw: torch.Tensor | list) -> VisionMeta:
     """cu_seqlens / max length / rotary tables for this grid (cached per grid)."""
-    rot = self.rotary_pos_emb
-    scaling = float(getattr(rot, "attention_scaling", 1.0))
-    return cached_meta(self, grid_thw, lambda grid: build_meta(grid, self.spatial_merge_size, rot.inv_freq, scaling))
+    return cached_meta(self, grid_thw, lambda grid: build_meta(grid, self.spatial_merge_size, self.rotary_pos_emb))
 
 
 def layer_norm_blocks(tower: nn.Module, p: str, attention: str, mlp: str, rope_gemm: bool,

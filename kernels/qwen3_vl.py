@@ -130,13 +130,10 @@ def splitvl_meta(self: nn.Module, grid_thw: torch.Tensor | list) -> Qwen3VisionM
     from ._utils import to_device_async
     from .pos_embed import resample_taps
 
-    rot = self.rotary_pos_emb
-    scaling = float(getattr(rot, "attention_scaling", 1.0))
-
     def build(grid: tuple) -> Qwen3VisionMeta:
-        meta = build_meta(grid, self.spatial_merge_size, rot.inv_freq, scaling)
+        meta = build_meta(grid, self.spatial_merge_size, self.rotary_pos_emb)
         index, weight = resample_taps(grid, self.num_grid_per_side, self.spatial_merge_size)
-        dev = rot.inv_freq.device
+        dev = meta.cos.device
         # head size 72: cuDNN per run of equal-length images beats our varlen kernel on mixed sizes too
         # (H200, vision_bench mixed8: 47.4 vs 50.2 ms; equal sizes: the same within noise)
         return Qwen3VisionMeta(**{**vars(meta), "auto": "cudnn"}, pos_index=to_device_async(index, dev),

@@ -53,13 +53,16 @@ def segments(lengths: list[int], device: torch.device) -> tuple[torch.Tensor, in
 
 
 def build_meta(
-    grid: tuple[tuple[int, int, int], ...], spatial_merge_size: int, inv_freq: torch.Tensor, scaling: float = 1.0,
+    grid: tuple[tuple[int, int, int], ...], spatial_merge_size: int, rotary: nn.Module,
     order: torch.Tensor | None = None,
 ) -> VisionMeta:
-    """Per-frame segments and rotary tables; ``order`` [S] (host) puts the tables' rows in the
+    """Per-frame segments and rotary tables from the tower's ``rotary_pos_emb`` (its ``inv_freq``,
+    and its ``attention_scaling`` where it has one); ``order`` [S] (host) puts the tables' rows in the
     tower's token order when it is not the image's (Qwen2.5-VL's window order)."""
     from .rope_vision import rope_angles, rope_positions
 
+    inv_freq = rotary.inv_freq
+    scaling = float(getattr(rotary, "attention_scaling", 1.0))
     lengths = [h * w for t, h, w in grid for _ in range(t)]
     positions = rope_positions(grid, spatial_merge_size)  # [S, 2]
     if order is not None:
