@@ -131,11 +131,10 @@ class VisionEncoder:
         # Only the decode here. The resize, normalize and patchify (a few small kernels) run in the
         # forward, on its stream: done here on a side stream, each image waited behind the forwards
         # of every worker process sharing the GPU (a 15 ms p50 under load for ~1 ms of work).
-        height, width = target_size(image.height, image.width, cfg)
         # pinned: the forward's copy to the device is then asynchronous; from pageable memory it would
         # wait for everything queued on the stream first (the batch in flight), undoing launch/finish
         pixels = image_to_tensor(image, pin=True)
-        return Patches(pixel_values=pixels, grid_thw=(1, height // cfg.patch_size, width // cfg.patch_size))
+        return Patches(pixel_values=pixels, grid_thw=self.grid_of(image.height, image.width))
 
     def forward(self, batch: list[Patches]) -> list[torch.Tensor]:
         """Several images packed into one forward (block-diagonal attention by cu_seqlens) -> each
@@ -196,16 +195,22 @@ class VisionEncoder:
     def num_tokens(self, patches: Patches) -> int:
         return patches.num_patches // self.spatial_merge_size**2
 
+    def grid_of(self, height: int, width: int) -> tuple[int, int, int]:
+        """The patch grid (t, h, w) of an image of this size once resized, as ``preprocess`` gives it."""
+        cfg = self.preprocess_config
+        height, width = target_size(height, width, cfg)
+        return 1, height // cfg.patch_size, width // cfg.patch_size
+
     def _warm_plan(self) -> list[tuple[tuple[int, int, int], int]]:
         """(grid, images) of the forwards ``warmup`` runs: on CUDA the kernels' patch-count buckets
-        and the graphs of 1 to graph_max_images images of 448² (and 1, 2 of 224²); else one small one."""
-        cfg = self.preprocess_config
+        and the graphs of 1 to graph_max_images images of 448² (and 1, 2 of 224²), in the grids such
+        uploads get (the checkpoint's pixel bounds may resize them); else one small one."""
         if not self.patched:
-            side = cfg.merge_size  # the smallest grid: one merge window
+            side = self.preprocess_config.merge_size  # the smallest grid: one merge window
             return [((1, side, side), 1)]
-        large, small = (side * cfg.merge_size // cfg.factor for side in (448, 224))  # patches per side
+        large, small = self.grid_of(448, 448), self.grid_of(224, 224)
         counts = sorted({*range(1, self.graph_max_images + 1), 8, 16})
-        return [((1, small, small), n) for n in (1, 2)] + [((1, large, large), n) for n in counts]
+        return [(small, n) for n in (1, 2)] + [(large, n) for n in counts]
 
     def warmup(self, max_patches: int = 16384) -> None:
         """Pay lazy initialisation before serving: on CUDA, every patch-count bucket the kernels tune
