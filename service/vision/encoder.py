@@ -97,7 +97,7 @@ class VisionEncoder:
         self.spatial_merge_size: int = config.spatial_merge_size
         self.hidden_size: int = family.out_hidden_size(config)
         self.deepstack_layers: int = family.deepstack_layers(config)
-        self.patched: dict[str, str] | list[str] | None = None
+        self.patched: dict[str, str] | None = None
         self.graphs: VisionGraphs | None = None
         self.graph_max_images = graph_max_images
         if use_kernels and self.device.type == "cuda":
@@ -106,12 +106,11 @@ class VisionEncoder:
 
             self.patched = kernels.patch(self.tower)
             log.info("vision tower patched with splitvl kernels: %s", self.patched)
-            if getattr(self.tower, "_splitvl_patched", False):  # a fused forward: graphs can record it
-                # One CUDA graph per batch of up to graph_max_images equal grids: removes the launch gaps
-                # that dominate small forwards. Room for the graphs warmup records and 16 more for other
-                # sizes, so serving never evicts the warmed ones.
-                warmed = sum(1 for _, count in self._warm_plan() if count <= graph_max_images)
-                self.graphs = VisionGraphs(self.tower, max_graphs=warmed + 16, output=family.features)
+            # One CUDA graph per batch of up to graph_max_images equal grids: removes the launch gaps
+            # that dominate small forwards. Room for the graphs warmup records and 16 more for other
+            # sizes, so serving never evicts the warmed ones.
+            warmed = sum(1 for _, count in self._warm_plan() if count <= graph_max_images)
+            self.graphs = VisionGraphs(self.tower, max_graphs=warmed + 16, output=family.features)
         # One forward at a time: the batcher already serialises, this guards direct callers.
         self._lock = threading.Lock()
 
@@ -189,7 +188,7 @@ class VisionEncoder:
 
     def postprocess(self, merged: torch.Tensor, batch: list[Patches]) -> list[torch.Tensor]:
         """[K, sum(tokens), D] -> each image's [K, tokens, D]."""
-        sizes = [p.num_patches // self.spatial_merge_size**2 for p in batch]
+        sizes = [self.num_tokens(p) for p in batch]
         return [t.contiguous() for t in torch.split(merged, sizes, dim=1)]
 
     def num_tokens(self, patches: Patches) -> int:
