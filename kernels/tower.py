@@ -35,7 +35,8 @@ class VisionMeta:
     max_seqlen: int
     cos: torch.Tensor  # [S, D/2] fp32, device
     sin: torch.Tensor
-    auto: str = dataclasses.field(default="auto", kw_only=True)  # what backend "auto" means on these segments
+    # what backend "auto" means on these segments: chosen once per grid, not in every block's call
+    auto: str = dataclasses.field(default="auto", kw_only=True)
 
 
 def grid_key(grid_thw: torch.Tensor | list) -> tuple[tuple[int, int, int], ...]:
@@ -59,6 +60,7 @@ def build_meta(
     """Per-frame segments and rotary tables from the tower's ``rotary_pos_emb`` (its ``inv_freq``,
     and its ``attention_scaling`` where it has one); ``order`` [S] (host) puts the tables' rows in the
     tower's token order when it is not the image's (Qwen2.5-VL's window order)."""
+    from .attention import auto_backend
     from .rope_vision import rope_angles, rope_positions
 
     inv_freq = rotary.inv_freq
@@ -72,7 +74,8 @@ def build_meta(
         cos.mul_(scaling)
         sin.mul_(scaling)
     cu, longest = segments(lengths, inv_freq.device)
-    return VisionMeta(grid=grid, lengths=lengths, cu_seqlens=cu, max_seqlen=longest, cos=cos, sin=sin)
+    return VisionMeta(grid=grid, lengths=lengths, cu_seqlens=cu, max_seqlen=longest, cos=cos, sin=sin,
+                      auto=auto_backend(lengths))
 
 
 class LinearPatchEmbed(nn.Module):
