@@ -14,6 +14,7 @@ against. Prints one table; writes kernel_bench.json under --out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -22,39 +23,52 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from service.preprocess import PreprocessConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-# 8 images from 224x224 to 1288x966 (h, w in pixels), resized like Qwen2-VL's processor
+# 8 images from 224x224 to 1288x966 (h, w in pixels), resized by the family's processor
 MIXED_SIZES = [(224, 224), (320, 480), (448, 448), (480, 640), (768, 1024), (720, 1280), (375, 500), (1288, 966)]
 
 
-def smart_grid(h: int, w: int, patch: int = 14, merge: int = 2, min_pixels: int = 56 * 56,
-               max_pixels: int = 28 * 28 * 16384) -> tuple[int, int, int]:
-    """(t, h, w) patch grid of one image after the processor's smart_resize: HF's (its module needs
-    torchvision, which the GPU image has), else the service's copy of it (which needs FastAPI)."""
-    try:
-        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
-    except ImportError:
-        from service.preprocess import smart_resize
-
-    rh, rw = smart_resize(h, w, patch * merge, min_pixels, max_pixels)
-    return (1, rh // patch, rw // patch)
+# where the published checkpoints' preprocessor_config.json differs from the family's processor
+# defaults: Qwen2-VL's and Qwen2.5-VL's files raise max_pixels to 12845056 (28 x 28 x 16384)
+PUBLISHED_MAX_PIXELS = {"qwen2_vl": 12845056, "qwen2_5_vl": 12845056}
 
 
-def workloads(**processor: int) -> dict[str, list[tuple[int, int, int]]]:
-    """The three tower workloads; ``processor``: ``smart_grid``'s patch / merge / pixel bounds
-    (default Qwen2-VL's: 448 x 448 is 32 x 32 patches)."""
-    one = smart_grid(448, 448, **processor)
+def processor(model_type: str = "qwen2_vl") -> PreprocessConfig:
+    """The family's image processor settings (``service.models``) as its published checkpoints set them."""
+    from service.models import family
+
+    cfg = family(model_type).preprocess_defaults
+    if model_type in PUBLISHED_MAX_PIXELS:
+        cfg = dataclasses.replace(cfg, max_pixels=PUBLISHED_MAX_PIXELS[model_type])
+    return cfg
+
+
+def smart_grid(h: int, w: int, cfg: PreprocessConfig) -> tuple[int, int, int]:
+    """(t, h, w) patch grid of one image after the processor's resize, as the vision worker computes it."""
+    from service.preprocess import target_size
+
+    rh, rw = target_size(h, w, cfg)
+    return (1, rh // cfg.patch_size, rw // cfg.patch_size)
+
+
+def workloads(cfg: PreprocessConfig | None = None) -> dict[str, list[tuple[int, int, int]]]:
+    """The three tower workloads, resized by ``cfg`` (default Qwen2-VL's: 448 x 448 is 32 x 32 patches)."""
+    cfg = cfg or processor()
+    one = smart_grid(448, 448, cfg)
     return {
         "32x448": [one] * 32,
         "1x448": [one],
-        "mixed8": [smart_grid(h, w, **processor) for h, w in MIXED_SIZES],
+        "mixed8": [smart_grid(h, w, cfg) for h, w in MIXED_SIZES],
     }
 
 

@@ -48,7 +48,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kernel_bench import gemm_peak_tflops, sync, time_ms, workloads  # noqa: E402
+from kernel_bench import gemm_peak_tflops, processor, sync, time_ms, workloads  # noqa: E402
 
 
 def qwen2_vl_config(out_hidden: int, smoke: bool) -> Any:
@@ -104,45 +104,37 @@ def liger_rms_norm(norm: torch.nn.Module) -> torch.nn.Module:
 
 @dataclasses.dataclass(frozen=True)
 class Family:
-    """What differs between the families' towers, for building, counting FLOPs and the Liger peer."""
+    """What the bench needs beyond the family's own module (``service.models``: its name, HF tower
+    class and stored features): how to build its tower, count its FLOPs and swap in Liger's norm."""
 
-    title: str
+    model_type: str
     models: dict[str, int]  # --model -> the merger's output size (the language model's hidden size); first: default
     config: Callable[[int, bool], Any]  # (out_hidden, smoke) -> vision config
-    tower_class: str  # transformers.models.<module>.<class>
     width: Callable[[Any], int]  # C, the residual stream's width
     mlp_macs: Callable[[Any], int]  # multiply-adds per token per block in the MLP
     liger_norm: Callable[[torch.nn.Module], torch.nn.Module]  # Liger's module sharing one norm's weights
     liger_name: str
-    # kernel_bench.smart_grid's patch / pixel bounds (the processor's); default Qwen2-VL's
-    processor: dict[str, int] = dataclasses.field(default_factory=dict)
     mergers: Callable[[Any], int] = lambda cfg: 1  # mergers run per forward (Qwen3-VL: + DeepStack)
 
-    def hf_class(self) -> type:
-        import importlib
+    @property
+    def serving(self) -> Any:
+        from service.models import family
 
-        mod, cls = self.tower_class.rsplit(".", 1)
-        return getattr(importlib.import_module(f"transformers.models.{mod}"), cls)
+        return family(self.model_type)
 
 
-FAMILIES = {
-    "qwen2_vl": Family(
-        "Qwen2-VL", {"2b": 1536, "7b": 3584}, qwen2_vl_config,
-        "qwen2_vl.modeling_qwen2_vl.Qwen2VisionTransformerPretrainedModel",
-        width=lambda cfg: cfg.embed_dim, mlp_macs=lambda cfg: 2 * cfg.embed_dim * int(cfg.embed_dim * cfg.mlp_ratio),
-        liger_norm=liger_layer_norm, liger_name="LayerNorm"),
-    "qwen2_5_vl": Family(
-        "Qwen2.5-VL", {"7b": 3584, "3b": 2048}, qwen2_5_vl_config,
-        "qwen2_5_vl.modeling_qwen2_5_vl.Qwen2_5_VisionTransformerPretrainedModel",
-        width=lambda cfg: cfg.hidden_size, mlp_macs=lambda cfg: 3 * cfg.hidden_size * cfg.intermediate_size,
-        liger_norm=liger_rms_norm, liger_name="RMSNorm"),
-    "qwen3_vl": Family(  # its preprocessor_config: size {shortest_edge 65536, longest_edge 16777216}
-        "Qwen3-VL", {"8b": 4096}, qwen3_vl_config, "qwen3_vl.modeling_qwen3_vl.Qwen3VLVisionModel",
-        width=lambda cfg: cfg.hidden_size, mlp_macs=lambda cfg: 2 * cfg.hidden_size * cfg.intermediate_size,
-        liger_norm=liger_layer_norm, liger_name="LayerNorm",
-        processor={"patch": 16, "min_pixels": 65536, "max_pixels": 16777216},
-        mergers=lambda cfg: 1 + len([i for i in range(cfg.depth) if i in cfg.deepstack_visual_indexes])),
-}
+FAMILIES = {f.model_type: f for f in (
+    Family("qwen2_vl", {"2b": 1536, "7b": 3584}, qwen2_vl_config,
+           width=lambda cfg: cfg.embed_dim, mlp_macs=lambda cfg: 2 * cfg.embed_dim * int(cfg.embed_dim * cfg.mlp_ratio),
+           liger_norm=liger_layer_norm, liger_name="LayerNorm"),
+    Family("qwen2_5_vl", {"7b": 3584, "3b": 2048}, qwen2_5_vl_config,
+           width=lambda cfg: cfg.hidden_size, mlp_macs=lambda cfg: 3 * cfg.hidden_size * cfg.intermediate_size,
+           liger_norm=liger_rms_norm, liger_name="RMSNorm"),
+    Family("qwen3_vl", {"8b": 4096}, qwen3_vl_config,
+           width=lambda cfg: cfg.hidden_size, mlp_macs=lambda cfg: 2 * cfg.hidden_size * cfg.intermediate_size,
+           liger_norm=liger_layer_norm, liger_name="LayerNorm",
+           mergers=lambda cfg: 1 + len([i for i in range(cfg.depth) if i in cfg.deepstack_visual_indexes])),
+)}
 
 
 def vision_config(family: Family, model: str, smoke: bool) -> Any:
@@ -156,7 +148,7 @@ def build_tower(family: Family, cfg: Any, device: str, seed: int = 0) -> torch.n
     """Random tower with every parameter perturbed (norms ~1 +- 0.1, biases ~0.05, W ~ 1/sqrt(fan_in)),
     as service.tiny.perturb_ does, but drawn on the device (~670M values)."""
     with torch.device(device):
-        model = family.hf_class()(cfg).eval()
+        model = family.serving.tower_class()(cfg).eval()
     gen = torch.Generator(device).manual_seed(seed)
     for name, p in model.named_parameters():
         noise = torch.randn(p.shape, generator=gen, device=device)
@@ -312,7 +304,7 @@ def main() -> None:
     family = FAMILIES[args.family]
     model_name = args.model or next(iter(family.models))  # the first is the default
     if model_name not in family.models:
-        ap.error(f"--model {model_name}: {family.title} has {', '.join(family.models)}")
+        ap.error(f"--model {model_name}: {family.serving.name} has {', '.join(family.models)}")
     skip = set(filter(None, args.skip.split(",")))
     smoke = args.smoke
     device = "cpu" if smoke else "cuda"
@@ -324,7 +316,8 @@ def main() -> None:
 
     import kernels
 
-    info: dict[str, Any] = {"model": f"{family.title}-{model_name.upper()} vision tower", "torch": torch.__version__}
+    info: dict[str, Any] = {"model": f"{family.serving.name}-{model_name.upper()} vision tower",
+                            "torch": torch.__version__}
     if not smoke:
         import triton
 
@@ -343,7 +336,7 @@ def main() -> None:
     weights_gib = sum(p.numel() * p.element_size() for p in hf.parameters()) / 2**30
     print(f"built tower in {time.perf_counter() - t0:.1f}s; weights {weights_gib:.3f} GiB ({dtype})", flush=True)
 
-    wls = workloads(**family.processor)
+    wls = workloads(processor(args.family))
     if smoke:  # (Qwen2.5-VL's 2 x 2-unit windows are ragged on the 4 x 6 and 8 x 6 grids)
         wls = {"4x": [(1, 4, 4)] * 4, "1x": [(1, 4, 4)], "mixed": [(1, 4, 6), (1, 2, 2), (1, 8, 6), (2, 4, 4)]}
     if args.workloads:
@@ -447,21 +440,15 @@ def main() -> None:
             measure(f"ours[{vname(v)}]", wname, lambda x=x, grid=grid: outputs(ours(x, grid_thw=grid)))
     if not smoke and "graphs" not in skip:
         from kernels.graphs import VisionGraphs
-        from kernels.qwen3_vl import stacked_features
-
-        def graph_output(out: Any) -> torch.Tensor:  # [S/4, D], or [1 + L, S/4, D] with DeepStack
-            return stacked_features(out) if hasattr(out, "deepstack_features") else out.pooler_output
-
-        def as_list(t: torch.Tensor) -> list[torch.Tensor]:
-            return list(t) if t.dim() == 3 else [t]
 
         # launch gaps dominate small inputs: replay a captured graph (eager ranking does not
         # carry over, so the main variants are all captured)
         for wname, (x, grid) in inputs.items():
             for v in graph_variants:
                 set_ours(ours, *v)
-                graphs = VisionGraphs(ours, max_graphs=1, output=graph_output)
-                measure(f"ours+graphs[{vname(v)}]", wname, lambda x=x, grid=grid, g=graphs: as_list(g(x, grid)))
+                # what the vision worker replays: the family's stored features, [1 + L, S/4, D]
+                graphs = VisionGraphs(ours, max_graphs=1, output=family.serving.features)
+                measure(f"ours+graphs[{vname(v)}]", wname, lambda x=x, grid=grid, g=graphs: list(g(x, grid)))
                 del graphs
                 torch.cuda.empty_cache()
     ours = None  # free its weights before the peers run

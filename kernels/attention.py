@@ -307,6 +307,13 @@ def _cudnn(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]
     return outs[0] if len(outs) == 1 else torch.cat(outs, 0)
 
 
+def auto_backend(lengths: list[int]) -> str:
+    """What ``backend="auto"`` runs on segments of these lengths. Measured on an H100
+    (bench/RESULTS.md): cuDNN wins when the images share one size (one batched call); across sizes
+    our varlen kernel beats one cuDNN call per image."""
+    return "cudnn" if len(set(lengths)) == 1 else "triton_prerope"
+
+
 def attention(
     qkv: torch.Tensor,
     cu_seqlens: torch.Tensor,
@@ -336,11 +343,9 @@ def attention(
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; known: {BACKENDS}")
     if backend == "auto":
-        # measured on an H100 (bench/RESULTS.md): cuDNN wins when the images share one size (one
-        # batched call); across sizes our varlen kernel beats one cuDNN call per image
         if lengths is None:
             lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-        backend = "cudnn" if len(set(lengths)) == 1 else "triton_prerope"
+        backend = auto_backend(lengths)
     if backend == "triton" and not (prerotated or interleaved):
         o = varlen_attention(q, k, v, cu_seqlens, max_seqlen, cos=cos, sin=sin, scale=scale)
         return o.view(s_len, -1)

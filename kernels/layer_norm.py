@@ -161,12 +161,19 @@ class TritonLayerNorm(nn.Module):
         new.bias = ln.bias
         return new
 
+    def add(
+        self, x: torch.Tensor, residual: torch.Tensor, *, out: torch.Tensor | None = None,
+        out_sum: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x + residual, LN(x + residual))`` in one pass (``add_layer_norm``)."""
+        return add_layer_norm(x, residual, self.weight, self.bias, self.eps, out=out, out_sum=out_sum)
+
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             return layer_norm(x, self.weight, self.bias, self.eps)
-        return add_layer_norm(x, residual, self.weight, self.bias, self.eps)
+        return self.add(x, residual)
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, triton"

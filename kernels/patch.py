@@ -60,7 +60,7 @@ def _find_tower(model: nn.Module) -> tuple[str, nn.Module, str]:
 
 
 def _patched(tower: nn.Module) -> bool:
-    return bool(getattr(tower, "_splitvl_patched", False) or getattr(tower, "_splitvl_modules_patched", False))
+    return bool(getattr(tower, "_splitvl_patched", False))  # set by tower.fuse_class
 
 
 def patch(

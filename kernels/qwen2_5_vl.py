@@ -35,12 +35,12 @@ from torch import nn
 
 from .tower import (
     FusedPatchMerger,
-    FusedVisionAttention,
-    LinearPatchEmbed,
+    FusedVisionBlock,
     VisionMeta,
     build_meta,
     cached_meta,
     fuse_class,
+    patch_embed_and_blocks,
     segments,
 )
 
@@ -78,46 +78,20 @@ class WindowedMeta:
     unit_rows: torch.Tensor  # [S / m^2] int64, device: the window-order row of each merged unit, image order
 
 
-def windowed_meta(grid: tuple[tuple[int, int, int], ...], merge: int, side: int, inv_freq: torch.Tensor,
-                  scaling: float = 1.0) -> WindowedMeta:
+def windowed_meta(grid: tuple[tuple[int, int, int], ...], merge: int, side: int, rotary: nn.Module) -> WindowedMeta:
     from ._utils import to_device_async
 
     units, lengths = window_order(grid, merge, side)
     m2 = merge * merge
     rows = (units[:, None] * m2 + torch.arange(m2)).reshape(-1)  # a unit's m^2 patches stay together
-    full = build_meta(grid, merge, inv_freq, scaling, order=rows)
-    cu, longest = segments(lengths, inv_freq.device)
+    full = build_meta(grid, merge, rotary, order=rows)
+    dev = rotary.inv_freq.device
+    cu, longest = segments(lengths, dev)
     # H200 (kernel_bench --only windows): on <= 64-token windows our kernel with the rotary in its loads
     # beats cuDNN (0.28 vs 0.52 ms, 32 x 448^2) and the pre-rotated Triton and FA2 paths (0.37, 0.33)
     window = dataclasses.replace(full, lengths=lengths, cu_seqlens=cu, max_seqlen=longest, auto="triton")
-    dev = inv_freq.device
     return WindowedMeta(full=full, window=window, patch_rows=to_device_async(rows, dev),
                         unit_rows=to_device_async(torch.argsort(units), dev))
-
-
-class FusedVisionBlock(nn.Module):
-    """Qwen2.5-VL vision block on our kernels; same submodule names as ``Qwen2_5_VLVisionBlock``."""
-
-    def __init__(self, orig: nn.Module, attention: str, mlp: str, rope_gemm: bool = False) -> None:
-        super().__init__()
-        from .rms_norm import TritonRMSNorm
-        from .swiglu import TritonSwiGLUMLP
-
-        self.norm1 = TritonRMSNorm.from_module(orig.norm1)
-        self.norm2 = TritonRMSNorm.from_module(orig.norm2)
-        self.attn = FusedVisionAttention(orig.attn, attention, rope_gemm=rope_gemm, gemm=mlp)
-        self.mlp = TritonSwiGLUMLP.from_module(orig.mlp, mlp)
-
-    def fused(
-        self, h: torch.Tensor, y: torch.Tensor, meta: VisionMeta, next_norm: nn.Module
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(h, norm1(h)) -> (h', next_norm(h')), updating the stream h [S, C] in place."""
-        from .rms_norm import add_rms_norm
-
-        a = self.attn(y, meta)
-        h, y = add_rms_norm(a, h, self.norm2.weight, self.norm2.variance_epsilon, out_sum=h, out=a)
-        m = self.mlp(y)
-        return add_rms_norm(m, h, next_norm.weight, next_norm.variance_epsilon, out_sum=h, out=m)
 
 
 def fused_forward(self: nn.Module, hidden_states: torch.Tensor, grid_thw: torch.Tensor | list,
@@ -148,29 +122,27 @@ def window_side(tower: nn.Module) -> int:
 
 def splitvl_meta(self: nn.Module, grid_thw: torch.Tensor | list) -> WindowedMeta:
     """Window order, both segmentations and the rotary tables for this grid (cached per grid)."""
-    rot = self.rotary_pos_emb
-    scaling = float(getattr(rot, "attention_scaling", 1.0))
     side = window_side(self)
-    return cached_meta(self, grid_thw,
-                       lambda grid: windowed_meta(grid, self.spatial_merge_size, side, rot.inv_freq, scaling))
+    merge, rotary = self.spatial_merge_size, self.rotary_pos_emb
+    return cached_meta(self, grid_thw, lambda grid: windowed_meta(grid, merge, side, rotary))
 
 
 def patch_tower(tower: nn.Module, prefix: str, attention: str, mlp: str, rope_gemm: bool) -> dict[str, str]:
     from .rms_norm import TritonRMSNorm
+    from .swiglu import TritonSwiGLUMLP
 
     if window_side(tower) < 1:
         raise ValueError(f"window_size {tower.window_size} is under one merge unit "
                          f"({tower.spatial_merge_size} x {tower.patch_size} px)")
-    done: dict[str, str] = {}
     p = f"{prefix}." if prefix else ""
-    done[f"{p}patch_embed"] = f"{type(tower.patch_embed).__name__} -> LinearPatchEmbed"
-    tower.patch_embed = LinearPatchEmbed(tower.patch_embed)
-    for i, blk in enumerate(tower.blocks):
-        done[f"{p}blocks.{i}"] = (
-            f"{type(blk).__name__} -> FusedVisionBlock(attention={attention}, mlp={mlp}, rope_gemm={rope_gemm}, "
-            f"{'full' if i in tower.fullatt_block_indexes else 'window'} attention)"
-        )
-        tower.blocks[i] = FusedVisionBlock(blk, attention, mlp, rope_gemm)
+    full = tower.fullatt_block_indexes
+
+    def block(orig: nn.Module) -> FusedVisionBlock:
+        return FusedVisionBlock(orig, TritonRMSNorm.from_module, TritonSwiGLUMLP.from_module(orig.mlp, mlp), attention,
+                                mlp, rope_gemm)
+
+    done = patch_embed_and_blocks(tower, p, block, lambda i: (
+        f"attention={attention}, mlp={mlp}, rope_gemm={rope_gemm}, {'full' if i in full else 'window'} attention"))
     done[f"{p}merger"] = f"{type(tower.merger).__name__} -> FusedPatchMerger"
     tower.merger = FusedPatchMerger(tower.merger, mlp, TritonRMSNorm.from_module(tower.merger.ln_q))
     old = fuse_class(tower, fused_forward, splitvl_meta)

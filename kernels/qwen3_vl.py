@@ -8,7 +8,7 @@ Per forward, for S patches of C = hidden_size (1152 in the released models, 16 h
 - the patch embedding: the Conv3d (patch 16, with bias) as one GEMM over the flattened patches;
   then one kernel adds the resampled position embedding (gathered from the live table) and applies
   block 0's ``norm1`` (``pos_embed.pos_embed_add_layer_norm``);
-- every block as Qwen2-VL's (``qwen2_vl.FusedVisionBlock``): ``qkv GEMM -> rotary -> attention ->
+- every block as Qwen2-VL's (``tower.FusedVisionBlock``): ``qkv GEMM -> rotary -> attention ->
   proj GEMM -> fused (residual add + norm2) -> linear_fc1 + bias + GELU(tanh) -> linear_fc2 ->
   fused (residual add + next norm1)``; the last block's second add is fused with the merger's norm;
 - DeepStack: after each block in ``deepstack_visual_indexes`` its output (viewed [S/4, 4C]) goes
@@ -24,24 +24,10 @@ import dataclasses
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .qwen2_vl import FusedVisionBlock as Qwen2FusedVisionBlock
-from .qwen2_vl import patch_embed_and_blocks
-from .tower import VisionMeta, build_meta, cached_meta, fuse_class, linear_bias_act
-
-
-def fc_act_fc(y: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, act: str, mode: str,
-              out: torch.Tensor | None = None) -> torch.Tensor:
-    """``fc2(act(fc1(y)))`` with fc1's bias and the activation in one pass (``tower.linear_bias_act``);
-    ``out`` receives fc2's output (same GEMM + bias as ``F.linear``)."""
-    f = linear_bias_act(y, fc1, act, mode)
-    if out is None:
-        return F.linear(f, fc2.weight, fc2.bias)
-    if fc2.bias is None:
-        return torch.mm(f, fc2.weight.t(), out=out)
-    return torch.addmm(fc2.bias, f, fc2.weight.t(), out=out)
+from .qwen2_vl import layer_norm_blocks
+from .tower import VisionMeta, build_meta, cached_meta, fc_act_fc, fuse_class, require_exact_gelu
 
 
 class FusedVisionMlp(nn.Module):
@@ -58,12 +44,6 @@ class FusedVisionMlp(nn.Module):
         return fc_act_fc(y, self.linear_fc1, self.linear_fc2, self.act, self.mode)  # [S, C]
 
 
-class FusedVisionBlock(Qwen2FusedVisionBlock):
-    """Qwen2-VL's fused block (LayerNorms, attention, residual adds) with Qwen3-VL's MLP."""
-
-    mlp_class = FusedVisionMlp
-
-
 class FusedPatchMerger(nn.Module):
     """``Qwen3VLVisionPatchMerger`` on our kernels: LayerNorm over C (the main merger; in the fused
     forward it is fused upstream with the last residual add) or over the 4C of a merged token
@@ -73,8 +53,7 @@ class FusedPatchMerger(nn.Module):
         super().__init__()
         from .layer_norm import TritonLayerNorm
 
-        if not isinstance(orig.act_fn, nn.GELU) or orig.act_fn.approximate != "none":
-            raise ValueError(f"merger activation must be exact nn.GELU, got {orig.act_fn!r}")
+        require_exact_gelu(orig.act_fn)
         self.hidden_size = orig.hidden_size  # 4C
         self.use_postshuffle_norm = orig.use_postshuffle_norm
         self.norm = TritonLayerNorm.from_torch(orig.norm)
@@ -151,13 +130,10 @@ def splitvl_meta(self: nn.Module, grid_thw: torch.Tensor | list) -> Qwen3VisionM
     from ._utils import to_device_async
     from .pos_embed import resample_taps
 
-    rot = self.rotary_pos_emb
-    scaling = float(getattr(rot, "attention_scaling", 1.0))
-
     def build(grid: tuple) -> Qwen3VisionMeta:
-        meta = build_meta(grid, self.spatial_merge_size, rot.inv_freq, scaling)
+        meta = build_meta(grid, self.spatial_merge_size, self.rotary_pos_emb)
         index, weight = resample_taps(grid, self.num_grid_per_side, self.spatial_merge_size)
-        dev = rot.inv_freq.device
+        dev = meta.cos.device
         # head size 72: cuDNN per run of equal-length images beats our varlen kernel on mixed sizes too
         # (H200, vision_bench mixed8: 47.4 vs 50.2 ms; equal sizes: the same within noise)
         return Qwen3VisionMeta(**{**vars(meta), "auto": "cudnn"}, pos_index=to_device_async(index, dev),
@@ -171,7 +147,7 @@ def patch_tower(tower: nn.Module, prefix: str, attention: str, mlp: str, rope_ge
     if resample != ("bilinear", True):
         raise ValueError(f"position-embedding resampling {resample} unsupported (bilinear, align_corners=True)")
     p = f"{prefix}." if prefix else ""
-    done = patch_embed_and_blocks(tower, p, attention, mlp, rope_gemm, FusedVisionBlock)
+    done = layer_norm_blocks(tower, p, attention, mlp, rope_gemm, FusedVisionMlp)
     done[f"{p}merger"] = f"{type(tower.merger).__name__} -> FusedPatchMerger"
     tower.merger = FusedPatchMerger(tower.merger, mlp)
     for j, m in enumerate(tower.deepstack_merger_list):

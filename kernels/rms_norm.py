@@ -112,12 +112,19 @@ class TritonRMSNorm(nn.Module):
         new.variance_epsilon = float(eps if eps is not None else getattr(norm, "eps", 1e-6))
         return new
 
+    def add(
+        self, x: torch.Tensor, residual: torch.Tensor, *, out: torch.Tensor | None = None,
+        out_sum: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x + residual, RMSNorm(x + residual))`` in one pass (``add_rms_norm``)."""
+        return add_rms_norm(x, residual, self.weight, self.variance_epsilon, out=out, out_sum=out_sum)
+
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             return rms_norm(x, self.weight, self.variance_epsilon)
-        return add_rms_norm(x, residual, self.weight, self.variance_epsilon)
+        return self.add(x, residual)
 
     def extra_repr(self) -> str:
         return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, triton"

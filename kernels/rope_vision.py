@@ -5,7 +5,7 @@ f_w = w * inv_freq, D/4 frequencies each) and rotates with ``rotate_half``: the 
 (d, d + D/2). So one table of D/2 angles per token is all that is needed:
 ``y1 = x1 cos - x2 sin; y2 = x2 cos + x1 sin`` with x1 = x[:D/2], x2 = x[D/2:].
 
-``rope_angles`` builds those [S, D/2] tables once per forward (cached per grid by ``patch.py``);
+``rope_angles`` builds those [S, D/2] tables once per forward (cached per grid: ``tower.cached_meta``);
 ``apply_vision_rope_`` rotates q and k inside the [S, 3*H*D] qkv buffer in place (one read and
 one write of q and k, no split/transpose copies). The attention kernel in ``attention.py`` can
 instead apply the same rotation as it loads q and k, which skips this pass.

@@ -91,23 +91,6 @@ def empty_aligned_rows(m: int, n: int, dtype: torch.dtype, device: torch.device 
     return torch.empty(m, width, dtype=dtype, device=device)[:, :n]
 
 
-@torch.no_grad()
-def align_rows_(p: nn.Parameter) -> bool:
-    """Re-home a 2-D parameter's storage so each row starts 16-byte aligned; same Parameter object,
-    same values, padding columns never read. Returns whether it moved.
-
-    TMA descriptors need 16-byte row strides, and cuBLAS picks its Hopper kernels only for aligned
-    leading dimensions: Qwen2.5-VL's down_proj.weight [1280, 3420] in bf16 has 6840-byte rows."""
-    n, k = p.shape
-    width = aligned_width(k, p.element_size())
-    if p.stride() == (width, 1):
-        return False
-    rows = torch.zeros(n, width, dtype=p.dtype, device=p.device)[:, :k]
-    rows.copy_(p.data)
-    p.data = rows
-    return True
-
-
 # The intermediate width is padded to a multiple of this many elements: with Qwen2.5-VL's I = 3420
 # (not a multiple of 8) cuBLAS ran the down projection at 228 TFLOP/s on an H200 (kernel_bench
 # mlp25, 32768 rows). Zero weight rows in gate/up and zero columns in down add exact zeros.
@@ -127,6 +110,21 @@ def pad_(p: nn.Parameter, shape: tuple[int, ...]) -> torch.Tensor:
     view.copy_(p.data)
     p.data = view
     return storage
+
+
+def align_rows_(p: nn.Parameter) -> bool:
+    """Re-home a 2-D parameter's storage so each row starts 16-byte aligned (``pad_`` to the aligned
+    width); same Parameter object, same values, padding columns never read. Returns whether it moved.
+
+    TMA descriptors need 16-byte row strides: Qwen2.5-VL's down_proj.weight [1280, 3420] in bf16 has
+    6840-byte rows. (For cuBLAS aligned rows bought nothing on an H200; ``TritonSwiGLUMLP`` pads the
+    width to ``PAD_TO`` instead. kernel_bench --only mlp25 measures both.)"""
+    n, k = p.shape
+    width = aligned_width(k, p.element_size())
+    if p.stride() == (width, 1):
+        return False
+    pad_(p, (n, width))
+    return True
 
 
 def _contiguous_down_weight(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:

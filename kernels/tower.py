@@ -1,8 +1,9 @@
 """What every patched Qwen-VL tower shares: per-grid metadata, the patch embedding as a GEMM, the
-fused attention (qkv GEMM -> rotary -> packed attention -> proj GEMM), bias + activation GEMMs, and
-the per-grid metadata cache the fused forwards read.
+fused attention (qkv GEMM -> rotary -> packed attention -> proj GEMM), bias + activation GEMMs, the
+block (attention and MLP, each followed by its residual add fused with the next norm), and the
+per-grid metadata cache the fused forwards read.
 
-A family's module (``qwen2_vl.py``, ``qwen2_5_vl.py``, ...) builds its blocks from these pieces and
+A family's module (``qwen2_vl.py``, ``qwen2_5_vl.py``, ...) gives the block its norm and MLP and
 says only how its tower differs; the merger (norm -> GEMM -> GELU -> GEMM) is shared too, with the
 family's norm.
 """
@@ -34,7 +35,8 @@ class VisionMeta:
     max_seqlen: int
     cos: torch.Tensor  # [S, D/2] fp32, device
     sin: torch.Tensor
-    auto: str = dataclasses.field(default="auto", kw_only=True)  # what backend "auto" means on these segments
+    # what backend "auto" means on these segments: chosen once per grid, not in every block's call
+    auto: str = dataclasses.field(default="auto", kw_only=True)
 
 
 def grid_key(grid_thw: torch.Tensor | list) -> tuple[tuple[int, int, int], ...]:
@@ -52,13 +54,17 @@ def segments(lengths: list[int], device: torch.device) -> tuple[torch.Tensor, in
 
 
 def build_meta(
-    grid: tuple[tuple[int, int, int], ...], spatial_merge_size: int, inv_freq: torch.Tensor, scaling: float = 1.0,
+    grid: tuple[tuple[int, int, int], ...], spatial_merge_size: int, rotary: nn.Module,
     order: torch.Tensor | None = None,
 ) -> VisionMeta:
-    """Per-frame segments and rotary tables; ``order`` [S] (host) puts the tables' rows in the
+    """Per-frame segments and rotary tables from the tower's ``rotary_pos_emb`` (its ``inv_freq``,
+    and its ``attention_scaling`` where it has one); ``order`` [S] (host) puts the tables' rows in the
     tower's token order when it is not the image's (Qwen2.5-VL's window order)."""
+    from .attention import auto_backend
     from .rope_vision import rope_angles, rope_positions
 
+    inv_freq = rotary.inv_freq
+    scaling = float(getattr(rotary, "attention_scaling", 1.0))
     lengths = [h * w for t, h, w in grid for _ in range(t)]
     positions = rope_positions(grid, spatial_merge_size)  # [S, 2]
     if order is not None:
@@ -68,7 +74,8 @@ def build_meta(
         cos.mul_(scaling)
         sin.mul_(scaling)
     cu, longest = segments(lengths, inv_freq.device)
-    return VisionMeta(grid=grid, lengths=lengths, cu_seqlens=cu, max_seqlen=longest, cos=cos, sin=sin)
+    return VisionMeta(grid=grid, lengths=lengths, cu_seqlens=cu, max_seqlen=longest, cos=cos, sin=sin,
+                      auto=auto_backend(lengths))
 
 
 class LinearPatchEmbed(nn.Module):
@@ -108,6 +115,24 @@ def linear_bias_act(x: torch.Tensor, linear: nn.Linear, act: str, mode: str) -> 
         return linear_act(x, linear.weight, linear.bias, act)
     f = F.linear(x, linear.weight)
     return bias_act(f, linear.bias, act, out=f)
+
+
+def fc_act_fc(y: torch.Tensor, fc1: nn.Linear, fc2: nn.Linear, act: str, mode: str,
+              out: torch.Tensor | None = None) -> torch.Tensor:
+    """``fc2(act(fc1(y)))``, the vision MLPs and mergers: fc1's bias and the activation in one pass
+    (``linear_bias_act``); ``out`` receives fc2's output (the same GEMM + bias as ``F.linear``)."""
+    f = linear_bias_act(y, fc1, act, mode)
+    if out is None:
+        return F.linear(f, fc2.weight, fc2.bias)
+    if fc2.bias is None:
+        return torch.mm(f, fc2.weight.t(), out=out)
+    return torch.addmm(fc2.bias, f, fc2.weight.t(), out=out)
+
+
+def require_exact_gelu(act: nn.Module) -> None:
+    """The mergers' activation: our GELU kernels compute the exact (erf) one."""
+    if not isinstance(act, nn.GELU) or act.approximate != "none":
+        raise ValueError(f"merger activation must be exact nn.GELU, got {act!r}")
 
 
 class FusedVisionAttention(nn.Module):
@@ -164,6 +189,75 @@ class FusedVisionAttention(nn.Module):
         return F.linear(a, self.proj.weight, self.proj.bias)
 
 
+class FusedVisionBlock(nn.Module):
+    """One vision block of any family on our kernels; the same submodule names as HF's blocks.
+
+    ``norm`` makes the family's norm module (``TritonLayerNorm.from_torch``, ``TritonRMSNorm.from_module``)
+    from ``orig.norm1`` / ``orig.norm2``, adopting their parameters; its ``add`` is the residual add
+    fused with the norm. ``mlp``: the family's fused MLP, built from ``orig.mlp``.
+    """
+
+    def __init__(self, orig: nn.Module, norm: Callable[[nn.Module], nn.Module], mlp: nn.Module, attention: str,
+                 gemm: str, rope_gemm: bool = False) -> None:
+        super().__init__()
+        self.norm1 = norm(orig.norm1)
+        self.norm2 = norm(orig.norm2)
+        self.attn = FusedVisionAttention(orig.attn, attention, rope_gemm=rope_gemm, gemm=gemm)
+        self.mlp = mlp
+
+    def fused(
+        self, h: torch.Tensor, y: torch.Tensor, meta: VisionMeta, next_norm: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, norm1(h)) -> (h', next_norm(h')), updating the stream h [S, C] in place."""
+        a = self.attn(y, meta)
+        h, y = self.norm2.add(a, h, out_sum=h, out=a)
+        m = self.mlp(y)
+        return next_norm.add(m, h, out_sum=h, out=m)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        cu_seqlens: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        max_seqlen: int | None = None,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        """HF's block signature (every family's), for a caller that drives the blocks with HF's own loop."""
+        from .rope_vision import rope_tables
+
+        if position_embeddings is None:
+            raise ValueError("FusedVisionBlock needs position_embeddings=(cos, sin)")
+        cos, sin = rope_tables(*position_embeddings, self.attn.head_dim)
+        cu = cu_seqlens.to(torch.int32)
+        lengths = (cu[1:] - cu[:-1]).tolist()
+        meta = VisionMeta(grid=(), lengths=lengths, cu_seqlens=cu, max_seqlen=max(lengths), cos=cos, sin=sin)
+        h = hidden_states
+        h, y = self.norm2.add(self.attn(self.norm1(h), meta), h)
+        return h + self.mlp(y)
+
+
+def hidden_act(tower: nn.Module) -> str:
+    """The blocks' MLP activation (``config.hidden_act``), refused here if we have no kernel for it."""
+    from .activations import act_code
+
+    act = tower.config.hidden_act
+    act_code(act)
+    return act
+
+
+def patch_embed_and_blocks(tower: nn.Module, p: str, make_block: Callable[[nn.Module], FusedVisionBlock],
+                           describe: Callable[[int], str]) -> dict[str, str]:
+    """Swap the patch embedding and every block (``make_block(HF's block)``) in place; ``p``: the
+    tower's qualified name plus a dot, or empty. Returns the ``patch`` report entries, each block's
+    with ``describe(index)``."""
+    done = {f"{p}patch_embed": f"{type(tower.patch_embed).__name__} -> LinearPatchEmbed"}
+    tower.patch_embed = LinearPatchEmbed(tower.patch_embed)
+    for i, blk in enumerate(tower.blocks):
+        done[f"{p}blocks.{i}"] = f"{type(blk).__name__} -> FusedVisionBlock({describe(i)})"
+        tower.blocks[i] = make_block(blk)
+    return done
+
+
 class FusedPatchMerger(nn.Module):
     """``ln_q`` (fused upstream with the last residual add) -> GEMM -> bias + exact GELU -> GEMM.
 
@@ -171,9 +265,7 @@ class FusedPatchMerger(nn.Module):
 
     def __init__(self, orig: nn.Module, mlp: str, ln_q: nn.Module) -> None:
         super().__init__()
-        gelu = orig.mlp[1]
-        if not isinstance(gelu, nn.GELU) or gelu.approximate != "none":
-            raise ValueError(f"merger activation must be exact nn.GELU, got {gelu!r}")
+        require_exact_gelu(orig.mlp[1])
         self.hidden_size = orig.hidden_size
         self.ln_q = ln_q
         self.mlp = orig.mlp  # Sequential(Linear, GELU, Linear): keeps keys mlp.0.*, mlp.2.*
@@ -181,9 +273,7 @@ class FusedPatchMerger(nn.Module):
 
     def project(self, y: torch.Tensor) -> torch.Tensor:
         """y = ln_q(h) [S, C] -> [S / m^2, out_dim]."""
-        f = linear_bias_act(y.reshape(-1, self.hidden_size), self.mlp[0], "gelu", self.mode)
-        fc2 = self.mlp[2]
-        return F.linear(f, fc2.weight, fc2.bias)
+        return fc_act_fc(y.reshape(-1, self.hidden_size), self.mlp[0], self.mlp[2], "gelu", self.mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.project(self.ln_q(x))
@@ -208,8 +298,6 @@ def _qkv_to_hf_order(module: nn.Module, state_dict: dict, prefix: str, local_met
 
 def _qkv_from_hf_order(module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
     _reorder_qkv(module, state_dict, prefix, inverse=False)
-
-
 
 
 def cached_meta(tower: nn.Module, grid_thw: torch.Tensor | list, build: Callable[[tuple], Any]) -> Any:

@@ -97,7 +97,7 @@ class VisionEncoder:
         self.spatial_merge_size: int = config.spatial_merge_size
         self.hidden_size: int = family.out_hidden_size(config)
         self.deepstack_layers: int = family.deepstack_layers(config)
-        self.patched: dict[str, str] | list[str] | None = None
+        self.patched: dict[str, str] | None = None
         self.graphs: VisionGraphs | None = None
         self.graph_max_images = graph_max_images
         if use_kernels and self.device.type == "cuda":
@@ -106,12 +106,11 @@ class VisionEncoder:
 
             self.patched = kernels.patch(self.tower)
             log.info("vision tower patched with splitvl kernels: %s", self.patched)
-            if getattr(self.tower, "_splitvl_patched", False):  # a fused forward: graphs can record it
-                # One CUDA graph per batch of up to graph_max_images equal grids: removes the launch gaps
-                # that dominate small forwards. Room for the graphs warmup records and 16 more for other
-                # sizes, so serving never evicts the warmed ones.
-                warmed = sum(1 for _, count in self._warm_plan() if count <= graph_max_images)
-                self.graphs = VisionGraphs(self.tower, max_graphs=warmed + 16, output=family.features)
+            # One CUDA graph per batch of up to graph_max_images equal grids: removes the launch gaps
+            # that dominate small forwards. Room for the graphs warmup records and 16 more for other
+            # sizes, so serving never evicts the warmed ones.
+            warmed = sum(1 for _, count in self._warm_plan() if count <= graph_max_images)
+            self.graphs = VisionGraphs(self.tower, max_graphs=warmed + 16, output=family.features)
         # One forward at a time: the batcher already serialises, this guards direct callers.
         self._lock = threading.Lock()
 
@@ -131,11 +130,10 @@ class VisionEncoder:
         # Only the decode here. The resize, normalize and patchify (a few small kernels) run in the
         # forward, on its stream: done here on a side stream, each image waited behind the forwards
         # of every worker process sharing the GPU (a 15 ms p50 under load for ~1 ms of work).
-        height, width = target_size(image.height, image.width, cfg)
         # pinned: the forward's copy to the device is then asynchronous; from pageable memory it would
         # wait for everything queued on the stream first (the batch in flight), undoing launch/finish
         pixels = image_to_tensor(image, pin=True)
-        return Patches(pixel_values=pixels, grid_thw=(1, height // cfg.patch_size, width // cfg.patch_size))
+        return Patches(pixel_values=pixels, grid_thw=self.grid_of(image.height, image.width))
 
     def forward(self, batch: list[Patches]) -> list[torch.Tensor]:
         """Several images packed into one forward (block-diagonal attention by cu_seqlens) -> each
@@ -190,22 +188,28 @@ class VisionEncoder:
 
     def postprocess(self, merged: torch.Tensor, batch: list[Patches]) -> list[torch.Tensor]:
         """[K, sum(tokens), D] -> each image's [K, tokens, D]."""
-        sizes = [p.num_patches // self.spatial_merge_size**2 for p in batch]
+        sizes = [self.num_tokens(p) for p in batch]
         return [t.contiguous() for t in torch.split(merged, sizes, dim=1)]
 
     def num_tokens(self, patches: Patches) -> int:
         return patches.num_patches // self.spatial_merge_size**2
 
+    def grid_of(self, height: int, width: int) -> tuple[int, int, int]:
+        """The patch grid (t, h, w) of an image of this size once resized, as ``preprocess`` gives it."""
+        cfg = self.preprocess_config
+        height, width = target_size(height, width, cfg)
+        return 1, height // cfg.patch_size, width // cfg.patch_size
+
     def _warm_plan(self) -> list[tuple[tuple[int, int, int], int]]:
         """(grid, images) of the forwards ``warmup`` runs: on CUDA the kernels' patch-count buckets
-        and the graphs of 1 to graph_max_images images of 448² (and 1, 2 of 224²); else one small one."""
-        cfg = self.preprocess_config
+        and the graphs of 1 to graph_max_images images of 448² (and 1, 2 of 224²), in the grids such
+        uploads get (the checkpoint's pixel bounds may resize them); else one small one."""
         if not self.patched:
-            side = cfg.merge_size  # the smallest grid: one merge window
+            side = self.preprocess_config.merge_size  # the smallest grid: one merge window
             return [((1, side, side), 1)]
-        large, small = (side * cfg.merge_size // cfg.factor for side in (448, 224))  # patches per side
+        large, small = self.grid_of(448, 448), self.grid_of(224, 224)
         counts = sorted({*range(1, self.graph_max_images + 1), 8, 16})
-        return [((1, small, small), n) for n in (1, 2)] + [((1, large, large), n) for n in counts]
+        return [(small, n) for n in (1, 2)] + [(large, n) for n in counts]
 
     def warmup(self, max_patches: int = 16384) -> None:
         """Pay lazy initialisation before serving: on CUDA, every patch-count bucket the kernels tune

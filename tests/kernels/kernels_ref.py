@@ -29,6 +29,27 @@ def random_model(model_class: type, cfg: object, device: str, dtype: torch.dtype
     return m.to(device=device, dtype=dtype)
 
 
+def patch_copy(hf: torch.nn.Module, **patch_kw: object) -> tuple[torch.nn.Module, dict[str, str]]:
+    """A ``kernels.patch``-ed deep copy of ``hf`` and patch's report, checked as every family's patch
+    must be: the copy patched (``hf`` not), its parameters adopted (the same objects), its state dict
+    unchanged (keys, values, all contiguous), and patching it again a no-op."""
+    import copy
+
+    import kernels
+
+    ours = copy.deepcopy(hf)
+    before = {k: v.clone() for k, v in ours.state_dict().items()}
+    params = dict(ours.named_parameters())
+    done = kernels.patch(ours, **patch_kw)
+    assert kernels.is_patched(ours) and not kernels.is_patched(hf)
+    assert kernels.patch(ours) == {}  # idempotent
+    after = ours.state_dict()
+    assert set(after) == set(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert all(v.is_contiguous() for v in after.values())
+    assert all(p is params[name] for name, p in ours.named_parameters())  # adopted, not copied
+    return ours, done
+
+
 def patched_error(hf32: torch.nn.Module, grid_rows: list[list[int]], dtype: torch.dtype = torch.bfloat16,
                   *, with_hf: bool = False, **patch_kw: object) -> float | tuple[float, float]:
     """rel L2 of ``kernels.patch``-ed copy of ``hf32`` in ``dtype`` against ``hf32`` (fp32, HF) on random
@@ -49,6 +70,21 @@ def patched_error(hf32: torch.nn.Module, grid_rows: list[list[int]], dtype: torc
         if hf_low is None:
             return got
         return got, rel(hf_low(x.to(dtype), grid_thw=grid.cuda()).pooler_output, want)
+
+
+def hf_loop_errors(hf: torch.nn.Module, x: torch.Tensor, grid: torch.Tensor) -> list[float]:
+    """rel L2 of each output (``pooler_output``, then any DeepStack features) of HF's own tower forward
+    run over a ``kernels.patch``-ed copy of ``hf`` (HF's loop and rotary tables driving our fused
+    blocks and mergers through their HF signatures) against ``hf`` itself; ``grid`` on x's device."""
+    ours, _ = patch_copy(hf)
+    with torch.no_grad():
+        want = hf(x, grid_thw=grid)
+        got = type(hf).forward(ours, x, grid_thw=grid)  # the unpatched class's forward
+
+    def outputs(out: object) -> list[torch.Tensor]:
+        return [out.pooler_output, *(getattr(out, "deepstack_features", None) or [])]
+
+    return [rel(g, w) for g, w in zip(outputs(got), outputs(want), strict=True)]
 
 
 def check_graphs_match_eager(tower: torch.nn.Module) -> None:

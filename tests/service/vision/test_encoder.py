@@ -163,6 +163,16 @@ def test_graphable_batches_are_small_and_of_one_grid(tiny_checkpoint):
         assert not encoder.graphable(batch(g, other))
 
 
+def test_warm_plan_has_the_grids_uploads_get(tiny_checkpoint, image_bytes):
+    """On CUDA, warmup records the graphs of 448² and 224² uploads in the grids this checkpoint's pixel
+    bounds resize them to (the tiny one's max_pixels is 224²: both become 16 x 16), not 32 x 32 ones
+    no upload replays."""
+    encoder = VisionEncoder(tiny_checkpoint, device="cpu")
+    encoder.patched = {"<model>": "patched"}  # the plan of a patched tower (on CUDA)
+    planned = {grid for grid, _ in encoder._warm_plan()}
+    assert planned == {encoder.preprocess(image_bytes(side, side, seed=side)).grid_thw for side in (448, 224)}
+
+
 def test_decoded_pixels_are_patchified_in_the_forward(encoder, image_bytes):
     """What the GPU path hands the forward (decoded pixels; resize and patchify on the device)
     gives the embeddings of the CPU path (PIL's resize), here both on the CPU."""
