@@ -172,16 +172,15 @@ def admission_profile(engine: LLMEngine, images: list[Image], reps: int = 5) -> 
     engine._start, engine._prefill = timed_start, timed_prefill  # type: ignore[method-assign]
     host_meta: list[float] = []
     runner = engine.prefiller
-    if runner is not None:
-        real_meta = runner._host_meta
+    real_meta = runner._host_meta
 
-        def timed_meta(*args: Any, **kwargs: Any) -> Any:
-            t0 = time.perf_counter()
-            out = real_meta(*args, **kwargs)
-            host_meta.append((time.perf_counter() - t0) * 1e3)
-            return out
+    def timed_meta(*args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter()
+        out = real_meta(*args, **kwargs)
+        host_meta.append((time.perf_counter() - t0) * 1e3)
+        return out
 
-        runner._host_meta = timed_meta  # type: ignore[method-assign]
+    runner._host_meta = timed_meta  # type: ignore[method-assign]
     walls = []
     try:
         for _ in range(reps):
@@ -193,11 +192,9 @@ def admission_profile(engine: LLMEngine, images: list[Image], reps: int = 5) -> 
                 stream.result()
             walls.append((time.perf_counter() - t0) * 1e3)
     finally:
-        del engine._start, engine._prefill  # the class's methods again
-        if runner is not None:
-            del runner._host_meta
+        del engine._start, engine._prefill, runner._host_meta  # the class's methods again
     return {"admissions": len(starts), "start_ms": med(starts), "prefill_ms": med(prefills),
-            "prefill_host_inputs_ms": med(host_meta) if host_meta else None,
+            "prefill_host_inputs_ms": med(host_meta),
             "prefills_per_admission": len(prefills) / max(len(starts), 1), "wall_2_tokens_ms": med(walls),
             "host_ms_outside_prefill": round(med(starts) - med(prefills) * len(prefills) / max(len(starts), 1), 3)}
 
@@ -255,8 +252,7 @@ def engine_scenarios(name: str, engine: LLMEngine, images: list[Image], *, reps:
     if torch.cuda.is_available():
         record(f"{name}.peak_memory_gib", round(torch.cuda.max_memory_allocated() / 2**30, 2))
     record(f"{name}.stats", engine.stats())
-    if engine.prefiller is not None:
-        record(f"{name}.prefill_runs", engine.prefiller.counters)
+    record(f"{name}.prefill_runs", engine.prefiller.counters)
 
 
 # -- main -----------------------------------------------------------------------------------------

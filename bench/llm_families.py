@@ -273,7 +273,7 @@ def bench_model(name: str, tmp: Path, device: torch.device, dtype: torch.dtype, 
     try:
         record(f"{name}.engine", {"fused": engine.fused, "attention": engine.attention,
                                   "decode_graphs": engine.runner.use_graphs,
-                                  "prefill_graphs": engine.prefiller is not None})
+                                  "prefill_graphs": engine.prefiller.bucketed})
         engine_figures(name, engine, setup.images, reps=3 if smoke else 7, decode_tokens=8 if smoke else 128)
         if with_hf:
             hf_figures(setup, engine, smoke=smoke)

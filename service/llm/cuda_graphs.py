@@ -268,11 +268,12 @@ class PrefillRunner(_CacheRunner):
     last token (None, None when ``logits`` is False: a prefix only fills the cache). The tensors
     are the graph's outputs: valid until the next ``run``.
 
-    ``bucketed=False`` (or a batch of more than ``max_graph_tokens`` padded tokens) runs the rows
-    as they are, eagerly: rows padded at the end to the longest, the window exactly as long as the
-    longest row's end (the plain engine's layout). Graphs are recorded on first use of a shape, at
-    most ``max_graphs`` of them (later shapes run eagerly, padded), and share one memory pool: only
-    one of them runs at a time, and its outputs are read before the next one runs.
+    ``bucketed=False`` (the engine without ``prefill_graphs``; or a batch of more than
+    ``max_graph_tokens`` padded tokens) runs the rows as they are, eagerly: rows padded at the end
+    to the longest, the window exactly as long as the longest row's end. Graphs are recorded on
+    first use of a shape, at most ``max_graphs`` of them (later shapes run eagerly, padded), and
+    share one memory pool: only one of them runs at a time, and its outputs are read before the
+    next one runs.
     """
 
     def __init__(self, model: Qwen2LM, kv: torch.Tensor, *, use_graphs: bool, bucketed: bool = True,

@@ -36,9 +36,10 @@ and rope positions of each slot advance inside the step, greedy tokens are picke
 with only greedy requests the next step is launched before the host reads this one's tokens
 (one copy to pinned memory per step). On CUDA the step is replayed from a CUDA graph per batch
 bucket, with the Triton-fused kernels (``gpu_ops``) for bf16/fp16; on the CPU it runs eagerly.
-Prefills go through ``cuda_graphs.PrefillRunner`` there too (``prefill_graphs``): rows and tokens
-padded to buckets, one CUDA graph per (rows, tokens, attention window) bucket, the first token's
-logits and argmax inside the graph; on the CPU the plain batched prefill runs.
+Prefills go through ``cuda_graphs.PrefillRunner``: with ``prefill_graphs`` (the default there) rows and
+tokens padded to buckets, one CUDA graph per (rows, tokens, attention window) bucket, the first
+token's logits and argmax inside the graph; without (the CPU's default) the rows as they are,
+padded at the end to the longest.
 """
 
 from __future__ import annotations
@@ -67,9 +68,7 @@ from service.llm.model import (
     decode_step_fused,
     fused_supported,
     load_model,
-    prefill,
     prefill_at,
-    prefill_fused,
     prefill_fused_at,
 )
 from service.llm.prompt import Prompt, PromptBuilder, StreamDecoder
@@ -93,6 +92,17 @@ def position_table(rule: Callable[..., tuple[torch.Tensor, int]], prefix_len: in
     the family's position rule (``Family.positions``).
     """
     return rule(prefix_len, grid, merge, max_len, image_start=image_start)
+
+
+def prefill_row(prompt: Prompt, positions: torch.Tensor, slot: int, start: int, end: int, embeds: torch.Tensor,
+                deepstack: torch.Tensor | None) -> PrefillRow:
+    """Tokens ``[start, end)`` of ``prompt`` (positions [3, len(prompt.ids)]) going into ``slot``, with the
+    image's embeddings [n, hidden] and DeepStack features [L, n, hidden] when the row holds the image
+    (a prefix or a whole prompt; a question after its image's prefix holds none)."""
+    lo = prompt.image_start - start
+    holds = lo >= 0 and lo + prompt.num_image_tokens <= end - start
+    return PrefillRow(prompt.ids[start:end], positions[:, start:end], slot, start,
+                      (lo, embeds) if holds else None, deepstack if holds else None)
 
 
 # -- sampling -------------------------------------------------------------------------------------
@@ -166,8 +176,8 @@ class LLMEngine:
     ``"triton"`` (fused only), ``"sdpa"`` or ``"matmul"``, and ``prefill_graphs`` (default: on
     when decode uses CUDA graphs): prefills padded to buckets and replayed from CUDA graphs (on the
     CPU, or without ``cuda_graphs``, ``prefill_graphs=True`` runs the same padded prefills
-    eagerly). On the CPU all of it is off and the steps are the plain ``prefill`` /
-    ``decode_step``; the decode bookkeeping is the same.
+    eagerly). On the CPU all of it is off and the steps are the plain ``prefill_at`` /
+    ``decode_step``; the decode and prefill bookkeeping is the same.
     ``lm`` hands in a model already built (benchmarks); ``model`` then supplies only the config,
     tokenizer and chat template.
     """
@@ -193,16 +203,13 @@ class LLMEngine:
         self.max_waiting = max_waiting
         self.eos_token_ids = frozenset(self.prompts.eos_token_ids)
         self.kv = allocate_kv_cache(self.model.cfg, max_batch_slots, self.max_seq_len, device=self.device, dtype=dtype)
-        if fused is None:
-            fused = fused_supported(self.device, dtype)
-        self.fused = fused
+        self.fused = fused_supported(self.device, dtype) if fused is None else fused
         self.attention = attention or ("triton" if self.fused else "sdpa")
         if self.attention == "triton" and not self.fused:
             raise ValueError("attention 'triton' needs the fused path (CUDA, bf16/fp16, Triton)")
         # the two model steps, replaceable by other versions with the same signatures (a decode_fn
         # that reads the whole cache window should come with runner.window_buckets = False)
-        self.prefill_fn: Callable[..., torch.Tensor] = prefill_fused if self.fused else prefill
-        self.prefill_at_fn: PrefillFn = prefill_fused_at if self.fused else prefill_at  # the bucketed form
+        self.prefill_fn: PrefillFn = prefill_fused_at if self.fused else prefill_at
         self.decode_fn: DecodeFn = partial(decode_step_fused if self.fused else decode_step, attention=self.attention)
         use_graphs = self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.runner = DecodeRunner(self.model, self.kv, use_graphs=use_graphs,
@@ -213,8 +220,8 @@ class LLMEngine:
                     self.runner.capture(self.decode_fn, *self.runner.bucket(batch, 1))
         if prefill_graphs is None:
             prefill_graphs = self.runner.use_graphs
-        # prefill graphs are recorded on first use of each bucket
-        self.prefiller = PrefillRunner(self.model, self.kv, use_graphs=self.runner.use_graphs) if prefill_graphs else None
+        # bucketed: a prefill graph is recorded on first use of each bucket; else the rows run as they are
+        self.prefiller = PrefillRunner(self.model, self.kv, use_graphs=self.runner.use_graphs, bucketed=prefill_graphs)
         self._prefixes: OrderedDict[str, _Prefix] = OrderedDict()
         self.counters = {"prefix_hits": 0, "prefix_misses": 0, "prefill_tokens": 0, "decode_steps": 0,
                          "generated_tokens": 0, "admissions": 0}
@@ -346,7 +353,7 @@ class LLMEngine:
         with self._cond:
             return {**self.counters, "active": len(self._active), "waiting": len(self._waiting) + len(self._staged),
                     "prefix_entries": len(self._prefixes), "cuda_graphs": self.runner.graphs,
-                    "prefill_graphs": self.prefiller.graphs if self.prefiller is not None else 0}
+                    "prefill_graphs": self.prefiller.graphs}
 
     def close(self) -> None:
         """Stop the scheduler; requests still queued or running fail with 503."""
@@ -442,56 +449,17 @@ class LLMEngine:
 
     def _prefill(self, rows: list[tuple[_Request, int, int]], *, logits: bool = True
                  ) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Prompt tokens ``[start, end)`` of each request into its slot, all in one batch -> the
-        logits [N, vocab] fp32 and greedy tokens [N] at each row's last token (None without
-        ``logits``: a prefix only fills the cache)."""
-        if self.prefiller is not None:  # padded to a bucket; a CUDA graph replay on CUDA
-            prefill_rows = []
-            for r, start, end in rows:
-                lo, n = r.prompt.image_start - start, r.prompt.num_image_tokens
-                holds = lo >= 0 and lo + n <= end - start  # the row holds the image (and its DeepStack features)
-                prefill_rows.append(PrefillRow(r.prompt.ids[start:end], r.positions[:, start:end], r.slot, start,
-                                               (lo, r.embeds) if holds else None, r.deepstack if holds else None))
-            padded = self.prefiller.shape(prefill_rows, logits=logits).tokens
-            self._wrote(rows, padded)
-            out, greedy = self.prefiller.run(self.prefill_at_fn, prefill_rows, logits=logits)
-            self.counters["prefill_tokens"] += sum(end - start for _, start, end in rows)
-            return None if out is None or greedy is None else (out, greedy)
-        # rows padded at the end to the longest
-        length = max(end - start for _, start, end in rows)
-        self._wrote(rows, length)
-        ids = [r.prompt.ids[start:end] + [0] * (length - end + start) for r, start, end in rows]
-        x = self.model.embed(torch.tensor(ids, device=self.device))  # [N, T, hidden]
-        deepstack = None  # [L, N, T, hidden]: zero but at the image positions of rows that hold the image
-        positions = []
-        for b, (r, start, end) in enumerate(rows):
-            lo, n = r.prompt.image_start - start, r.prompt.num_image_tokens
-            if lo >= 0 and lo + n <= end - start:
-                x[b, lo : lo + n] = r.embeds.to(self.device, self.dtype, non_blocking=True)
-                if r.deepstack is not None:
-                    if deepstack is None:
-                        deepstack = x.new_zeros((self.deepstack_layers, *x.shape))
-                    deepstack[:, b, lo : lo + n] = r.deepstack.to(self.device, self.dtype, non_blocking=True)
-            pos = r.positions[:, start:end].to(self.device)
-            if end - start < length:  # padding continues the positions
-                pad = torch.arange(1, length - end + start + 1, device=self.device)
-                pos = torch.cat([pos, pos[:, -1:] + pad], dim=1)
-            positions.append(pos)
-        slots = torch.tensor([r.slot for r, _, _ in rows], device=self.device)
-        hidden = self.prefill_fn(self.model, self.kv, x, torch.stack(positions, dim=1), slots,
-                                 [start for _, start, _ in rows], deepstack=deepstack)
-        self.counters["prefill_tokens"] += sum(end - start for _, start, end in rows)
-        if not logits:
-            return None
-        last = torch.tensor([end - start - 1 for _, start, end in rows], device=self.device)
-        out = self.model.logits(hidden[torch.arange(len(rows), device=self.device), last])  # [N, vocab]
-        return out, torch.argmax(out, dim=-1)
-
-    @staticmethod
-    def _wrote(rows: list[tuple[_Request, int, int]], padded: int) -> None:
-        """A prefill of ``rows``, each padded to ``padded`` tokens, writes ``[start, start + padded)``."""
-        for r, start, _ in rows:
+        """Prompt tokens ``[start, end)`` of each request into its slot, all in one batch (padded to a
+        bucket, a CUDA graph replay on CUDA, with ``prefill_graphs``) -> the logits [N, vocab] fp32
+        and greedy tokens [N] at each row's last token (None without ``logits``: a prefix only fills
+        the cache)."""
+        batch = [prefill_row(r.prompt, r.positions, r.slot, start, end, r.embeds, r.deepstack) for r, start, end in rows]
+        padded = self.prefiller.shape(batch, logits=logits).tokens
+        for r, start, _ in rows:  # padding included: what _release scrubs
             r.written = max(r.written, start + padded)
+        out, greedy = self.prefiller.run(self.prefill_fn, batch, logits=logits)
+        self.counters["prefill_tokens"] += sum(end - start for _, start, end in rows)
+        return None if out is None or greedy is None else (out, greedy)
 
     def _start(self, requests: list[_Request]) -> None:
         """Admit requests: image prefixes (reused, or computed once per image in one batch), then

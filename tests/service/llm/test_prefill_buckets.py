@@ -197,7 +197,7 @@ def test_engine_with_padded_prefills_answers_like_hf(tiny_checkpoint: Path) -> N
             engine = LLMEngine(tiny_checkpoint, device=DEVICE, max_batch_slots=3, max_seq_len=256,
                                prefix_cache_entries=entries, prefill_graphs=prefill_graphs)
             try:
-                assert (engine.prefiller is not None) == prefill_graphs
+                assert engine.prefiller.bucketed == prefill_graphs
                 one = engine.generate(feats[0].embeds, feats[0].grid[0], "img0", asks[0][1], 8).result()
                 streams = [engine.generate(feats[i].embeds, feats[i].grid[0], f"img{i}", q, 8) for i, q in asks]
                 got = [list(one.token_ids)] + [list(s.result().token_ids) for s in streams]
