@@ -6,11 +6,17 @@ embeddings and, for Qwen3-VL, the DeepStack features); prompt ids are built as t
 processor builds them (the tokenizer's chat template, ``<|image_pad|>`` expanded to the image's
 token count, the whole text tokenized at once), since ``AutoProcessor`` needs torchvision, which
 we lack.
+
+It also sets up the fused path's tests, before any of their modules is imported: on a machine
+without CUDA the Triton kernels run in the interpreter (``TRITON_INTERPRET`` must be set before any
+``@triton.jit`` is defined), in fp16 only (``FUSED_DTYPES``: the interpreter's bf16 is not
+faithful, with truncating casts and wrong dots); on a GPU in fp16 and bf16.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +24,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+FUSED_DTYPES = [torch.float16, torch.bfloat16] if DEVICE == "cuda" else [torch.float16]
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

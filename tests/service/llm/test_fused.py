@@ -3,21 +3,15 @@ interpreter (fp16: the interpreter's bf16 is not faithful), and the decode runne
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-if not torch.cuda.is_available():  # before any @triton.jit is defined
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-triton = pytest.importorskip("triton")
-
-from service.llm.cuda_graphs import DecodeRunner, pow2_buckets  # noqa: E402
-from service.llm.engine import LLMEngine  # noqa: E402
-from service.llm.model import (  # noqa: E402
+from service.llm.cuda_graphs import DecodeRunner, pow2_buckets
+from service.llm.engine import LLMEngine
+from service.llm.model import (
     allocate_kv_cache,
     decode_step,
     decode_step_fused,
@@ -25,16 +19,14 @@ from service.llm.model import (  # noqa: E402
     prefill,
     prefill_fused,
 )
-from service.llm.prompt import PromptBuilder, positions  # noqa: E402
+from service.llm.prompt import PromptBuilder, positions
 
-from . import oracle, random_image, rel_err  # noqa: E402
+from . import DEVICE, FUSED_DTYPES, oracle, random_image, rel_err
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# the interpreter's bf16 is not faithful (truncating casts, wrong dots): fp16 there, both on a GPU
-DTYPES = [torch.float16, torch.bfloat16] if DEVICE == "cuda" else [torch.float16]
+pytest.importorskip("triton")
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", FUSED_DTYPES)
 def test_elementwise_kernels_round_like_eager_ops(dtype: torch.dtype) -> None:
     from service.llm import gpu_ops as ops
 
@@ -77,7 +69,7 @@ def _head_norm(x: torch.Tensor, qk_norm: tuple[torch.Tensor, torch.Tensor, float
     return qk_norm[which] * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + qk_norm[2])).to(x.dtype)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", FUSED_DTYPES)
 @pytest.mark.parametrize(("heads", "kv_heads", "d", "norm"), [(4, 2, 16, False), (4, 2, 24, True), (3, 1, 24, False),
                                                                (16, 8, 128, True), (2, 2, 40, True)])
 def test_rope_kv_rotates_and_scatters_into_the_cache(heads: int, kv_heads: int, d: int, norm: bool,
@@ -108,7 +100,7 @@ def test_rope_kv_rotates_and_scatters_into_the_cache(heads: int, kv_heads: int, 
     assert int((~k_cache.isnan()).sum()) == n * kv_heads * d  # nothing else written
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", FUSED_DTYPES)
 @pytest.mark.parametrize(("heads", "kv_heads", "d", "splits", "norm"),  # splits None: the default
                          [(12, 2, 32, 8, False), (28, 4, 32, 3, False), (4, 4, 32, 1, False), (12, 2, 32, 1, False),
                           (12, 2, 32, None, False), (4, 2, 24, 3, True), (4, 2, 24, 1, False),
@@ -161,7 +153,7 @@ def _inputs(path: Path, dtype: torch.dtype):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", FUSED_DTYPES)
 @pytest.mark.parametrize("attention", ["triton", "sdpa", "matmul"])
 def test_fused_steps_match_the_plain_steps(tiny_checkpoint: Path, attention: str, dtype: torch.dtype) -> None:
     model, prompt, pos, delta, x = _inputs(tiny_checkpoint, dtype)
@@ -224,7 +216,7 @@ def test_engine_on_the_fused_path_answers_like_the_plain_path(tiny_checkpoint: P
     feats = [hf.features(random_image(seed, *size)) for seed, size in [(0, (150, 100)), (1, (56, 56))]]
     answers = {}
     for fused in (False, True):
-        engine = LLMEngine(tiny_checkpoint, device=DEVICE, dtype=DTYPES[-1], max_batch_slots=3, max_seq_len=256,
+        engine = LLMEngine(tiny_checkpoint, device=DEVICE, dtype=FUSED_DTYPES[-1], max_batch_slots=3, max_seq_len=256,
                            fused=fused, attention="triton" if fused else "sdpa")
         try:
             streams = [engine.generate(f.embeds, f.grid[0], f"img{i}", q, 8)
@@ -236,7 +228,7 @@ def test_engine_on_the_fused_path_answers_like_the_plain_path(tiny_checkpoint: P
     assert agree >= 3, answers  # fp16 rounding order may flip a near tie; most answers must agree
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", FUSED_DTYPES)
 @pytest.mark.parametrize(("rows", "inter", "k"), [(1, 40, 96), (5, 33, 200), (16, 64, 64)])
 def test_gate_up_silu_matches_the_two_step_path(rows: int, inter: int, k: int, dtype: torch.dtype) -> None:
     from service.llm import gpu_ops as ops
@@ -249,7 +241,7 @@ def test_gate_up_silu_matches_the_two_step_path(rows: int, inter: int, k: int, d
     assert rel_err(got, F.silu(gate) * up) < 5e-3
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", FUSED_DTYPES)
 @pytest.mark.parametrize(("rows", "n", "k", "parts"), [(1, 40, 300, 4), (7, 33, 96, 3), (16, 64, 64, 1)])
 def test_linear_parts_then_rms_norm_of_parts(rows: int, n: int, k: int, parts: int, dtype: torch.dtype) -> None:
     from service.llm import gpu_ops as ops
@@ -269,7 +261,7 @@ def test_linear_parts_then_rms_norm_of_parts(rows: int, n: int, k: int, parts: i
 
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", FUSED_DTYPES)
 @pytest.mark.parametrize(("rows", "n", "parts"), [(5, 96, 3), (1, 200, 8), (16, 64, 1)])
 def test_rms_norm_adds_deepstack_after_the_residual(rows: int, n: int, parts: int, dtype: torch.dtype) -> None:
     """h = (x + residual) + add, each add rounded as the eager ops round it (HF adds the DeepStack

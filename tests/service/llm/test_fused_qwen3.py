@@ -6,22 +6,16 @@ in the Triton interpreter (fp16: its bf16 is not faithful); on CUDA in fp16 and 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # before any @triton.jit is defined
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-triton = pytest.importorskip("triton")
-
-from service.checkpoint import open_checkpoint  # noqa: E402
-from service.llm import model as model_module  # noqa: E402
-from service.llm.cuda_graphs import PrefillRow, PrefillRunner  # noqa: E402
-from service.llm.engine import LLMEngine  # noqa: E402
-from service.llm.model import (  # noqa: E402
+from service.checkpoint import open_checkpoint
+from service.llm import model as model_module
+from service.llm.cuda_graphs import PrefillRow, PrefillRunner
+from service.llm.engine import LLMEngine
+from service.llm.model import (
     Qwen2LM,
     allocate_kv_cache,
     decode_step,
@@ -32,12 +26,11 @@ from service.llm.model import (  # noqa: E402
     prefill_fused,
     prefill_fused_at,
 )
-from service.llm.prompt import PromptBuilder  # noqa: E402
+from service.llm.prompt import PromptBuilder
 
-from . import Features, oracle, random_image, rel_err  # noqa: E402
+from . import DEVICE, FUSED_DTYPES, Features, oracle, random_image, rel_err
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-DTYPES = [torch.float16, torch.bfloat16] if DEVICE == "cuda" else [torch.float16]
+pytest.importorskip("triton")
 
 
 # -- the fused model on the tiny Qwen3-VL checkpoint ----------------------------------------------
@@ -85,7 +78,7 @@ def _prompts(path: Path, model: Qwen2LM, specs: list[tuple[int, tuple[int, int],
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", FUSED_DTYPES)
 @pytest.mark.parametrize(("attention", "split_o"), [("triton", False), ("triton", True)]
                          + ([("sdpa", False)] if DEVICE == "cuda" else []))
 def test_fused_qwen3_steps_match_the_plain_steps(qwen3: Path, attention: str, split_o: bool, dtype: torch.dtype,
@@ -180,7 +173,7 @@ def test_padded_prefill_with_deepstack_gives_the_unpadded_logits_and_hf(qwen3: P
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", FUSED_DTYPES)
 def test_padded_fused_prefill_with_deepstack_matches_the_fused_prefill(qwen3: Path, dtype: torch.dtype) -> None:
     """The fused form with DeepStack, padded (and on CUDA replayed from graphs), against the unpadded
     fused prefill one prompt at a time."""

@@ -3,18 +3,14 @@ logits and the cache of the unpadded prefill; on CUDA the same runs replay CUDA 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():  # before any @triton.jit is defined (as in test_fused)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from service.llm.cuda_graphs import PrefillRow, PrefillRunner, PrefillShape, token_bucket, window_bucket  # noqa: E402
-from service.llm.engine import LLMEngine  # noqa: E402
-from service.llm.model import (  # noqa: E402
+from service.llm.cuda_graphs import PrefillRow, PrefillRunner, PrefillShape, token_bucket, window_bucket
+from service.llm.engine import LLMEngine
+from service.llm.model import (
     Qwen2LM,
     allocate_kv_cache,
     load_model,
@@ -23,11 +19,10 @@ from service.llm.model import (  # noqa: E402
     prefill_fused,
     prefill_fused_at,
 )
-from service.llm.prompt import PromptBuilder, positions  # noqa: E402
+from service.llm.prompt import PromptBuilder, positions
 
-from . import oracle, random_image, rel_err  # noqa: E402
+from . import DEVICE, FUSED_DTYPES, oracle, random_image, rel_err
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SENTINEL = 7.0
 # fp32: the padded GEMMs and attention windows only change the reduction order (the CPU gives
 # about 2e-6); cuBLAS may pick other algorithms for other shapes
@@ -148,7 +143,7 @@ def test_padded_prefill_gives_the_unpadded_logits_fp32(tiny_checkpoint: Path) ->
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16] if DEVICE == "cuda" else [torch.float16])
+@pytest.mark.parametrize("dtype", FUSED_DTYPES)
 def test_padded_fused_prefill_matches_the_fused_prefill(tiny_checkpoint: Path, dtype: torch.dtype) -> None:
     """The fused (Triton) form, padded and (on CUDA) replayed from graphs, against ``prefill_fused``
     unpadded; on the CPU it runs in the Triton interpreter (fp16)."""
