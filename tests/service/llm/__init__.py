@@ -20,6 +20,7 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -102,6 +103,47 @@ class Oracle:
 @functools.cache
 def oracle(path: Path) -> Oracle:
     return Oracle(path)
+
+
+class PromptCase:
+    """A question about one image as the engine lays it out: ids, M-RoPE positions, the image's
+    embeddings (and DeepStack features) in the model's dtype, and the dense inputs of a one-row
+    prefill: ``embeds`` [1, T, hidden] and, with DeepStack, ``stack`` [L, 1, T, hidden]."""
+
+    def __init__(self, path: Path, model: Any, feats: Features, question: str) -> None:
+        from service.checkpoint import open_checkpoint
+        from service.llm.prompt import PromptBuilder
+
+        self.feats, self.question = feats, question
+        self.prompt = PromptBuilder.from_checkpoint(path).build(question, feats.num_tokens)
+        lo, n = self.prompt.image_start, self.prompt.num_image_tokens
+        self.positions, self.delta = open_checkpoint(path).family.positions(
+            self.prompt.prefix_len, feats.grid[0].tolist(), 2, len(self.prompt.ids), image_start=lo)
+        self.image = feats.embeds.to(model.dtype)
+        x = model.embed(torch.tensor(self.prompt.ids, device=model.device))
+        x[lo : lo + n] = self.image.to(model.device)
+        self.embeds = x[None]  # [1, T, hidden]
+        self.deepstack = self.stack = None
+        if feats.deepstack is not None:
+            self.deepstack = feats.deepstack.to(model.dtype)
+            self.stack = x.new_zeros((len(feats.deepstack), *self.embeds.shape))  # [L, 1, T, hidden]
+            self.stack[:, 0, lo : lo + n] = self.deepstack.to(model.device)
+
+    @property
+    def total(self) -> int:
+        return len(self.prompt.ids)
+
+    def row(self, slot: int, start: int, end: int) -> Any:
+        """Tokens ``[start, end)`` as the engine hands them to ``PrefillRunner``."""
+        from service.llm.engine import prefill_row
+
+        return prefill_row(self.prompt, self.positions, slot, start, end, self.image, self.deepstack)
+
+
+def prompt_cases(path: Path, model: Any, specs: list[tuple[int, tuple[int, int], str]]) -> list[PromptCase]:
+    """(image seed, (width, height), question) -> cases with the oracle's image features."""
+    hf = oracle(path)
+    return [PromptCase(path, model, hf.features(random_image(seed, *size)), question) for seed, size, question in specs]
 
 
 def copy_checkpoint(src: Path, dst: Path) -> Path:

@@ -11,9 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from service.checkpoint import open_checkpoint
 from service.llm import model as model_module
-from service.llm.cuda_graphs import PrefillRow, PrefillRunner
+from service.llm.cuda_graphs import PrefillRunner
 from service.llm.engine import LLMEngine
 from service.llm.model import (
     Qwen2LM,
@@ -26,9 +25,8 @@ from service.llm.model import (
     prefill_fused,
     prefill_fused_at,
 )
-from service.llm.prompt import PromptBuilder
 
-from . import DEVICE, FUSED_DTYPES, Features, oracle, random_image, rel_err
+from . import DEVICE, FUSED_DTYPES, PromptCase, oracle, prompt_cases, random_image, rel_err
 
 pytest.importorskip("triton")
 
@@ -41,40 +39,11 @@ def qwen3(family_checkpoint) -> Path:
     return family_checkpoint("qwen3_vl", seed=2)
 
 
-class _Prompt:
-    """A question about one image as the engine lays it out: ids, M-RoPE positions, the image's
-    embeddings and DeepStack features, and the dense inputs of a one-row prefill."""
-
-    def __init__(self, path: Path, model: Qwen2LM, feats: Features, question: str) -> None:
-        self.feats, self.question = feats, question
-        self.prompt = PromptBuilder.from_checkpoint(path).build(question, feats.num_tokens)
-        lo, n = self.prompt.image_start, self.prompt.num_image_tokens
-        self.positions, self.delta = open_checkpoint(path).family.positions(
-            self.prompt.prefix_len, feats.grid[0].tolist(), 2, len(self.prompt.ids), image_start=lo)
-        assert feats.deepstack is not None and model.cfg.deepstack_layers == len(feats.deepstack) >= 2
-        self.image = feats.embeds.to(model.dtype)
-        self.deepstack = feats.deepstack.to(model.dtype)
-        x = model.embed(torch.tensor(self.prompt.ids, device=model.device))
-        x[lo : lo + n] = self.image.to(model.device)
-        self.embeds = x[None]  # [1, T, hidden]
-        stack = x.new_zeros((len(feats.deepstack), *self.embeds.shape))  # [L, 1, T, hidden]
-        stack[:, 0, lo : lo + n] = self.deepstack.to(model.device)
-        self.stack = stack
-
-    @property
-    def total(self) -> int:
-        return len(self.prompt.ids)
-
-    def row(self, slot: int, start: int, end: int) -> PrefillRow:
-        lo = self.prompt.image_start - start
-        holds = lo >= 0 and lo + self.prompt.num_image_tokens <= end - start
-        return PrefillRow(self.prompt.ids[start:end], self.positions[:, start:end], slot, start,
-                          (lo, self.image) if holds else None, self.deepstack if holds else None)
-
-
-def _prompts(path: Path, model: Qwen2LM, specs: list[tuple[int, tuple[int, int], str]]) -> list[_Prompt]:
-    hf = oracle(path)
-    return [_Prompt(path, model, hf.features(random_image(seed, *size)), question) for seed, size, question in specs]
+def _prompts(path: Path, model: Qwen2LM, specs: list[tuple[int, tuple[int, int], str]]) -> list[PromptCase]:
+    cases = prompt_cases(path, model, specs)
+    for case in cases:
+        assert case.deepstack is not None and model.cfg.deepstack_layers == len(case.deepstack) >= 2
+    return cases
 
 
 @torch.no_grad()
@@ -121,7 +90,7 @@ def test_fused_qwen3_steps_match_the_plain_steps(qwen3: Path, attention: str, sp
 SPECS = [(0, (150, 100), "What is it?"), (1, (56, 56), "Describe the picture in a few more words please.")]
 
 
-def _one_at_a_time(model: Qwen2LM, kv: torch.Tensor, fn, prompts: list[_Prompt], slots: list[int]) -> torch.Tensor:
+def _one_at_a_time(model: Qwen2LM, kv: torch.Tensor, fn, prompts: list[PromptCase], slots: list[int]) -> torch.Tensor:
     """Unpadded, one prompt at a time: the prefix with its DeepStack features, then the rest ->
     logits at each prompt's last token [N, vocab]."""
     out = []
@@ -133,7 +102,7 @@ def _one_at_a_time(model: Qwen2LM, kv: torch.Tensor, fn, prompts: list[_Prompt],
     return torch.stack(out)
 
 
-def _batched(runner: PrefillRunner, fn, prompts: list[_Prompt], slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def _batched(runner: PrefillRunner, fn, prompts: list[PromptCase], slots: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
     """The prefixes in one padded prefill, then the questions in another -> (logits, greedy tokens)
     at each prompt's last token."""
     runner.run(fn, [r.row(s, 0, r.prompt.prefix_len) for r, s in zip(prompts, slots, strict=True)], logits=False)

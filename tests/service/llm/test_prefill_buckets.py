@@ -19,9 +19,8 @@ from service.llm.model import (
     prefill_fused,
     prefill_fused_at,
 )
-from service.llm.prompt import PromptBuilder, positions
 
-from . import DEVICE, FUSED_DTYPES, oracle, random_image, rel_err
+from . import DEVICE, FUSED_DTYPES, PromptCase, oracle, prompt_cases, random_image, rel_err
 
 SENTINEL = 7.0
 # fp32: the padded GEMMs and attention windows only change the reduction order (the CPU gives
@@ -53,27 +52,6 @@ def test_buckets_and_shapes() -> None:
     assert runner.shape(questions[2:], logits=True) == PrefillShape(1, 3, 10, False, False, True)
 
 
-class _Request:
-    def __init__(self, path: Path, model: Qwen2LM, seed: int, size: tuple[int, int], question: str) -> None:
-        feats = oracle(path).features(random_image(seed, *size))
-        self.prompt = PromptBuilder.from_checkpoint(path).build(question, feats.num_tokens)
-        self.positions, _ = positions(self.prompt.prefix_len, feats.grid[0], 2, len(self.prompt.ids))
-        self.image = feats.embeds
-        x = model.embed(torch.tensor(self.prompt.ids, device=model.device))
-        start = self.prompt.image_start
-        x[start : start + self.prompt.num_image_tokens] = feats.embeds.to(model.device, model.dtype)
-        self.embeds = x[None]  # [1, T, hidden]
-
-    @property
-    def total(self) -> int:
-        return len(self.prompt.ids)
-
-    def row(self, slot: int, start: int, end: int) -> PrefillRow:
-        lo = self.prompt.image_start - start
-        image = (lo, self.image) if lo >= 0 and lo + self.prompt.num_image_tokens <= end - start else None
-        return PrefillRow(self.prompt.ids[start:end], self.positions[:, start:end], slot, start, image)
-
-
 REQUESTS = [(0, (150, 100), "What is it?"), (1, (56, 56), "Describe the picture in a few more words please, thanks."),
             (2, (230, 180), "Describe the picture in a few more words please, thanks.")]
 
@@ -86,7 +64,7 @@ def _cache(model: Qwen2LM, dtype: torch.dtype, max_len: int) -> torch.Tensor:
     return kv
 
 
-def _reference(model: Qwen2LM, kv: torch.Tensor, fn, requests: list[_Request], slots: list[int]
+def _reference(model: Qwen2LM, kv: torch.Tensor, fn, requests: list[PromptCase], slots: list[int]
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """One request at a time, unpadded: prefix, then the rest -> logits at the last token [N, vocab]
     and, for the whole prompts from 0, the same [N, vocab]."""
@@ -107,7 +85,7 @@ def test_padded_prefill_gives_the_unpadded_logits_fp32(tiny_checkpoint: Path) ->
     questions after them (masked, padding that runs past the cache's end): the logits at each real
     last token and every real cache entry equal the unpadded one-row prefills; slot 3 is untouched."""
     model = load_model(tiny_checkpoint, device=DEVICE, dtype=torch.float32)
-    requests = [_Request(tiny_checkpoint, model, *spec) for spec in REQUESTS]
+    requests = prompt_cases(tiny_checkpoint, model, REQUESTS)
     slots = [2, 0, 1]
     max_len = 120  # the third question (70 + 43 tokens) pads to 64 tokens: past the end, clamped
     ref_kv = _cache(model, torch.float32, max_len)
@@ -151,7 +129,7 @@ def test_padded_fused_prefill_matches_the_fused_prefill(tiny_checkpoint: Path, d
     model = load_model(tiny_checkpoint, device=DEVICE, dtype=dtype)
     # short prompts: the interpreter runs every Triton program in Python
     specs = REQUESTS[:2] if DEVICE == "cuda" else [(1, (56, 56), "What is it?"), (1, (56, 56), "Day or night?")]
-    requests = [_Request(tiny_checkpoint, model, *spec) for spec in specs]
+    requests = prompt_cases(tiny_checkpoint, model, specs)
     slots = [1, 2]
     ref_kv = _cache(model, dtype, 128)
     ref_rest, ref_whole = _reference(model, ref_kv, prefill_fused, requests, slots)
