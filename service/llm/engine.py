@@ -417,17 +417,22 @@ class LLMEngine:
                 for request in requests:
                     self._release(request)
 
-    def _each(self, requests: Sequence[_Request], pick: Callable[[int, _Request], int]) -> list[tuple[_Request, int]]:
-        """Each request's next token, ``pick(i, request)``. A request whose own token fails (sampling
-        from scores that are not finite, say) gets the error and leaves; the others go on."""
+    def _next_tokens(self, rows: Sequence[tuple[_Request, int]], greedy: Sequence[int], logits: torch.Tensor
+                     ) -> list[tuple[_Request, int]]:
+        """Each request's next token from its row ``i`` of a step's outputs: ``greedy[i]``, or sampled
+        from ``logits[i]`` [vocab]. A request whose own token fails (sampling from scores that are
+        not finite, say) gets the error and leaves; the others go on."""
         picked = []
-        for i, request in enumerate(requests):
+        for request, i in rows:
             try:
-                picked.append((request, pick(i, request)))
+                token = greedy[i] if request.temperature <= 0 else sample_token(
+                    logits[i], request.temperature, request.top_p, request.generator)
             except Exception:  # noqa: BLE001 - this request's failure, not its batch's
                 log.exception("LLM engine: one question's next token failed")
                 request.stream._put(internal_error("this question's answer"))
                 self._release(request)
+                continue
+            picked.append((request, token))
         return picked
 
     def _release(self, request: _Request) -> None:
@@ -499,10 +504,8 @@ class LLMEngine:
                 self.kv[:, :, r.slot, :, :p] = self.kv[:, :, source.slot, :, :p]
             first = self._prefill([(r, r.prompt.prefix_len, len(r.prompt.ids)) for r in requests])
         assert first is not None
-        logits, greedy_tokens = first  # [N, vocab], [N]
-        greedy = greedy_tokens.tolist()
-        picked = self._each(requests, lambda i, r: greedy[i] if r.temperature <= 0 else sample_token(
-            logits[i], r.temperature, r.top_p, r.generator))
+        logits, greedy = first  # [N, vocab], [N]
+        picked = self._next_tokens([(r, i) for i, r in enumerate(requests)], greedy.tolist(), logits)
         for r, _ in picked:
             r.cache_len = len(r.prompt.ids)
         # all slots in one copy, before _emit: a request that ends at its first token clears its slot
@@ -545,18 +548,12 @@ class LLMEngine:
         return _Launched(active, step)
 
     def _process(self, launched: _Launched) -> None:
-        greedy = launched.step.tokens()
+        step = launched.step
+        greedy = step.tokens()  # [batch], row = slot
         # those that finished (or left) while this step was on its way are skipped
-        rows = [(slot, request) for slot, request in launched.rows.items()
+        rows = [(request, slot) for slot, request in launched.rows.items()
                 if self._active.get(slot) is request and not request.stream.cancelled]
-
-        def pick(i: int, request: _Request) -> int:
-            slot = rows[i][0]
-            if request.temperature <= 0:
-                return greedy[slot]
-            return sample_token(launched.step.logits[slot], request.temperature, request.top_p, request.generator)
-
-        picked = self._each([request for _, request in rows], pick)
+        picked = self._next_tokens(rows, greedy, step.logits)
         sampled = [(request.slot, token) for request, token in picked if request.temperature > 0]
         for request, token in picked:
             self._emit(request, token)
