@@ -191,9 +191,7 @@ def _silu_mul_kernel(gu_ptr, out_ptr, n_cols, BLOCK: tl.constexpr):
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """gate_up [..., 2 I] (gate, then up) -> SiLU(gate) * up [..., I]"""
     two_i = gate_up.shape[-1]
-    gu = gate_up.reshape(-1, two_i)
-    if not gu.is_contiguous():
-        gu = gu.contiguous()
+    gu = _rows(gate_up, two_i)
     inter = two_i // 2
     out = torch.empty(gu.shape[0], inter, device=gu.device, dtype=gu.dtype)
     block = 1024
