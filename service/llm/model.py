@@ -361,8 +361,8 @@ def fused_supported(device: torch.device | str, dtype: torch.dtype) -> bool:
 
 # Few rows (a decode step): the o projection too as fp32 partial sums along K that the post-attention
 # residual-add + RMSNorm kernel adds up, as the down projection always is there, instead of cuBLAS.
-# Off until measured on the GPU (bench/llm_decode_profile.py --o-parts); a module setting so that a
-# profile can flip it before the graphs are recorded.
+# Measured the same as cuBLAS on the H200 (Qwen3-VL-2B, bench/RESULTS.md): off. A module setting so that a
+# profile can flip it before the graphs are recorded (bench/llm_decode_profile.py --o-parts).
 SPLIT_O_PROJ = False
 
 
