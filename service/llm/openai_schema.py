@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import re
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -24,7 +23,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from service.errors import ApiError
-from service.ids import is_image_id
+from service.ids import image_id_of, is_image_id
 
 IMAGE_REF = "splitvl://images/"
 _DATA_URL = re.compile(r"^data:([\w.+-]+/[\w.+-]+)?((?:;[\w.+-]+=[\w.+-]+)*);base64,", re.IGNORECASE)
@@ -183,4 +182,4 @@ def parse_image_url(url: str, max_bytes: int) -> ImageInput:
         raise ApiError(400, "empty_image", "the data URL holds no bytes")
     if len(data) > max_bytes:
         raise ApiError(413, "image_too_large", f"the image is {len(data)} bytes; the limit is {max_bytes}")
-    return ImageInput(hashlib.sha256(data).hexdigest(), data)
+    return ImageInput(image_id_of(data), data)
