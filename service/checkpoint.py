@@ -71,6 +71,12 @@ def load_json(path: Path, name: str) -> dict:
     return json.loads(file.read_text())
 
 
+def text_fields(config: dict) -> dict:
+    """The language model's fields of a config.json in either layout: the hub's older flat one (at the
+    top) or transformers 5's nested ``text_config`` (which wins)."""
+    return {**config, **(config.get("text_config") or {})}
+
+
 def load_optional_json(path: Path, name: str) -> dict | None:
     file = path / name
     return json.loads(file.read_text()) if file.is_file() else None

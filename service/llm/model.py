@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from service.checkpoint import Checkpoint, CheckpointError, is_language, open_checkpoint
+from service.checkpoint import Checkpoint, CheckpointError, is_language, open_checkpoint, text_fields
 
 # -- config ---------------------------------------------------------------------------------------
 
@@ -67,7 +67,7 @@ class TextConfig:
                   default_mrope_section: tuple[int, ...] = (16, 24, 24)) -> TextConfig:
         """From ``config.json``: transformers 5's nested ``text_config`` or the hub's older flat layout.
         The keyword arguments are the family's facts (``service.models``)."""
-        text = {**config, **(config.get("text_config") or {})}
+        text = text_fields(config)
 
         def need(key: str) -> int:
             if key not in text:

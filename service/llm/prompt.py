@@ -28,7 +28,7 @@ import torch
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer
 
-from service.checkpoint import Checkpoint, CheckpointError, open_checkpoint
+from service.checkpoint import Checkpoint, CheckpointError, open_checkpoint, text_fields
 
 SENTINEL = "\x00splitvl-question\x00"
 
@@ -162,7 +162,7 @@ class PromptBuilder:
             raise CheckpointError(f"{path / 'tokenizer.json'} is missing")
         tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         config = checkpoint.config
-        text = {**config, **(config.get("text_config") or {})}
+        text = text_fields(config)
         tok_config = checkpoint.json("tokenizer_config.json") or {}
         gen = checkpoint.json("generation_config.json") or {}
         eos = gen.get("eos_token_id", config.get("eos_token_id", text.get("eos_token_id")))

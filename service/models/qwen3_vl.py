@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from service.checkpoint import text_fields
 from service.llm.model import TextConfig
 from service.models.qwen2_vl import Qwen2VL
 from service.preprocess import PreprocessConfig
@@ -79,7 +80,7 @@ class Qwen3VL(Qwen2VL):
     def text_config(self, config: dict) -> TextConfig:
         """Qwen3: q/k RMSNorm, biases only if ``attention_bias``, explicit ``head_dim``, interleaved
         M-RoPE (HF's Qwen3-VL text rotary always interleaves), DeepStack after the first L layers."""
-        text = {**config, **(config.get("text_config") or {})}
+        text = text_fields(config)
         return TextConfig.from_dict(
             config, qkv_bias=bool(text.get("attention_bias", False)), qk_norm=True, mrope_interleaved=True,
             deepstack_layers=self.deepstack_layers(self.vision_config(config)), default_mrope_section=(24, 20, 20))
