@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -40,17 +39,11 @@ MODELS = [
     ("Qwen3-VL-2B", "qwen3_vl", 2048, 3),
     ("Qwen3-VL-8B", "qwen3_vl", 4096, 3),
 ]
-# the pixel bounds the published checkpoints' preprocessor_config.json set, where they differ from
-# the processor's defaults (Qwen2-VL's and Qwen2.5-VL's files raise max_pixels to 12845056)
-PUBLISHED_PIXELS = {"qwen2_vl": (3136, 12845056), "qwen2_5_vl": (3136, 12845056)}
 IMAGES = [(448, 448), (1280, 720), (1920, 1080)]
 
 
 def grid_of(family_name: str, width: int, height: int) -> tuple[int, int, int]:
-    cfg = family(family_name).preprocess_defaults
-    if family_name in PUBLISHED_PIXELS:
-        low, high = PUBLISHED_PIXELS[family_name]
-        cfg = dataclasses.replace(cfg, min_pixels=low, max_pixels=high)
+    cfg = family(family_name).published_preprocess  # the published checkpoints' pixel bounds
     h, w = target_size(height, width, cfg)
     return 1, h // cfg.patch_size, w // cfg.patch_size
 

@@ -14,7 +14,6 @@ against. Prints one table; writes kernel_bench.json under --out.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -38,19 +37,11 @@ if str(ROOT) not in sys.path:
 MIXED_SIZES = [(224, 224), (320, 480), (448, 448), (480, 640), (768, 1024), (720, 1280), (375, 500), (1288, 966)]
 
 
-# where the published checkpoints' preprocessor_config.json differs from the family's processor
-# defaults: Qwen2-VL's and Qwen2.5-VL's files raise max_pixels to 12845056 (28 x 28 x 16384)
-PUBLISHED_MAX_PIXELS = {"qwen2_vl": 12845056, "qwen2_5_vl": 12845056}
-
-
 def processor(model_type: str = "qwen2_vl") -> PreprocessConfig:
     """The family's image processor settings (``service.models``) as its published checkpoints set them."""
     from service.models import family
 
-    cfg = family(model_type).preprocess_defaults
-    if model_type in PUBLISHED_MAX_PIXELS:
-        cfg = dataclasses.replace(cfg, max_pixels=PUBLISHED_MAX_PIXELS[model_type])
-    return cfg
+    return family(model_type).published_preprocess
 
 
 def smart_grid(h: int, w: int, cfg: PreprocessConfig) -> tuple[int, int, int]:

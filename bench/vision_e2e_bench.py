@@ -59,7 +59,9 @@ def make_checkpoint(path: Path) -> Path:
     perturb_(tower, seed=0)
     save_file({f"visual.{k}": v.to(torch.bfloat16).contiguous() for k, v in tower.state_dict().items()},
               path / "model.safetensors", metadata={"format": "pt"})
-    (path / "preprocessor_config.json").write_text(json.dumps(family("qwen2_vl").tiny_preprocessor(3136, 12845056)))
+    published = family("qwen2_vl").published_preprocess
+    (path / "preprocessor_config.json").write_text(
+        json.dumps(family("qwen2_vl").tiny_preprocessor(published.min_pixels, published.max_pixels)))
     return path
 
 

@@ -21,6 +21,7 @@ A family answers four kinds of questions:
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -69,6 +70,9 @@ class Qwen2VL:
     chat_template = CHAT_TEMPLATE
     # the processor's defaults, where a checkpoint's preprocessor_config.json is silent
     preprocess_defaults = PreprocessConfig(patch_size=14, image_mean=OPENAI_CLIP_MEAN, image_std=OPENAI_CLIP_STD)
+    # what the published checkpoints' preprocessor_config.json set (benchmarks and capacity size images
+    # with it): Qwen2-VL's and Qwen2.5-VL's files raise max_pixels to 12845056 (28 x 28 x 16384)
+    published_preprocess = dataclasses.replace(preprocess_defaults, max_pixels=12845056)
 
     # -- HF classes (the oracle, and the vision tower we build) ----------------------------------
 

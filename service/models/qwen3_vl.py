@@ -62,6 +62,7 @@ class Qwen3VL(Qwen2VL):
     chat_template = CHAT_TEMPLATE
     preprocess_defaults = PreprocessConfig(patch_size=16, image_mean=(0.5, 0.5, 0.5), image_std=(0.5, 0.5, 0.5),
                                            min_pixels=65536, max_pixels=16777216)
+    published_preprocess = preprocess_defaults  # Qwen3-VL's files give the processor's own bounds
 
     def out_hidden_size(self, vision_config: PreTrainedConfig) -> int:
         return int(vision_config.out_hidden_size)
