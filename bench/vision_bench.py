@@ -145,19 +145,12 @@ def vision_config(family: Family, model: str, smoke: bool) -> Any:
 
 @torch.no_grad()
 def build_tower(family: Family, cfg: Any, device: str, seed: int = 0) -> torch.nn.Module:
-    """Random tower with every parameter perturbed (norms ~1 +- 0.1, biases ~0.05, W ~ 1/sqrt(fan_in)),
-    as service.tiny.perturb_ does, but drawn on the device (~670M values)."""
+    """Random tower with every parameter perturbed on the device (``service.tiny.perturb_``)."""
+    from service.tiny import perturb_
+
     with torch.device(device):
         model = family.serving.tower_class()(cfg).eval()
-    gen = torch.Generator(device).manual_seed(seed)
-    for name, p in model.named_parameters():
-        noise = torch.randn(p.shape, generator=gen, device=device)
-        if p.ndim == 1 and ("norm" in name or "ln_q" in name):
-            p.copy_(1.0 + 0.1 * noise)
-        elif p.ndim == 1:
-            p.copy_(0.05 * noise)
-        else:
-            p.copy_(noise / p[0].numel() ** 0.5)
+    perturb_(model, seed)
     return model
 
 

@@ -63,10 +63,11 @@ def perturb_(model: torch.nn.Module, seed: int) -> None:
 
     HF's init leaves norms at 1 and many biases at 0: a loader that forgot them would still pass.
     """
-    gen = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device  # drawn where the model is (a GPU bench's ~670M values)
+    gen = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            noise = torch.randn(p.shape, generator=gen, dtype=torch.float32, device=device)
             if p.ndim == 1 and ("norm" in name or "ln_q" in name):
                 p.copy_(1.0 + 0.1 * noise)
             elif p.ndim == 1:

@@ -181,16 +181,26 @@ async def test_full_llm_queue_is_503_with_retry_after(make_app, redis_url, live_
             r = await client.post("/v1/images", content=png(50, 50, seed=9), headers={"Content-Type": "image/png"})
             image_id = r.json()["image_id"]
             real = engine._decode
+            decoding = threading.Event()
 
             def blocked() -> None:
+                decoding.set()
                 release.wait(timeout=30)
                 real()
 
             engine._decode = blocked  # type: ignore[method-assign]
+
+            def ask(i: int) -> asyncio.Task[httpx.Response]:
+                return asyncio.create_task(client.post("/v1/questions", json={
+                    "image_id": image_id, "question": f"question {i}", "max_tokens": 3}))
+
             try:
-                tasks = [asyncio.create_task(client.post("/v1/questions", json={
-                    "image_id": image_id, "question": f"question {i}", "max_tokens": 3})) for i in range(5)]
-                # one decodes (blocked), one waits, the other three are turned away at once
+                # the first is admitted and decoding (blocked) before the others arrive, so the count
+                # below does not depend on how fast the engine takes it off the queue
+                tasks = [ask(0)]
+                await _wait_until(decoding.is_set, 20)
+                tasks += [ask(i) for i in range(1, 5)]
+                # of the other four, one waits in the queue and three are turned away at once
                 await _wait_until(lambda: sum(t.done() for t in tasks) >= 3, 20)
                 release.set()
                 responses = await asyncio.gather(*tasks)
