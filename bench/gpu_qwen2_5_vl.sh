@@ -9,25 +9,15 @@
 #
 #   OUT=/tmp/out bash bench/gpu_qwen2_5_vl.sh      [COMPILE_LIMIT_S=60: HF + torch.compile, in all]
 #
-# A liger-kernel wheel in .whl/ is installed to /tmp/site when liger is not importable.
+# Liger-Kernel (a peer of the bench): bench/gpu_env.sh.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/splitvl-qwen2_5_vl}
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-
-if ! python -c "import liger_kernel" 2>/dev/null; then
-  whl=$(ls .whl/liger_kernel-*.whl 2>/dev/null | head -1)
-  if [ -n "$whl" ]; then
-    python -m pip install -q --no-deps --target /tmp/site "$whl" && export PYTHONPATH="$PYTHONPATH:/tmp/site"
-  fi
-fi
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
-python -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__,
-'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+. bench/gpu_env.sh
 
 echo "== 1/3 GPU tests" | tee "$OUT/steps.log"
-timeout 200 python -m pytest -q -rs -p no:cacheprovider \
+timeout 200 $PY -m pytest -q -rs -p no:cacheprovider \
   tests/kernels/test_kernels_qwen2_5_vl.py \
   "tests/kernels/test_kernels_gemm.py::test_linear_glu_gpu" \
   "tests/kernels/test_kernels_gemm.py::test_linear_act_gpu_both_impls" \
@@ -37,15 +27,15 @@ echo "tests: exit $? -- $(tail -1 "$OUT/tests.log")" | tee -a "$OUT/steps.log"
 grep "rel L2" "$OUT/tests.log" | tee -a "$OUT/steps.log"
 
 echo "== 2/3 kernel_bench (windows, mlp25)" | tee -a "$OUT/steps.log"
-timeout 100 python bench/kernel_bench.py --only windows,mlp25 --out "$OUT" > "$OUT/kernel_bench.log" 2>&1
+timeout 100 $PY bench/kernel_bench.py --only windows,mlp25 --out "$OUT" > "$OUT/kernel_bench.log" 2>&1
 echo "kernel_bench: exit $?" | tee -a "$OUT/steps.log"
 
 echo "== 3/3 vision_bench --family qwen2_5_vl" | tee -a "$OUT/steps.log"
-timeout 330 python bench/vision_bench.py --family qwen2_5_vl --skip eager \
+timeout 330 $PY bench/vision_bench.py --family qwen2_5_vl --skip eager \
   --compile-limit-s "${COMPILE_LIMIT_S:-60}" --out "$OUT" > "$OUT/vision_bench.log" 2>&1
 echo "vision_bench: exit $?" | tee -a "$OUT/steps.log"
 
-python - "$OUT" <<'EOF'
+$PY - "$OUT" <<'EOF'
 import json, sys
 from pathlib import Path
 

@@ -5,24 +5,12 @@
 #     OUT=/some/dir bash bench/gpu_qwen3_vl.sh        # ~4 minutes on an H200
 #                                     [COMPILE_LIMIT_S=60: HF + torch.compile, in all]
 #
-# Liger-Kernel (a peer of the bench) is taken from /tmp/site when it is there, installed there
-# from a wheel in .whl/ when one is there, else that peer is skipped.
+# Liger-Kernel (a peer of the bench): bench/gpu_env.sh.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/gpu_qwen3_vl}
-PY=${PYTHON:-python3}  # the GPU image's python3 holds torch
 mkdir -p "$OUT"
-export PYTHONPATH="$PWD:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-if ! $PY -c "import liger_kernel" 2>/dev/null; then
-  for whl in .whl/liger_kernel*.whl; do
-    [ -e "$whl" ] && $PY -m pip install -q --no-index --no-deps --target /tmp/site "$whl" >"$OUT/liger_install.log" 2>&1
-  done
-fi
-{
-  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-  $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)"
-  date -u +%Y-%m-%dT%H:%MZ
-} | tee "$OUT/env.txt"
+. bench/gpu_env.sh
 
 # 1. tests: every test of the new kernels and the patched tower on the GPU (bf16/fp16/fp32 at real
 #    shapes, CUDA graphs), and the head_dim-72 attention backends

@@ -100,6 +100,11 @@ def describe_error(error: dict, given: dict, role: str) -> str:
     return f"{source}: {message}"
 
 
+def _one_process_only(source: str) -> UsageError:
+    return UsageError(f"{source}: only `serve vision` runs several processes. The LLM engine owns one KV cache "
+                      "per GPU and `serve all` embeds Redis and an engine: run more replicas (one GPU each) instead")
+
+
 def settings_from_args(args: argparse.Namespace) -> Settings:
     """The flags over the environment over the defaults, or a ``UsageError`` saying what to fix."""
     from pydantic import ValidationError
@@ -107,9 +112,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     given = _given(args)
     foreign = [name for name in given if args.role not in roles_of(name)]
     if "workers" in foreign and given["workers"] > 1:
-        raise UsageError(f"--workers {given['workers']}: only `serve vision` runs several processes. The LLM "
-                         "engine owns one KV cache per GPU and `serve all` embeds Redis and an engine: run more "
-                         "replicas (one GPU each) instead")
+        raise _one_process_only(f"--workers {given['workers']}")
     if foreign:
         name = foreign[0]
         raise UsageError(f"{flag_of(name)} does not apply to `serve {args.role}`: it is a setting of "
@@ -120,8 +123,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         lines = [describe_error(e, given, args.role) for e in exc.errors()]
         raise UsageError("; ".join(lines) + f" (see `splitvl serve {args.role} --help`)") from None
     if settings.workers > 1 and args.role != "vision":
-        raise UsageError(f"{env_name('workers')}={settings.workers}: only `serve vision` runs several processes; "
-                         "scale `serve llm` and `serve all` with replicas")
+        raise _one_process_only(f"{env_name('workers')}={settings.workers}")
     if settings.redis_url is None and args.role != "all":
         raise UsageError(f"--redis-url (or {env_name('redis_url')}) is required for `serve {args.role}`, e.g. "
                          "redis://:password@host:6379/0; only `serve all` starts a Redis of its own")

@@ -41,6 +41,10 @@ class _Job:
     taken: bool = False  # off the queue: running, done or failed by shutdown
 
 
+def _stopped_error() -> Exception:
+    return unavailable("shutting_down", "the worker is shutting down; retry on another worker")
+
+
 class DecodePool:
     def __init__(self, threads: int, max_waiting: int, *, name: str = "preprocess") -> None:
         self.threads = threads
@@ -50,13 +54,20 @@ class DecodePool:
         self._waiting: dict[bool, deque[_Job]] = {False: deque(), True: deque()}  # heavy? -> jobs
         self._idle = threads
         self._heavy_running = 0
+        self._stopped = False
 
     @property
     def depth(self) -> int:
         return len(self._waiting[False]) + len(self._waiting[True])
 
+    @property
+    def running(self) -> int:
+        return self.threads - self._idle
+
     async def run(self, fn: Callable[..., R], *args: Any, heavy: bool = False) -> R:
-        """``fn(*args)`` on a decoding thread; 503 at once when the queue is full."""
+        """``fn(*args)`` on a decoding thread; 503 at once when the queue is full or the pool stopped."""
+        if self._stopped:  # an upload that arrives while the server drains
+            raise _stopped_error()
         if self.depth >= self.max_waiting:
             raise unavailable("overloaded", f"the image decoding queue is full ({self.depth} waiting); retry shortly")
         job = _Job(functools.partial(fn, *args), heavy, asyncio.get_running_loop().create_future())
@@ -105,7 +116,8 @@ class DecodePool:
 
     def shutdown(self) -> None:
         """Stop: waiting jobs fail with 503, running ones finish on their threads unheard."""
-        stopped = unavailable("shutting_down", "the worker is shutting down; retry on another worker")
+        self._stopped = True
+        stopped = _stopped_error()
         for queue in self._waiting.values():
             while queue:
                 job = queue.popleft()

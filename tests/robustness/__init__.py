@@ -5,6 +5,7 @@ Everything here talks to 127.0.0.1 only, and every wait has a deadline.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import signal
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,14 @@ import numpy as np
 from PIL import Image
 
 from service.ports import free_port, wait_until_ready
+
+
+async def eventually(predicate: Callable[[], bool], what: str, timeout_s: float = 30) -> None:
+    """Poll ``predicate`` on the event loop until it holds; fail naming ``what`` after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, f"never reached: {what}"
+        await asyncio.sleep(0.02)
 
 
 @dataclass

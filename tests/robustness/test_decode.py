@@ -11,6 +11,7 @@ import httpx
 
 from . import (
     assert_error,
+    eventually,
     gif_with_subblocks,
     jpeg_with_segments,
     png,
@@ -61,8 +62,8 @@ async def test_costly_uploads_do_not_starve_cheap_ones(make_app, redis_url, live
     with live_server(app) as live:
         async with httpx.AsyncClient(base_url=live.url, timeout=120) as client:
             heavy = [asyncio.create_task(post(client, costly(i))) for i in range(4)]
-            await asyncio.sleep(0.5)  # in the pool by now: one decoding, three waiting
-            assert app.state.vision.decoder.depth >= 2
+            decoder = app.state.vision.decoder
+            await eventually(lambda: decoder.running >= 1 and decoder.depth >= 2, "costly uploads decoding and waiting")
             cheap = [await post(client, png(64, 64, seed=10 + i), "image/png") for i in range(3)]
             for r, elapsed in cheap:
                 assert r.status_code == 200, r.text
@@ -98,7 +99,8 @@ async def test_a_full_decode_queue_is_503_with_retry_after(make_app, redis_url, 
     with live_server(app) as live:
         async with httpx.AsyncClient(base_url=live.url, timeout=120) as client:
             first = asyncio.create_task(post(client, costly(20)))
-            await asyncio.sleep(0.3)  # decoding: the queue is empty behind it
+            decoder = app.state.vision.decoder
+            await eventually(lambda: decoder.running == 1, "the first upload decoding, the queue empty behind it")
             results = await asyncio.gather(*[post(client, costly(21 + i)) for i in range(5)])
             statuses = Counter(r.status_code for r, _ in results)
             assert statuses[503] == 3 and statuses[200] == 2, statuses

@@ -14,7 +14,7 @@ import pytest
 
 from service.llm.engine import LLMEngine
 
-from . import assert_error, png, upload
+from . import assert_error, eventually, png, upload
 
 
 def test_upload_bytes_limit_is_exact(make_app, redis_url, live_server):
@@ -130,13 +130,6 @@ def test_llm_request_timeout_is_503(make_app, redis_url, live_server):
         assert client.post("/v1/questions", json={**req, "max_tokens": 4}).status_code == 200
 
 
-async def _wait_until(predicate: Callable[[], bool], timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.02)
-
-
 async def test_full_vision_queue_is_503_with_retry_after(make_app, redis_url, live_server):
     max_queue = 2
     app = make_app("vision", redis_url=redis_url, max_queue=max_queue, max_batch_patches=64)
@@ -159,8 +152,8 @@ async def test_full_vision_queue_is_503_with_retry_after(make_app, redis_url, li
                 tasks = [asyncio.create_task(client.post("/v1/images", content=d, headers={
                     "Content-Type": "image/png"})) for d in images]
                 # every upload is answered (503), inside the blocked batch, or waiting in the queue
-                await _wait_until(lambda: sum(t.done() for t in tasks) + sum(entered) + batcher.depth >= len(images),
-                                  20)
+                await eventually(lambda: sum(t.done() for t in tasks) + sum(entered) + batcher.depth >= len(images),
+                                 "every upload answered, in the blocked batch or queued", 20)
                 release.set()
                 responses = await asyncio.gather(*tasks)
         finally:
@@ -198,10 +191,10 @@ async def test_full_llm_queue_is_503_with_retry_after(make_app, redis_url, live_
                 # the first is admitted and decoding (blocked) before the others arrive, so the count
                 # below does not depend on how fast the engine takes it off the queue
                 tasks = [ask(0)]
-                await _wait_until(decoding.is_set, 20)
+                await eventually(decoding.is_set, "the first question decoding", 20)
                 tasks += [ask(i) for i in range(1, 5)]
                 # of the other four, one waits in the queue and three are turned away at once
-                await _wait_until(lambda: sum(t.done() for t in tasks) >= 3, 20)
+                await eventually(lambda: sum(t.done() for t in tasks) >= 3, "three questions turned away", 20)
                 release.set()
                 responses = await asyncio.gather(*tasks)
             finally:

@@ -37,6 +37,30 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
+def fused_tolerance(dtype: torch.dtype) -> float:
+    return 5e-3 if dtype == torch.float16 else 3e-2  # bf16 keeps 8 bits: 8x fp16's rounding
+
+
+def assert_fused_decode_steps(model: Any, caches: list[torch.Tensor], prompt_len: int, delta: int,
+                              attention: str, dtype: torch.dtype) -> None:
+    """Three decode steps over slots 0..2 (slot 1 holds a prompt of ``prompt_len`` tokens whose image
+    moved text positions by ``delta``; the others hold other prefixes): the fused step equals the
+    plain one, caches[0] serving the plain step and caches[1] the fused one."""
+    from service.llm.model import decode_step, decode_step_fused
+
+    tokens = torch.tensor([5, 6, 7], device=DEVICE)
+    at = torch.tensor([3, prompt_len, 9], device=DEVICE)
+    for _ in range(3):
+        step_pos = (at + torch.tensor([0, delta, 0], device=DEVICE)).expand(3, -1)
+        plain = decode_step(model, caches[0], tokens, step_pos, at)
+        window = caches[1] if attention == "triton" else caches[1][..., :64, :]
+        fused = decode_step_fused(model, window, tokens, step_pos, at, attention=attention)
+        assert rel_err(fused, plain) < fused_tolerance(dtype)
+        if dtype == torch.float16:  # bf16's rounding may flip a near tie of this tiny model
+            assert torch.equal(fused.argmax(-1), plain.argmax(-1))
+        tokens, at = plain.argmax(-1), at + 1
+
+
 def random_image(seed: int, width: int, height: int) -> Image.Image:
     pixels = np.random.RandomState(seed).randint(0, 256, (height, width, 3), dtype=np.uint8)
     return Image.fromarray(pixels)

@@ -17,8 +17,6 @@ from service.llm.engine import LLMEngine
 from service.llm.model import (
     Qwen2LM,
     allocate_kv_cache,
-    decode_step,
-    decode_step_fused,
     load_model,
     prefill,
     prefill_at,
@@ -26,7 +24,17 @@ from service.llm.model import (
     prefill_fused_at,
 )
 
-from . import DEVICE, FUSED_DTYPES, PromptCase, oracle, prompt_cases, random_image, rel_err
+from . import (
+    DEVICE,
+    FUSED_DTYPES,
+    PromptCase,
+    assert_fused_decode_steps,
+    fused_tolerance,
+    oracle,
+    prompt_cases,
+    random_image,
+    rel_err,
+)
 
 pytest.importorskip("triton")
 
@@ -67,24 +75,14 @@ def test_fused_qwen3_steps_match_the_plain_steps(qwen3: Path, attention: str, sp
     for kv, fn in zip(caches, (prefill, prefill_fused), strict=True):
         fn(model, kv, r.embeds[:, :p], pos[..., :p], slots, 0, deepstack=r.stack[:, :, :p])
         outs.append(fn(model, kv, r.embeds[:, p:], pos[..., p:], slots, [p]))
-    tol = 5e-3 if dtype == torch.float16 else 3e-2  # bf16 keeps 8 bits: 8x fp16's rounding
+    tol = fused_tolerance(dtype)
     assert rel_err(outs[1], outs[0]) < tol
     assert rel_err(caches[1][:, :, 1, :, :t], caches[0][:, :, 1, :, :t]) < tol
     # without the DeepStack features the fused prefix differs (by ~0.5 in fp32): the test sees them
     scratch = caches[1].clone()
     prefill_fused(model, scratch, r.embeds[:, :p], pos[..., :p], slots, 0)
     assert rel_err(scratch[:, :, 1, :, :p], caches[0][:, :, 1, :, :p]) > 0.2
-    tokens = torch.tensor([5, 6, 7], device=DEVICE)
-    at = torch.tensor([3, t, 9], device=DEVICE)
-    for _ in range(3):
-        step_pos = (at + torch.tensor([0, r.delta, 0], device=DEVICE)).expand(3, -1)
-        plain = decode_step(model, caches[0], tokens, step_pos, at)
-        window = caches[1] if attention == "triton" else caches[1][..., :64, :]
-        fused = decode_step_fused(model, window, tokens, step_pos, at, attention=attention)
-        assert rel_err(fused, plain) < tol
-        if dtype == torch.float16:  # bf16's rounding may flip a near tie of this tiny model
-            assert torch.equal(fused.argmax(-1), plain.argmax(-1))
-        tokens, at = plain.argmax(-1), at + 1
+    assert_fused_decode_steps(model, caches, t, r.delta, attention, dtype)
 
 
 SPECS = [(0, (150, 100), "What is it?"), (1, (56, 56), "Describe the picture in a few more words please.")]
@@ -153,7 +151,7 @@ def test_padded_fused_prefill_with_deepstack_matches_the_fused_prefill(qwen3: Pa
     ref = _one_at_a_time(model, ref_kv, prefill_fused, prompts, slots)
     kv = allocate_kv_cache(model.cfg, 4, 128, device=DEVICE, dtype=dtype)
     runner = PrefillRunner(model, kv, use_graphs=True)
-    tol = 5e-3 if dtype == torch.float16 else 3e-2
+    tol = fused_tolerance(dtype)
     for _ in range(2 if DEVICE == "cuda" else 1):
         logits, tokens = _batched(runner, prefill_fused_at, prompts, slots)
         assert rel_err(logits, ref) < tol

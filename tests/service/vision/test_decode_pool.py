@@ -121,3 +121,7 @@ async def test_shutdown_fails_waiting_jobs(gate):
     assert err.value.code == "shutting_down"
     gate.open()
     await running
+    # an upload that arrives after the stop is refused the same way (it failed inside the executor)
+    with pytest.raises(ApiError) as err:
+        await pool.run(gate.job, "late", True)
+    assert err.value.code == "shutting_down" and "late" not in gate.ran
