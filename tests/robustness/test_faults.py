@@ -21,7 +21,7 @@ from safetensors.torch import load as load_safetensors
 
 from service.store import checksum, latest_key, record_key
 
-from . import Outcome, ServeProcess, assert_error, png, upload
+from . import Outcome, ServeProcess, assert_error, eventually, png, upload
 
 # -- Redis killed and restarted under load ----------------------------------------------------------
 
@@ -248,8 +248,10 @@ async def test_live_workers_lock_outlasts_its_lease(make_app, redis_url, live_se
         batcher_b = b.server.config.app.state.vision.batcher
         real = batcher_a._run_batch
         ran_on_b: list[int] = []
+        ran_on_a: list[int] = []
 
         def slow(batch: list) -> list:
+            ran_on_a.append(len(batch))
             time.sleep(slow_s)
             return real(batch)
 
@@ -262,7 +264,7 @@ async def test_live_workers_lock_outlasts_its_lease(make_app, redis_url, live_se
         async with httpx.AsyncClient(timeout=30) as client:
             first = asyncio.create_task(client.post(f"{a.url}/v1/images", content=data,
                                                     headers={"Content-Type": "image/png"}))
-            await asyncio.sleep(0.5)
+            await eventually(lambda: bool(ran_on_a), "a computing the image (it holds the lock)")
             second = await client.post(f"{b.url}/v1/images", content=data, headers={"Content-Type": "image/png"})
             first_r = await first
     assert first_r.status_code == 200 and first_r.json()["cached"] is False
