@@ -1,4 +1,5 @@
-"""Image decoding and Qwen2-VL preprocessing, equal to HF's ``Qwen2VLImageProcessorPil``.
+"""Image decoding and preprocessing, equal to HF's ``Qwen2VLImageProcessorPil``, the image processor of
+every supported family (each with its own patch size, pixel bounds and normalization: ``service.models``).
 
 HF's pipeline for one image: RGB (transparency composited onto white) -> PIL resize to ``smart_resize``'s size (BICUBIC, on
 uint8) -> rescale (float64 multiply, then float32) -> normalize (float32) -> replicate the frame

@@ -1,7 +1,8 @@
-"""The LLM worker's engine: our own Qwen2-VL language model, prompts, and a batching scheduler.
+"""The LLM worker's engine: our own language model for every family (Qwen2's decoder, with Qwen3's
+q/k norms and DeepStack where the family has them), prompts, and a batching scheduler.
 
-``LLMEngine(model_path, device=..., dtype=...).generate(image_embeds, grid_thw, image_key,
-question, max_tokens, temperature, top_p, seed)`` returns a ``Generation`` stream of ``Delta``
+``LLMEngine(model_or_checkpoint, device=..., dtype=...).generate(image_embeds, grid_thw, image_key,
+question, max_tokens, temperature, top_p, seed, deepstack=...)`` returns a ``Generation`` stream of ``Delta``
 events and a final ``Finish``; see ``service.llm.engine``.
 """
 
