@@ -324,6 +324,32 @@ async def open_client(url: str, timeout_s: float) -> Client:
         raise
 
 
+def _closed_transport(exc: BaseException) -> bool:
+    """uvloop's error for a write to a socket already closed (a node that died, a reset connection),
+    where asyncio's own loop drops the write and redis-py then raises a ConnectionError."""
+    return isinstance(exc, RuntimeError) and "handler is closed" in str(exc)
+
+
+async def _on_live_connection(op: Callable[[Client], Awaitable[T]], client: Client) -> T:
+    """``op(client)``, tried once more when a pooled connection's socket was closed under it. redis-py
+    drops that connection, and nothing reached the server (the write failed), so the retry is safe
+    even for a script. It is the same single retry that ``open_client`` configures for a
+    ConnectionError, which redis-py cannot apply because it does not know this error. Without it,
+    during a failover this error was a 500, and the connection uvicorn then closed cost the next
+    request too."""
+    try:
+        return await op(client)
+    except RuntimeError as exc:
+        if not _closed_transport(exc):
+            raise
+    try:
+        return await op(client)
+    except RuntimeError as exc:
+        if not _closed_transport(exc):
+            raise
+        raise RedisConnectionError("the connection was closed") from exc
+
+
 _last_logged = 0.0  # monotonic time of the last Redis failure written to the log
 
 
@@ -400,8 +426,8 @@ class FeatureStore:
         try:
             client = await self.client()
             if isinstance(client, RedisCluster):
-                return (await client.cluster_info()).get("cluster_state") == "ok"
-            return bool(await client.ping())
+                return (await _on_live_connection(lambda c: c.cluster_info(), client)).get("cluster_state") == "ok"
+            return bool(await _on_live_connection(lambda c: c.ping(), client))
         except REDIS_FAILURES:
             return False
 
@@ -410,12 +436,12 @@ class FeatureStore:
             client = await self.client()
             for wait_s in REDIRECT_WAITS_S:
                 try:
-                    return await op(client)
+                    return await _on_live_connection(op, client)
                 except ClusterError as exc:  # redirections that outlasted redis-py's hops: a slot mid-migration
                     if isinstance(exc, ClusterDownError):
                         raise
                 await asyncio.sleep(wait_s)
-            return await op(client)
+            return await _on_live_connection(op, client)
         except REDIS_FAILURES as exc:
             raise store_unavailable(exc) from exc
 

@@ -260,6 +260,32 @@ async def test_restarted_redis_costs_no_request(redis_server, tmp_path):
         own.stop()
 
 
+def test_a_pooled_connection_closed_under_uvloop_costs_no_request(redis_url):
+    """Under uvloop (which uvicorn runs on), a write to a pooled connection whose socket was closed
+    raises RuntimeError, not redis-py's ConnectionError: seen as a 500 while a Redis Cluster master
+    failed over. The store retries the call on a fresh connection, as for a ConnectionError."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        store = FeatureStore(redis_url)
+        try:
+            stored = record()
+            await store.put(stored)
+            client = await store.client()
+            pooled = list(client.connection_pool._available_connections)
+            assert pooled
+            for connection in pooled:
+                connection._writer.transport.close()  # the socket goes; redis-py still holds it as connected
+            await asyncio.sleep(0.01)
+            got = await store.get("fp1", ID)
+            assert got is not None and torch.equal(got.embeds, stored.embeds)
+            assert await store.ping()
+        finally:
+            await store.close()
+
+    uvloop.run(scenario())
+
+
 async def test_lock_lets_one_compute(redis_url):
     store = FeatureStore(redis_url)
     assert await store.lock("fp1", ID, ttl_s=5)
