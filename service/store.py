@@ -337,17 +337,15 @@ async def _on_live_connection(op: Callable[[Client], Awaitable[T]], client: Clie
     ConnectionError, which redis-py cannot apply because it does not know this error. Without it,
     during a failover this error was a 500, and the connection uvicorn then closed cost the next
     request too."""
-    try:
-        return await op(client)
-    except RuntimeError as exc:
-        if not _closed_transport(exc):
-            raise
-    try:
-        return await op(client)
-    except RuntimeError as exc:
-        if not _closed_transport(exc):
-            raise
-        raise RedisConnectionError("the connection was closed") from exc
+    for retry in (False, True):
+        try:
+            return await op(client)
+        except RuntimeError as exc:
+            if not _closed_transport(exc):
+                raise
+            if retry:
+                raise RedisConnectionError("the connection was closed") from exc
+    raise AssertionError("unreachable")
 
 
 _last_logged = 0.0  # monotonic time of the last Redis failure written to the log
